@@ -1,0 +1,297 @@
+"""The bus: typed publish, a consumer loop that never dies on a poison record, state-topic readers.
+
+Client settings are explicit, never aiokafka's defaults: producers use acks=all
+(idempotence when the broker supports it); consumers never auto-commit, commit
+after the handler succeeded, and a new group starts from the earliest offset.
+
+Failure model:
+- an undecodable record is logged, counted and skipped (its offset committed);
+- a handler exception is logged and counted; the record is retried up to
+  `max_attempts` times, then skipped, so one bad event never blocks a partition;
+- `stop()` is idempotent and flushes the producer before closing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from modelcd.logs import get_logger
+
+from .codec import DecodeError, Envelope, decode, encode
+from .schemas import Event
+from .topics import TOPICS
+
+log = get_logger("modelcd.bus")
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    bootstrap: str
+    idempotence: bool = False
+    client_id: str = "modelcd"
+    partitions: int = 3
+    replication: int = 1
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> KafkaConfig:
+        return cls(
+            bootstrap=settings.bootstrap,
+            idempotence=settings.idempotence,
+            client_id=settings.kafka_client_id,
+            partitions=settings.topic_partitions,
+            replication=settings.topic_replication,
+        )
+
+
+async def ensure_topics(cfg: KafkaConfig, names: Iterable[str] | None = None) -> list[str]:
+    """Create the modelcd topics that do not exist yet; returns the ones created."""
+    wanted = list(names or TOPICS)
+    admin = AIOKafkaAdminClient(bootstrap_servers=cfg.bootstrap, client_id=f"{cfg.client_id}-admin")
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        new = [
+            NewTopic(n, cfg.partitions, cfg.replication,
+                     topic_configs=TOPICS[n].configs() if n in TOPICS else {})
+            for n in wanted if n not in existing
+        ]
+        if new:
+            try:
+                await admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass
+        return [t.name for t in new]
+    finally:
+        await admin.close()
+
+
+class Publisher:
+    """Publishes events to the topic their type names, keyed by `event.key()`.
+
+    An async context manager; `stop()` is idempotent and flushes first.
+    """
+
+    def __init__(self, cfg: KafkaConfig, source: str, *, topic_prefix: str = "") -> None:
+        self._cfg = cfg
+        self.source = source
+        self._prefix = topic_prefix
+        self._producer: AIOKafkaProducer | None = None
+        self._stopped = False
+
+    async def start(self) -> None:
+        kwargs: dict[str, Any] = dict(
+            bootstrap_servers=self._cfg.bootstrap,
+            client_id=f"{self._cfg.client_id}-{self.source}",
+            acks="all",
+            enable_idempotence=self._cfg.idempotence,
+            linger_ms=5,
+            request_timeout_ms=15_000,
+            retry_backoff_ms=200,
+        )
+        self._producer = AIOKafkaProducer(**kwargs)
+        await self._producer.start()
+
+    async def __aenter__(self) -> Publisher:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def topic_for(self, event: Event) -> str:
+        return self._prefix + type(event).topic
+
+    async def publish(self, event: Event, *, event_id: str | None = None) -> None:
+        """Send and wait for the broker's acknowledgement (acks=all)."""
+        if self._producer is None:
+            raise RuntimeError("Publisher is not started")
+        key, value, headers = encode(event, self.source, event_id=event_id)
+        await self._producer.send_and_wait(self.topic_for(event), value, key=key, headers=headers)
+
+    async def publish_nowait(self, event: Event) -> asyncio.Future[Any]:
+        """Queue in the producer's batch; the returned future resolves on acknowledgement."""
+        if self._producer is None:
+            raise RuntimeError("Publisher is not started")
+        key, value, headers = encode(event, self.source)
+        return await self._producer.send(self.topic_for(event), value, key=key, headers=headers)
+
+    async def stop(self) -> None:
+        if self._stopped or self._producer is None:
+            self._stopped = True
+            return
+        self._stopped = True
+        try:
+            await self._producer.flush()
+        finally:
+            await self._producer.stop()
+
+
+Handler = Callable[[Event, Envelope], Awaitable[None]]
+
+
+@dataclass
+class ConsumerStats:
+    handled: int = 0
+    skipped_undecodable: int = 0
+    handler_errors: int = 0
+    duplicates: int = 0
+    last_error: str | None = None
+
+
+class SeenIds:
+    """A bounded memory of event ids, so a redelivered event is handled once."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._ids: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._size = size
+
+    def add(self, event_id: str) -> bool:
+        """True if new."""
+        if not event_id:
+            return True
+        if event_id in self._ids:
+            return False
+        self._ids[event_id] = None
+        if len(self._ids) > self._size:
+            self._ids.popitem(last=False)
+        return True
+
+
+@dataclass
+class Consumer:
+    """A consumer-group loop: decode → handler → commit.
+
+    Run `await consumer.run()` inside the service's TaskGroup; `started` is set
+    once the group has joined. Cancel the task (or call `stop()`) to leave.
+    """
+
+    cfg: KafkaConfig
+    topics: list[str]
+    group_id: str
+    handler: Handler
+    max_attempts: int = 3
+    dedupe: bool = True
+    topic_prefix: str = ""
+    stats: ConsumerStats = field(default_factory=ConsumerStats)
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _seen: SeenIds = field(default_factory=SeenIds)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        consumer = AIOKafkaConsumer(
+            *[self.topic_prefix + t for t in self.topics],
+            bootstrap_servers=self.cfg.bootstrap,
+            client_id=f"{self.cfg.client_id}-{self.group_id}",
+            group_id=self.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            max_poll_records=100,
+        )
+        await consumer.start()
+        self.started.set()
+        try:
+            while not self._stop.is_set():
+                batches = await consumer.getmany(timeout_ms=200)
+                for tp, records in batches.items():
+                    for record in records:
+                        await self._handle(record)
+                        await consumer.commit({tp: record.offset + 1})
+        finally:
+            await consumer.stop()
+
+    async def _handle(self, record: Any) -> None:
+        topic = record.topic[len(self.topic_prefix):]
+        bound = log.bind(topic=record.topic, partition=record.partition, offset=record.offset)
+        try:
+            event, env = decode(topic, record.value, record.headers)
+        except DecodeError as exc:
+            self.stats.skipped_undecodable += 1
+            self.stats.last_error = str(exc)
+            bound.warning("skipped undecodable record", reason=str(exc))
+            return
+        if self.dedupe and not self._seen.add(env.id):
+            self.stats.duplicates += 1
+            return
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                await self.handler(event, env)
+                self.stats.handled += 1
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the handler's failure must not kill the loop
+                self.stats.handler_errors += 1
+                self.stats.last_error = repr(exc)
+                bound.exception("handler failed", attempt=attempt, event_type=env.type)
+                await asyncio.sleep(min(0.2 * attempt, 1.0))
+        bound.error("giving up on event after retries", event_id=env.id, event_type=env.type)
+
+
+async def read_topic(cfg: KafkaConfig, topic: str, *, topic_prefix: str = "",
+                     since: float | None = None) -> list[tuple[Event, Envelope, Any]]:
+    """Every decodable event of `topic` from the beginning up to its current end.
+
+    `since` (epoch seconds) filters by record timestamp while scanning: brokers that
+    cannot seek by time (the embedded one answers offset 0) are still correct.
+    """
+    name = topic_prefix + topic
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=cfg.bootstrap, client_id=f"{cfg.client_id}-reader",
+        group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    out: list[tuple[Event, Envelope, Any]] = []
+    try:
+        parts = consumer.partitions_for_topic(name)
+        if parts is None:
+            await consumer._client.force_metadata_update()  # noqa: SLF001 - no public refresh
+            parts = consumer.partitions_for_topic(name) or set()
+        tps = [TopicPartition(name, p) for p in sorted(parts)]
+        if not tps:
+            return out
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        remaining = {tp for tp in tps if ends[tp] > 0}
+        while remaining:
+            batches = await consumer.getmany(*remaining, timeout_ms=500)
+            for tp, records in batches.items():
+                for r in records:
+                    if r.offset >= ends[tp] - 1:
+                        remaining.discard(tp)
+                    if r.offset >= ends[tp]:
+                        continue
+                    if since is not None and r.timestamp / 1000.0 < since:
+                        continue
+                    try:
+                        event, env = decode(topic, r.value, r.headers)
+                    except DecodeError:
+                        continue
+                    out.append((event, env, r))
+            for tp in list(remaining):
+                if await consumer.position(tp) >= ends[tp]:
+                    remaining.discard(tp)
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def read_state(cfg: KafkaConfig, topic: str, *, topic_prefix: str = "") -> dict[str, Event]:
+    """A state topic read from the beginning into {key: last event} (never relies on compaction)."""
+    state: dict[str, Event] = {}
+    for event, _env, record in await read_topic(cfg, topic, topic_prefix=topic_prefix):
+        key = record.key.decode() if record.key else event.key()
+        state[key] = event
+    return state

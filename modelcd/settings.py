@@ -1,0 +1,151 @@
+"""One typed settings object, read from `MODELCD_*` environment variables.
+
+Built once in `main()` (or a test) and passed down; nothing else reads the
+environment. Every field documents itself, and `modelcd config` prints the table
+that the README carries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+PREFIX = "MODELCD_"
+
+
+class SettingsError(ValueError):
+    """A `MODELCD_*` variable has a value that cannot be used."""
+
+
+def _doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    if default is dataclasses.MISSING:
+        return field(metadata={"doc": text}, **kw)
+    return field(default=default, metadata={"doc": text}, **kw)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2,
+               "mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """'512MiB' / '2g' / '1048576' -> bytes."""
+    raw = text.strip().lower().replace(" ", "")
+    num = raw.rstrip("kmgib")
+    unit = raw[len(num):]
+    if unit not in _SIZE_UNITS or not num:
+        raise SettingsError(f"not a size: {text!r} (use e.g. 512MiB, 2GiB or a number of bytes)")
+    try:
+        return int(float(num) * _SIZE_UNITS[unit])
+    except ValueError:
+        raise SettingsError(f"not a size: {text!r} (use e.g. 512MiB, 2GiB or a number of bytes)") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Every setting of every modelcd component; the same names in embedded and distributed mode."""
+
+    kafka_bootstrap: str | None = _doc(
+        "Kafka bootstrap servers (host:port,...). Unset: `modelcd up` starts the embedded broker.", None)
+    kafka_idempotence: bool | None = _doc(
+        "Idempotent producer. Unset: on for an external Kafka, off for the embedded broker (which refuses it).",
+        None)
+    kafka_client_id: str = _doc("Client id prefix sent to Kafka.", "modelcd")
+    topic_partitions: int = _doc("Partitions of each topic modelcd creates.", 3)
+    topic_replication: int = _doc("Replication factor of each topic modelcd creates.", 1)
+    broker_port: int = _doc("Port of the embedded broker.", 9092)
+    broker_storage: str = _doc(
+        "Storage URL of the embedded broker: memory://tansu/ (lost on exit) or s3://bucket/.", "memory://tansu/")
+    home: Path = _doc("Working directory for local state (store, package cache).", Path(".modelcd"))
+    store_url: str | None = _doc(
+        "Artifact & config store: a directory path or s3://bucket/prefix. Unset: <home>/store.", None)
+    s3_endpoint_url: str | None = _doc("S3 endpoint URL (MinIO, moto...). Unset: AWS.", None)
+    ingest_host: str = _doc("Address the deployment API listens on.", "127.0.0.1")
+    ingest_port: int = _doc("Port of the deployment API.", 8080)
+    ingest_url: str | None = _doc("URL the CLI uses for the deployment API. Unset: http://<ingest_host>:<ingest_port>.", None)
+    api_token: str | None = _doc("Bearer token the deployment API requires. Unset: no authentication.", None)
+    max_upload_bytes: int = _doc("Largest request body the deployment API accepts (bytes or 512MiB).", 256 * 1024**2)
+    validation_timeout: float = _doc("Seconds a package may take in serving validation before it is killed.", 60.0)
+    validation_memory: int = _doc("Address-space limit of the serving-validation sandbox (bytes or 2GiB).", 4 * 1024**3)
+    compile_onnx: bool = _doc("Try to compile scikit-learn models to ONNX at ingest.", True)
+    serving_host: str = _doc("Address a serving node listens on.", "127.0.0.1")
+    serving_port: int = _doc("Port of the (first) serving node.", 8081)
+    node_id: str | None = _doc("Name of this serving node. Unset: hostname:port.", None)
+    memory_budget: int = _doc("Resident bytes of loaded models a node may hold (bytes or 2GiB); LRU beyond.", 2 * 1024**3)
+    load_concurrency: int = _doc("Models a node loads at once.", 2)
+    reconcile_interval: float = _doc("Seconds between a node's reconciliations against the store.", 30.0)
+    predict_timeout: float = _doc("Seconds a prediction may take before it answers 504.", 10.0)
+    usage_interval: float = _doc("Seconds over which usage is aggregated into one UsageReport per model.", 10.0)
+    heartbeat_interval: float = _doc("Seconds between NodeStatus heartbeats.", 5.0)
+    health_interval: float = _doc("Seconds between ModelHealth checks on sample data.", 60.0)
+    prediction_log_rate: float = _doc("Default share of predictions logged to modelcd.predictions.", 0.01)
+    telemetry_buffer: int = _doc("Events buffered for publishing before new ones are dropped.", 10_000)
+    log_level: str = _doc("Log level.", "info")
+    log_format: str = _doc("auto (console on a terminal, JSON otherwise), json or console.", "auto")
+
+    @property
+    def resolved_store_url(self) -> str:
+        return self.store_url or str((self.home / "store").resolve())
+
+    @property
+    def resolved_ingest_url(self) -> str:
+        return self.ingest_url or f"http://{self.ingest_host}:{self.ingest_port}"
+
+    @property
+    def bootstrap(self) -> str:
+        return self.kafka_bootstrap or f"127.0.0.1:{self.broker_port}"
+
+    @property
+    def idempotence(self) -> bool:
+        if self.kafka_idempotence is not None:
+            return self.kafka_idempotence
+        return self.kafka_bootstrap is not None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if environ is None else environ
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            name = PREFIX + f.name.upper()
+            if name in env and env[name] != "":
+                values[f.name] = _convert(name, env[name], hints[f.name])
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, str, str]]:
+        """(variable, default, doc) for every setting."""
+        rows = []
+        for f in dataclasses.fields(cls):
+            default = "" if f.default is None else str(f.default)
+            rows.append((PREFIX + f.name.upper(), default, f.metadata["doc"]))
+        return rows
+
+
+def _convert(name: str, raw: str, hint: Any) -> Any:
+    text = str(hint)
+    try:
+        if "bool" in text:
+            low = raw.strip().lower()
+            if low in {"1", "true", "yes", "on"}:
+                return True
+            if low in {"0", "false", "no", "off"}:
+                return False
+            raise SettingsError(f"{name}={raw!r}: expected true or false")
+        if name.endswith(("_BUDGET", "_BYTES", "_MEMORY")):
+            return parse_size(raw)
+        if "int" in text:
+            return int(raw)
+        if "float" in text:
+            return float(raw)
+        if "Path" in text:
+            return Path(raw)
+    except SettingsError:
+        raise
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r}: expected {text.replace('| None', '').strip()}") from None
+    return raw

@@ -1,0 +1,1 @@
+pytest_plugins = ["tests._broker", "tests._s3"]

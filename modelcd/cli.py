@@ -63,7 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
     e = ssub.add_parser("list", help="list topics and the event types each carries")
     e.set_defaults(func=cmd_schemas_list)
 
+    p = sub.add_parser("topics", help="create or list modelcd's topics on the configured Kafka")
+    tsub = p.add_subparsers(dest="topics_command", metavar="ACTION", required=True)
+    t = tsub.add_parser("create", help="create the topics that do not exist yet (partitions: MODELCD_TOPIC_PARTITIONS)")
+    t.set_defaults(func=cmd_topics_create)
+
+    p = sub.add_parser("replay", help="print a topic's events as JSON lines, from the beginning or since a time",
+                       description="Read a topic from the beginning (filtering by record time with --since, which "
+                                   "works even on brokers that cannot seek by time) and print one JSON event per line.")
+    p.add_argument("topic", help="topic name, e.g. modelcd.model-state")
+    p.add_argument("--since", type=float, help="only records at or after this many seconds ago")
+    p.add_argument("--state", action="store_true", help="only the last event per key (state topics)")
+    p.set_defaults(func=cmd_replay)
+
     p = sub.add_parser("config", help="list every MODELCD_* setting with its default and current value")
+    p.add_argument("--markdown", action="store_true", help="print the table the README carries")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("package", help="build and inspect model packages")
@@ -105,6 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `modelcd ... | head`
+        sys.stderr.close()
+        return 0
 
 
 # --- shared commands -------------------------------------------------------------------------------
@@ -128,6 +145,44 @@ def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
             await stop.wait()
         finally:
             await broker.stop()
+        return 0
+
+    return run_main(run)
+
+
+def cmd_topics_create(args: argparse.Namespace, settings: Settings) -> int:
+    from modelcd.events.bus import KafkaConfig, ensure_topics
+
+    async def run(stop: asyncio.Event) -> int:
+        created = await ensure_topics(KafkaConfig.from_settings(settings))
+        print(f"created: {', '.join(created) or 'nothing (all exist)'}")
+        return 0
+
+    return run_main(run)
+
+
+def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    import time
+
+    from modelcd.events.bus import KafkaConfig, read_topic
+    from modelcd.events.codec import to_json
+    from modelcd.events.schemas import TOPIC_EVENTS
+
+    if args.topic not in TOPIC_EVENTS:
+        raise CliError(f"unknown topic {args.topic!r}; modelcd's topics: {', '.join(TOPIC_EVENTS)}")
+
+    async def run(stop: asyncio.Event) -> int:
+        since = time.time() - args.since if args.since is not None else None
+        records = await read_topic(KafkaConfig.from_settings(settings), args.topic, since=since)
+        if args.state:
+            last = {}
+            for event, env, record in records:
+                last[record.key] = (event, env, record)
+            records = list(last.values())
+        out = sys.stdout.buffer
+        for event, _env, _record in records:
+            out.write(to_json(event) + b"\n")
+        out.flush()
         return 0
 
     return run_main(run)
@@ -161,6 +216,11 @@ def cmd_schemas_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
+    if args.markdown:
+        print("| variable | default | meaning |\n| --- | --- | --- |")
+        for name, default, doc in Settings.describe():
+            print(f"| `{name}` | {f'`{default}`' if default else '-'} | {doc} |")
+        return 0
     for name, default, doc in Settings.describe():
         current = getattr(settings, name.removeprefix("MODELCD_").lower())
         shown = "" if current is None else str(current)

@@ -135,7 +135,7 @@ def _convert(name: str, raw: str, hint: Any) -> Any:
                 return True
             if low in {"0", "false", "no", "off"}:
                 return False
-            raise SettingsError(f"{name}={raw!r}: expected true or false")
+            raise SettingsError(f"{raw!r}: expected true or false")
         if name.endswith(("_BUDGET", "_BYTES", "_MEMORY")):
             return parse_size(raw)
         if "int" in text:
@@ -144,8 +144,8 @@ def _convert(name: str, raw: str, hint: Any) -> Any:
             return float(raw)
         if "Path" in text:
             return Path(raw)
-    except SettingsError:
-        raise
+    except SettingsError as exc:
+        raise SettingsError(f"{name}: {exc}") from None
     except ValueError:
         raise SettingsError(f"{name}={raw!r}: expected {text.replace('| None', '').strip()}") from None
     return raw

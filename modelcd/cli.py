@@ -21,7 +21,8 @@ from modelcd.settings import Settings, SettingsError
 
 log = get_logger("modelcd.cli")
 
-COMPONENT_CLIS = ["modelcd.ingest.cli", "modelcd.serving.cli", "modelcd.shadow.cli", "modelcd.retirement.cli"]
+COMPONENT_CLIS = ["modelcd.ingest.cli", "modelcd.serving.cli", "modelcd.serving.rollout_cli", "modelcd.shadow.cli",
+                  "modelcd.retirement.cli"]
 
 
 class CliError(Exception):

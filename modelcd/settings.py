@@ -68,6 +68,8 @@ class Settings:
     ingest_url: str | None = _doc("URL the CLI uses for the deployment API. Unset: http://<ingest_host>:<ingest_port>.", None)
     api_token: str | None = _doc("Bearer token the deployment API requires. Unset: no authentication.", None)
     max_upload_bytes: int = _doc("Largest request body the deployment API accepts (bytes or 512MiB).", 256 * 1024**2)
+    max_package_bytes: int = _doc(
+        "Largest unpacked size of a package (all its files together, bytes or 2GiB); bounds gzip bombs.", 2 * 1024**3)
     validation_timeout: float = _doc("Seconds a package may take in serving validation before it is killed.", 60.0)
     validation_memory: int = _doc("Address-space limit of the serving-validation sandbox (bytes or 2GiB).", 4 * 1024**3)
     compile_onnx: bool = _doc("Try to compile scikit-learn models to ONNX at ingest.", True)
@@ -83,6 +85,40 @@ class Settings:
     health_interval: float = _doc("Seconds between ModelHealth checks on sample data.", 60.0)
     prediction_log_rate: float = _doc("Default share of predictions logged to modelcd.predictions.", 0.01)
     telemetry_buffer: int = _doc("Events buffered for publishing before new ones are dropped.", 10_000)
+    predict_threads: int = _doc("Threads a serving node runs slow predictions in (one model may hold half).", 4)
+    inline_threshold_us: float = _doc(
+        "Predictions measured at load (median on the sample data) under this many microseconds run inline on the "
+        "event loop; slower ones run in the thread pool with the prediction timeout.", 300.0)
+    load_timeout: float = _doc("Seconds a model may take to load (and a request may wait for it) before failing.", 120.0)
+    max_request_bytes: int = _doc("Largest inference request body a serving node accepts (bytes or 64MiB).",
+                                  32 * 1024**2)
+    drain_timeout: float = _doc("Seconds a stopping node waits for in-flight requests, then telemetry, to finish.",
+                                10.0)
+    rollout_tick: float = _doc("Seconds between the rollout controller's checks for analyses that are due.", 1.0)
+    rollout_max_samples: int = _doc(
+        "Prediction logs, usage reports and shadow predictions the rollout controller keeps per rollout.", 20_000)
+    retirement_warn_share: float = _doc(
+        "Share of a model's expiry period unused after which its owner is warned (0..1).", 0.8)
+    retirement_check_interval: float = _doc("Seconds between the retirement processor's expiry checks.", 60.0)
+    retirement_webhook_url: str | None = _doc(
+        "URL the retirement processor POSTs warnings and decisions to (JSON). Unset: log lines only.", None)
+    gc_retention: float = _doc("Seconds a retired package is kept in the store before `modelcd gc` deletes it.",
+                               7 * 24 * 3600.0)
+    shadow_queue: int = _doc("Shadow jobs a node queues; beyond, new shadow work is dropped (and counted).", 1000)
+    shadow_workers: int = _doc("Tasks per node that run shadow predictions.", 2)
+    shadow_timeout: float = _doc("Seconds a shadow prediction may take before it is recorded as a timeout.", 5.0)
+    shadow_pause_queue: int = _doc("Queued shadow jobs at which a node pauses shadowing (0: off).", 800)
+    shadow_pause_lag_ms: float = _doc("Event-loop lag (ms) at which a node pauses shadowing (0: off).", 100.0)
+    shadow_pause_p99_ms: float = _doc("Primary p99 latency (ms, over 10 s) at which a node pauses shadowing (0: off).",
+                                      0.0)
+    shadow_pause_busy: float = _doc("Share of time the event loop is busy (0..1, over 1 s) at which a node pauses "
+                                    "shadowing; it resumes at 0.8 x this (0: off).", 0.9)
+    shadow_resume_ratio: float = _doc("Shadowing resumes once every pressure signal is below this share of its "
+                                      "pause threshold.", 0.5)
+    feature_store_url: str | None = _doc(
+        "Online feature store for shadows (redis://host:port/db). Unset: shadows get the request's own inputs.", None)
+    comparison_window: float = _doc("Seconds of each tumbling window of the shadow comparison.", 60.0)
+    comparison_grace: float = _doc("Seconds a comparison window waits for late shadow predictions.", 5.0)
     log_level: str = _doc("Log level.", "info")
     log_format: str = _doc("auto (console on a terminal, JSON otherwise), json or console.", "auto")
 

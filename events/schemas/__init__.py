@@ -21,7 +21,9 @@ from .model_state import ModelState, Resources
 from .predictions import PredictionLog
 from .retirement import RetirementDecision, RetirementEvent, RetirementWarning
 from .shadow import ShadowComparison, ShadowPrediction
-from .traffic import Criterion, Route, RolloutStep, ShadowRelation, TrafficEvent, TrafficPolicy
+from .traffic import (
+    AnalysisThresholds, Criterion, Route, RolloutPlan, RolloutStep, ShadowRelation, TrafficEvent, TrafficPolicy,
+)
 from .usage import UsageReport
 
 TOPIC_EVENTS: dict[str, Any] = {
@@ -71,7 +73,7 @@ def export(directory: Path = SCHEMA_DIR) -> list[Path]:
 
 
 __all__ = [
-    "ALL_EVENTS", "TOPIC_EVENTS", "Criterion", "DeployRequested", "DeploymentCompleted", "DeploymentFailed",
+    "ALL_EVENTS", "AnalysisThresholds", "RolloutPlan", "TOPIC_EVENTS", "Criterion", "DeployRequested", "DeploymentCompleted", "DeploymentFailed",
     "DeploymentProgress", "Event", "LoadedModel", "ModelHealth", "ModelState", "NodeStatus", "PredictionLog",
     "Resources", "RetireRequested", "RetirementDecision", "RetirementWarning", "RolloutStep", "Route",
     "ShadowComparison", "ShadowPrediction", "ShadowRelation", "TensorData", "TrafficPolicy", "UsageReport",

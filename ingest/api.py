@@ -1,0 +1,373 @@
+"""The deployment API: a raw ASGI app (no framework) in front of the deploy-request topic.
+
+The API never deploys anything itself: it stages an uploaded archive under `uploads/` in the
+store, publishes a DeployRequested (or RetireRequested) and answers 202 with the deployment id
+and its `Location`. The pipeline behind the topic does the rest, so the HTTP door and the Kafka
+door share one path.
+
+Routes:
+    POST   /deployments                          upload (multipart/form-data or application/x-tar)
+                                                 or JSON {"package_uri": ...}        -> 202
+    GET    /deployments/{id}[?after=REV&wait=S]  steps, status, nodes serving; with `after`, a long
+                                                 poll that answers once the view moved past REV
+    GET    /models                               every name:version in the target state
+    GET    /models/{name}                        the versions of one model             -> 404 if none
+    DELETE /models/{name}/versions/{version}     retire                                -> 202 / 404
+    GET    /healthz                              liveness, no token needed
+
+Every error is `{"error": reason}` with a 4xx (503 when the store or broker is unreachable);
+a bearer token is required on every route but /healthz when `settings.api_token` is set; a body
+larger than `settings.max_upload_bytes` is refused with 413 before it is read in full.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import json
+import re
+import tarfile
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import parse_qs, unquote
+
+import msgspec
+
+from modelcd.events.schemas import DeployRequested, Event, ModelState, RetireRequested, new_id
+from modelcd.logs import get_logger
+
+from .errors import ApiError
+from .policy import UPLOAD_PREFIX, parse_package_uri, upload_key
+from .store import Store, StoreError, StoreUnavailable
+from .targets import TargetState
+from .tracking import TrackingView
+
+log = get_logger("modelcd.ingest.api")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_encoder = msgspec.json.Encoder()
+_MAX_WAIT_S = 25.0  # longest long-poll; below common proxy idle timeouts
+
+
+class EventSink(Protocol):
+    """Where the API publishes requests: a `Publisher`, or a fake in tests."""
+
+    async def publish(self, event: Event, *, event_id: str | None = None) -> None: ...
+
+
+class DeployBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The JSON form of `POST /deployments`: deploy a package that already lives somewhere."""
+
+    package_uri: str
+    model: str = ""
+    sha256: str | None = None
+    owner: str | None = None
+    expiry_seconds: int | None = None
+    pinned: bool = False
+
+
+_deploy_body = msgspec.json.Decoder(DeployBody)
+_SHA = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass
+class ApiConfig:
+    api_token: str | None
+    max_upload_bytes: int
+
+
+class DeploymentApi:
+    """The ASGI callable. Collaborators are injected so tests run it without a broker."""
+
+    def __init__(self, config: ApiConfig, store: Store, sink: EventSink, view: TrackingView,
+                 *, health: Callable[[], dict[str, Any]] | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.targets = TargetState(store)
+        self.sink = sink
+        self.view = view
+        self._health = health or (lambda: {})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        request_id = new_id()[:16]
+        started = time.perf_counter()
+        status = 500
+        try:
+            status, body, headers = await self._route(scope, receive)
+        except ApiError as exc:
+            status, body, headers = exc.status, {"error": exc.reason}, exc.headers
+        except StoreUnavailable as exc:
+            status, body, headers = 503, {"error": f"the store is unreachable, retry later: {exc}"}, []
+        except StoreError as exc:
+            status, body, headers = 503, {"error": f"the store refused the request: {exc}"}, []
+        except Exception as exc:  # noqa: BLE001 - one broken request must never take the API down
+            log.exception("request failed", request_id=request_id, path=scope.get("path"))
+            status, body, headers = 500, {"error": f"internal error ({type(exc).__name__}); see the ingest log, "
+                                                   f"request id {request_id}"}, []
+        await _respond(send, status, body, headers)
+        log.info("request", request_id=request_id, method=scope.get("method"), path=scope.get("path"),
+                 status=status, ms=round((time.perf_counter() - started) * 1000, 2))
+
+    # -- routing -----------------------------------------------------------------------------------
+
+    async def _route(self, scope: Scope, receive: Receive) -> tuple[int, Any, list[tuple[bytes, bytes]]]:
+        method: str = scope["method"]
+        parts = [unquote(p) for p in scope["path"].strip("/").split("/")] if scope["path"].strip("/") else []
+        if parts == ["healthz"]:
+            _allow(method, "GET")
+            return 200, {"status": "ok", **self._health()}, []
+        self._authorize(scope)
+        query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1")).items()}
+        match parts:
+            case ["deployments"]:
+                _allow(method, "POST")
+                return await self._deploy(scope, receive, query)
+            case ["deployments", deployment_id]:
+                _allow(method, "GET")
+                return await self._get_deployment(deployment_id, query)
+            case ["models"]:
+                _allow(method, "GET")
+                return 200, {"models": [self._model_json(m) for m in await self._models()]}, []
+            case ["models", name]:
+                _allow(method, "GET")
+                versions = [self._model_json(m) for m in await self._models() if m.name == name]
+                if not versions:
+                    raise ApiError(404, f"no model named {name!r}; GET /models lists the deployed ones")
+                return 200, {"name": name, "versions": versions}, []
+            case ["models", name, "versions", version]:
+                _allow(method, "DELETE")
+                return await self._retire(name, version, query)
+        raise ApiError(404, f"no route {scope['path']}; see /deployments, /models, /healthz")
+
+    def _authorize(self, scope: Scope) -> None:
+        token = self.config.api_token
+        if not token:
+            return
+        given = _header(scope, b"authorization") or b""
+        scheme, _, value = given.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(value.strip(), token.encode()):
+            raise ApiError(401, "missing or wrong bearer token: send 'Authorization: Bearer <MODELCD_API_TOKEN>'",
+                           headers=[(b"www-authenticate", b'Bearer realm="modelcd"')])
+
+    # -- POST /deployments ----------------------------------------------------------------------------
+
+    async def _deploy(self, scope: Scope, receive: Receive,
+                      query: dict[str, str]) -> tuple[int, Any, list[tuple[bytes, bytes]]]:
+        ctype = (_header(scope, b"content-type") or b"").decode("latin-1")
+        mime = ctype.split(";", 1)[0].strip().lower()
+        body = await _read_body(scope, receive, self.config.max_upload_bytes)
+        deployment_id = new_id()
+        if mime == "application/json":
+            try:
+                req = _deploy_body.decode(body)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise ApiError(400, f"malformed JSON body: {exc}; expected {{\"package_uri\": \"s3://...\"}}") from None
+            try:
+                parse_package_uri(req.package_uri)
+            except ValueError as exc:
+                raise ApiError(400, str(exc)) from None
+            if req.sha256 is not None and not _SHA.fullmatch(req.sha256):
+                raise ApiError(400, f"sha256 must be 64 lowercase hex digits, got {req.sha256!r}")
+            if req.expiry_seconds is not None and req.expiry_seconds <= 0:
+                raise ApiError(400, "expiry_seconds must be a positive number of seconds")
+            event = DeployRequested(deployment_id=deployment_id, model=req.model, package_uri=req.package_uri,
+                                    sha256=req.sha256, owner=req.owner, expiry_seconds=req.expiry_seconds,
+                                    pinned=req.pinned, requested_by="api")
+        else:
+            if mime == "multipart/form-data":
+                archive = _multipart_file(body, ctype)
+            elif mime in ("application/x-tar", "application/octet-stream", "application/gzip",
+                          "application/x-gtar"):
+                archive = body
+            else:
+                raise ApiError(415, f"unsupported content type {ctype or '(none)'!r}: upload the archive as "
+                                    "application/x-tar or multipart/form-data, or send JSON {\"package_uri\": ...}")
+            if not archive:
+                raise ApiError(400, "empty upload: the body holds no package archive")
+            sha = hashlib.sha256(archive).hexdigest()
+            key = upload_key(deployment_id)
+            # Staged, not yet a package: the pipeline moves it to packages/ only once it validated,
+            # and deletes it when the deployment ends.
+            await self.store.put(key, archive)
+            expiry = query.get("expiry_seconds")
+            try:
+                expiry_seconds = int(expiry) if expiry else None
+            except ValueError:
+                raise ApiError(400, f"expiry_seconds must be an integer, got {expiry!r}") from None
+            event = DeployRequested(deployment_id=deployment_id, model=query.get("model") or _peek_name(archive),
+                                    package_uri=f"store:{key}", sha256=sha, owner=query.get("owner"),
+                                    expiry_seconds=expiry_seconds, pinned=query.get("pinned") in ("1", "true"),
+                                    requested_by="api")
+        self.view.requested(deployment_id, event.model)
+        try:
+            await self.sink.publish(event)
+        except Exception as exc:
+            if event.package_uri.startswith(f"store:{UPLOAD_PREFIX}"):
+                await self.store.delete(event.package_uri.removeprefix("store:"))
+            raise ApiError(503, f"could not publish the deploy request to Kafka, retry later: {exc}") from exc
+        log.info("deploy requested", deployment_id=deployment_id, model=event.model, package_uri=event.package_uri)
+        location = f"/deployments/{deployment_id}"
+        return 202, {"deployment_id": deployment_id, "status_url": location, "model": event.model}, [
+            (b"location", location.encode())]
+
+    # -- GET /deployments/{id} ---------------------------------------------------------------------
+
+    async def _get_deployment(self, deployment_id: str,
+                              query: dict[str, str]) -> tuple[int, Any, list[tuple[bytes, bytes]]]:
+        if "after" in query:
+            try:
+                after = int(query["after"])
+                wait = min(float(query.get("wait", "10")), _MAX_WAIT_S)
+            except ValueError:
+                raise ApiError(400, "after must be an integer revision and wait a number of seconds") from None
+            await self.view.wait_changed(after, wait)
+        view = self.view.deployment(deployment_id)
+        if view is None:
+            raise ApiError(404, f"no deployment {deployment_id!r} (ids come from POST /deployments)")
+        return 200, msgspec.to_builtins(view), []
+
+    # -- models -------------------------------------------------------------------------------------
+
+    async def _models(self) -> list[ModelState]:
+        return sorted(await self.targets.models(), key=lambda m: (m.name, _version_key(m.version)))
+
+    def _model_json(self, m: ModelState) -> dict[str, Any]:
+        return {
+            "name": m.name, "version": m.version, "state": m.target, "owner": m.owner,
+            "expiry_seconds": m.expiry_seconds, "pinned": m.pinned, "runtime": m.runtime, "flavor": m.flavor,
+            "sha256": m.sha256, "package_uri": m.package_uri, "deployment_id": m.deployment_id,
+            "deployed_at": m.deployed_at, "reason": m.reason,
+            "memory_bytes": m.resources.memory_bytes, "predict_us": m.resources.predict_us,
+            "nodes_serving": self.view.nodes_serving(m.name, m.version, m.sha256) if m.target == "serving" else 0,
+        }
+
+    async def _retire(self, name: str, version: str,
+                      query: dict[str, str]) -> tuple[int, Any, list[tuple[bytes, bytes]]]:
+        if await self.targets.get_model(name, version) is None:
+            raise ApiError(404, f"no model {name}:{version} in the target state; GET /models lists them")
+        event = RetireRequested(model=name, version=version, reason=query.get("reason", "retired through the API"),
+                                requested_by="api")
+        self.view.requested(event.deployment_id, name)
+        try:
+            await self.sink.publish(event)
+        except Exception as exc:
+            raise ApiError(503, f"could not publish the retire request to Kafka, retry later: {exc}") from exc
+        location = f"/deployments/{event.deployment_id}"
+        return 202, {"deployment_id": event.deployment_id, "status_url": location}, [(b"location", location.encode())]
+
+
+# --- HTTP plumbing ------------------------------------------------------------------------------
+
+
+def _allow(method: str, *allowed: str) -> None:
+    if method not in allowed:
+        raise ApiError(405, f"method {method} not allowed here; use {', '.join(allowed)}",
+                       headers=[(b"allow", ", ".join(allowed).encode())])
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for k, v in scope.get("headers", ()):
+        if k.lower() == name:
+            return bytes(v)
+    return None
+
+
+async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The whole body, refusing (413) as soon as it is known to exceed `limit` bytes."""
+    declared = _header(scope, b"content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise ApiError(413, f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes "
+                                    "(MODELCD_MAX_UPLOAD_BYTES)")
+        except ValueError:
+            raise ApiError(400, "malformed Content-Length header") from None
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ApiError(400, "client disconnected before the body was complete")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            # Chunked uploads have no Content-Length: stop reading at the limit.
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes (MODELCD_MAX_UPLOAD_BYTES)")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _respond(send: Send, status: int, body: Any, headers: list[tuple[bytes, bytes]]) -> None:
+    payload = _encoder.encode(body)
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def _multipart_file(body: bytes, content_type: str) -> bytes:
+    """The first file part (or the part named `package`) of a multipart/form-data body."""
+    match = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not match:
+        raise ApiError(400, "multipart/form-data without a boundary parameter")
+    delimiter = b"--" + match.group(1).encode("latin-1")
+    found: bytes | None = None
+    for raw in body.split(delimiter)[1:]:
+        if raw.startswith(b"--"):
+            break  # the closing delimiter
+        part = raw.removeprefix(b"\r\n")
+        head, sep, content = part.partition(b"\r\n\r\n")
+        if not sep:
+            raise ApiError(400, "malformed multipart body: a part has no header/body separator")
+        content = content.removesuffix(b"\r\n")
+        disposition = next((line for line in head.split(b"\r\n")
+                            if line.lower().startswith(b"content-disposition:")), b"")
+        is_file = b"filename=" in disposition
+        if b'name="package"' in disposition:
+            return content
+        if is_file and found is None:
+            found = content
+    if found is None:
+        raise ApiError(400, "multipart body holds no file part; send the archive as the field 'package'")
+    return found
+
+
+def _peek_name(archive: bytes) -> str:
+    """The model name from the archive's manifest, best effort, so requests for one model share a
+    partition (and so are handled in order). Any problem is left for the pipeline to report."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:*") as tar:
+            member = tar.getmember("manifest.json")
+            if not member.isfile() or member.size > 1 << 20:
+                return ""
+            f = tar.extractfile(member)
+            name = json.loads(f.read()).get("name", "") if f is not None else ""
+            return name if isinstance(name, str) else ""
+    except Exception:  # noqa: BLE001 - a peek; validation proper happens in the pipeline
+        return ""
+
+
+def _version_key(version: str) -> tuple[int, int | str]:
+    return (0, int(version)) if version.isdigit() else (1, version)

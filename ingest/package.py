@@ -1,0 +1,727 @@
+"""The model package: one content-addressed archive holding a model, its manifest and its sample data.
+
+Layout of an archive (a POSIX ustar tar, optionally gzip-compressed)::
+
+    manifest.json        the `Manifest` (msgspec JSON); always the first member
+    <model_file>         the model in its flavor's safe format (skops, ONNX, XGBoost JSON, LightGBM text)
+    samples.json         {"inputs": {name: nested list}, "outputs": {name: nested list}}, batch first
+    ...                  anything else the manifest lists (e.g. a compiled model and its fallback)
+
+Invariants:
+
+- Deterministic: members other than the manifest are sorted by name, every header has mtime 0, uid/gid 0, empty
+  owner names and mode 0644, and gzip is written with mtime 0, so the same model built twice is byte-identical.
+  The package id is the sha256 hex of the archive bytes (`BuiltPackage.sha256`, `Package.sha256`).
+- Closed: `Manifest.files` names every member except manifest.json with its sha256; a reader rejects a member the
+  manifest does not list, a listed file that is missing, and a checksum mismatch.
+- Defensive reading: `read_package` never extracts; it checks each header (name, type, size, count) before reading
+  the member's content with a bounded read, bounds gzip decompression, and accepts only regular files with
+  plain relative names (no absolute paths, no `..`, no links or devices, no duplicates).
+- Every rejection is a `PackageError` whose message names the problem and, where there is one, the member.
+
+This module is pure: no asyncio, and no I/O beyond bytes and the paths handed to it. The model libraries are
+imported only by `build_package` (through `modelcd.serving.runtimes`, the code the serving nodes run).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import re
+import tarfile
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Annotated, Any, Final, Literal, NamedTuple, get_args
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "DATATYPES",
+    "FLAVORS",
+    "MANIFEST_NAME",
+    "RUNTIMES",
+    "BuiltPackage",
+    "Flavor",
+    "Manifest",
+    "Package",
+    "PackageError",
+    "Samples",
+    "TensorSpec",
+    "assemble_package",
+    "build_from_spec",
+    "build_package",
+    "datatype_of",
+    "decode_samples",
+    "encode_samples",
+    "extract_package",
+    "numpy_dtype",
+    "parse_duration",
+    "read_package",
+]
+
+
+class PackageError(ValueError):
+    """A package that cannot be built or must not be accepted; `reason` says what is wrong and where."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Manifest
+
+Flavor = Literal["sklearn", "onnx", "xgboost", "lightgbm"]
+FLAVORS: Final[tuple[str, ...]] = get_args(Flavor)
+#: Runtimes a manifest may name; today one per flavor (a compiled sklearn model runs on "onnx").
+RUNTIMES: Final[tuple[str, ...]] = FLAVORS
+MANIFEST_NAME: Final = "manifest.json"
+FORMAT_VERSION: Final = 1
+
+#: Open Inference Protocol datatype -> numpy dtype. BYTES holds str (or bytes) objects.
+DATATYPES: Final[Mapping[str, np.dtype[Any]]] = MappingProxyType({
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(object),
+})
+
+_NAME_RE: Final = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+_VERSION_RE: Final = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,62}$"
+# Member names: relative, '/'-separated, ASCII, short enough for a plain ustar header (no PAX records).
+_MEMBER_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
+_MEMBER_MAX_LEN: Final = 100
+_SHA256_RE: Final = r"^[0-9a-f]{64}$"
+
+ModelName = Annotated[str, msgspec.Meta(pattern=_NAME_RE, description="lowercase model name")]
+ModelVersion = Annotated[str, msgspec.Meta(pattern=_VERSION_RE, description="model version")]
+Datatype = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+                   "FP16", "FP32", "FP64", "BYTES"]
+
+
+class TensorSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """One named tensor of a signature; `shape` uses -1 for the batch (and any variable) dimension."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    datatype: Datatype
+    shape: list[int]
+
+    def __post_init__(self) -> None:
+        if any(d < -1 for d in self.shape):
+            raise ValueError(f"tensor {self.name!r}: shape {self.shape} has a dimension below -1")
+
+
+class Manifest(msgspec.Struct, frozen=True, kw_only=True):
+    """manifest.json. Unknown fields are ignored on read, so later versions may add fields with defaults."""
+
+    format_version: int = FORMAT_VERSION
+    name: ModelName
+    version: ModelVersion
+    flavor: Flavor
+    runtime: str  # the runtime that serves `model_file`; equals `flavor` unless compiled (e.g. "onnx")
+    model_file: str
+    fallback_runtime: str | None = None
+    fallback_model_file: str | None = None
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    owner: Annotated[str, msgspec.Meta(min_length=1)]
+    expiry_seconds: Annotated[int, msgspec.Meta(gt=0)]
+    samples_file: str = "samples.json"
+    tolerance: Annotated[float, msgspec.Meta(ge=0)] = 1e-5
+    description: str = ""
+    labels: dict[str, str] = {}
+    files: dict[str, Annotated[str, msgspec.Meta(pattern=_SHA256_RE)]]
+
+    def __post_init__(self) -> None:
+        # Raised as ValueError here; msgspec turns it into a ValidationError when decoding.
+        if self.format_version != FORMAT_VERSION:
+            raise ValueError(f"unsupported format_version {self.format_version} (this reader knows {FORMAT_VERSION})")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"unknown runtime {self.runtime!r} (known: {', '.join(RUNTIMES)})")
+        if (self.fallback_runtime is None) != (self.fallback_model_file is None):
+            raise ValueError("fallback_runtime and fallback_model_file must be given together")
+        if self.fallback_runtime is not None and self.fallback_runtime not in RUNTIMES:
+            raise ValueError(f"unknown fallback_runtime {self.fallback_runtime!r} (known: {', '.join(RUNTIMES)})")
+        for path in self.files:
+            _check_member_name(path)
+            if path == MANIFEST_NAME:
+                raise ValueError(f"files must not list {MANIFEST_NAME}")
+        for field, path in (("model_file", self.model_file), ("samples_file", self.samples_file),
+                            ("fallback_model_file", self.fallback_model_file)):
+            if path is not None and path not in self.files:
+                raise ValueError(f"{field} {path!r} is not listed in files")
+        if not self.inputs:
+            raise ValueError("inputs must name at least one tensor")
+        for what, specs in (("inputs", self.inputs), ("outputs", self.outputs)):
+            names = [s.name for s in specs]
+            if len(set(names)) != len(names):
+                raise ValueError(f"{what} has duplicate tensor names: {names}")
+
+
+_manifest_encoder: Final = msgspec.json.Encoder(order="deterministic")
+
+
+def _check_member_name(path: str) -> None:
+    if len(path) > _MEMBER_MAX_LEN or not _MEMBER_RE.match(path):
+        raise ValueError(f"unsafe file name {path!r} (relative, '/'-separated [A-Za-z0-9._-], "
+                         f"at most {_MEMBER_MAX_LEN} characters)")
+
+
+def decode_manifest(data: bytes) -> Manifest:
+    """Decode and validate manifest.json; raises `PackageError` naming the bad or missing field."""
+    try:
+        raw = msgspec.json.decode(data)
+    except msgspec.DecodeError as exc:
+        raise PackageError(f"invalid {MANIFEST_NAME}: not JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise PackageError(f"invalid {MANIFEST_NAME}: expected an object, got {type(raw).__name__}")
+    flavor = raw.get("flavor")
+    if isinstance(flavor, str) and flavor not in FLAVORS:
+        raise PackageError(f"invalid {MANIFEST_NAME}: unknown flavor {flavor!r} (supported: {', '.join(FLAVORS)})")
+    try:
+        return msgspec.convert(raw, Manifest)
+    except msgspec.ValidationError as exc:
+        raise PackageError(f"invalid {MANIFEST_NAME}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Samples and datatypes
+
+
+class Samples(NamedTuple):
+    """Sample inputs and the outputs the model must produce for them, batch first, typed by the signature."""
+
+    inputs: dict[str, npt.NDArray[Any]]
+    outputs: dict[str, npt.NDArray[Any]]
+
+
+def numpy_dtype(datatype: str) -> np.dtype[Any]:
+    """The numpy dtype of an Open Inference Protocol datatype name ("FP32" -> float32)."""
+    try:
+        return DATATYPES[datatype]
+    except KeyError:
+        raise PackageError(f"unknown datatype {datatype!r} (known: {', '.join(DATATYPES)})") from None
+
+
+def datatype_of(dtype: npt.DTypeLike) -> str:
+    """The Open Inference Protocol datatype name of a numpy dtype (str/bytes/object -> "BYTES")."""
+    dt = np.dtype(dtype)
+    if dt.kind in "OUS":
+        return "BYTES"
+    for name, candidate in DATATYPES.items():
+        if candidate == dt:
+            return name
+    raise PackageError(f"no Open Inference Protocol datatype for numpy dtype {dt}")
+
+
+def _as_array(value: Any, datatype: str | None = None) -> npt.NDArray[Any]:
+    if datatype is None:
+        arr = np.asarray(value)
+        return arr.astype(object) if arr.dtype.kind in "US" else arr
+    dt = numpy_dtype(datatype)
+    if dt.kind == "O":
+        return np.asarray(value, dtype=object)
+    return np.asarray(value, dtype=dt)
+
+
+def _to_jsonable(arr: npt.NDArray[Any]) -> Any:
+    if arr.dtype.kind == "O":
+        return [_to_jsonable(a) for a in arr] if arr.ndim else (
+            arr.item().decode() if isinstance(arr.item(), bytes) else arr.item())
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        raise PackageError("sample data must be finite (JSON has no NaN or infinity)")
+    return arr.tolist()
+
+
+def encode_samples(inputs: Mapping[str, npt.NDArray[Any]], outputs: Mapping[str, npt.NDArray[Any]]) -> bytes:
+    """samples.json bytes, deterministic (sorted keys). Float values round-trip exactly."""
+    doc = {"inputs": {k: _to_jsonable(np.asarray(v)) for k, v in inputs.items()},
+           "outputs": {k: _to_jsonable(np.asarray(v)) for k, v in outputs.items()}}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def decode_samples(data: bytes, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
+                   *, where: str = "samples.json") -> Samples:
+    """Parse samples.json into arrays typed by the signature; every tensor must be there with one batch size."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PackageError(f"{where}: not JSON ({exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), dict) or not isinstance(
+            doc.get("outputs"), dict):
+        raise PackageError(f'{where}: expected {{"inputs": {{...}}, "outputs": {{...}}}}')
+    result: list[dict[str, npt.NDArray[Any]]] = []
+    batch: int | None = None
+    for section, specs in (("inputs", inputs), ("outputs", outputs)):
+        arrays: dict[str, npt.NDArray[Any]] = {}
+        for spec in specs:
+            if spec.name not in doc[section]:
+                raise PackageError(f"{where}: {section} has no tensor {spec.name!r}")
+            try:
+                arr = _as_array(doc[section][spec.name], spec.datatype)
+            except (ValueError, TypeError) as exc:
+                raise PackageError(f"{where}: {section}.{spec.name} is not a {spec.datatype} tensor ({exc})") from None
+            if not _shape_fits(arr.shape, spec.shape):
+                raise PackageError(f"{where}: {section}.{spec.name} has shape {list(arr.shape)}, "
+                                   f"the signature says {spec.shape}")
+            if batch is None:
+                batch = arr.shape[0] if arr.ndim else 0
+            if not arr.ndim or arr.shape[0] != batch or batch == 0:
+                raise PackageError(f"{where}: {section}.{spec.name} must hold the same non-empty batch "
+                                   f"({batch}) as the other tensors")
+            arrays[spec.name] = arr
+        result.append(arrays)
+    return Samples(result[0], result[1])
+
+
+def _shape_fits(actual: Sequence[int], declared: Sequence[int]) -> bool:
+    return len(actual) == len(declared) and all(d == -1 or d == a for a, d in zip(actual, declared, strict=True))
+
+
+def _infer_specs(arrays: Mapping[str, npt.NDArray[Any]]) -> list[TensorSpec]:
+    return [TensorSpec(name=name, datatype=datatype_of(arr.dtype), shape=[-1, *arr.shape[1:]])  # type: ignore[arg-type]
+            for name, arr in arrays.items()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Durations
+
+
+_DURATION_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION_RE: Final = re.compile(r"(\d+)\s*([smhdw])")
+
+
+def parse_duration(value: str | int) -> int:
+    """Seconds in a duration: an int, "3600", "3600s", "90m", "12h", "30d", "2w" or a sum like "1d12h"; > 0."""
+    hint = "use a positive whole number of seconds or a number with a unit s, m, h, d or w, e.g. '30d', '12h'"
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise PackageError(f"invalid duration {value!r}: {hint}")
+    if isinstance(value, int):
+        seconds = value
+    else:
+        text = value.strip().lower()
+        if text.isdigit():
+            seconds = int(text)
+        else:
+            parts = _DURATION_RE.findall(text)
+            if not parts or _DURATION_RE.sub("", text).strip():
+                raise PackageError(f"invalid duration {value!r}: {hint}")
+            seconds = sum(int(n) * _DURATION_UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        raise PackageError(f"invalid duration {value!r}: must be positive; {hint}")
+    return seconds
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing archives
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltPackage:
+    """A package archive as bytes, its id (sha256 hex of `data`) and its manifest."""
+
+    data: bytes
+    sha256: str
+    manifest: Manifest
+
+
+def _tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info, io.BytesIO(data)
+
+
+def assemble_package(manifest: Manifest, contents: Mapping[str, bytes], *, compress: bool = False) -> BuiltPackage:
+    """Write the deterministic archive for `contents` (path -> bytes, manifest.json excluded).
+
+    `manifest.files` is recomputed from `contents`, so pass any value there (e.g. `{}` via `msgspec.structs.replace`).
+    Raises `PackageError` if the manifest does not validate against the contents.
+    """
+    if MANIFEST_NAME in contents:
+        raise PackageError(f"contents must not include {MANIFEST_NAME}; it is written from the manifest")
+    files = {path: hashlib.sha256(contents[path]).hexdigest() for path in sorted(contents)}
+    try:
+        manifest = msgspec.structs.replace(manifest, files=files)
+    except (ValueError, TypeError) as exc:
+        raise PackageError(f"invalid manifest: {exc}") from None
+    manifest_bytes = _manifest_encoder.encode(manifest)
+    decode_manifest(manifest_bytes)  # the struct constructor skips field constraints (patterns, gt); decoding checks
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in [(MANIFEST_NAME, manifest_bytes), *((p, contents[p]) for p in files)]:
+            tf.addfile(*_tar_member(name, data))
+    data = buf.getvalue()
+    if compress:
+        data = gzip.compress(data, compresslevel=9, mtime=0)
+    return BuiltPackage(data=data, sha256=hashlib.sha256(data).hexdigest(), manifest=manifest)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading archives
+
+
+DEFAULT_MAX_MEMBER_BYTES: Final = 1 << 30  # 1 GiB
+DEFAULT_MAX_TOTAL_BYTES: Final = 2 << 30  # 2 GiB
+DEFAULT_MAX_MEMBERS: Final = 64
+
+
+@dataclass(frozen=True)
+class Package:
+    """A validated package: its manifest, its files' bytes (manifest.json excluded) and its id."""
+
+    manifest: Manifest
+    contents: Mapping[str, bytes]
+    sha256: str  # the package id: sha256 hex of `data`
+    data: bytes  # the archive as given (gzip or not)
+    manifest_json: bytes  # manifest.json exactly as stored
+
+    def read(self, path: str) -> bytes:
+        """The bytes of one file the manifest lists."""
+        try:
+            return self.contents[path]
+        except KeyError:
+            raise PackageError(f"package has no file {path!r}") from None
+
+    @property
+    def model_bytes(self) -> bytes:
+        return self.contents[self.manifest.model_file]
+
+    def samples(self) -> Samples:
+        """The sample inputs and expected outputs as numpy arrays typed by the signature (fresh arrays each call)."""
+        m = self.manifest
+        return decode_samples(self.contents[m.samples_file], m.inputs, m.outputs, where=m.samples_file)
+
+    def built(self) -> BuiltPackage:
+        return BuiltPackage(data=self.data, sha256=self.sha256, manifest=self.manifest)
+
+
+def _gunzip_bounded(data: bytes, limit: int) -> bytes:
+    d = zlib.decompressobj(wbits=31)
+    try:
+        out = d.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise PackageError(f"corrupt gzip stream: {exc}") from None
+    if len(out) > limit:
+        raise PackageError(f"archive too large: decompresses to more than {limit} bytes")
+    if not d.eof:
+        raise PackageError("corrupt gzip stream: truncated")
+    if d.unused_data:
+        raise PackageError("corrupt gzip stream: trailing data after the compressed archive")
+    return out
+
+
+def _member_kind(info: tarfile.TarInfo) -> str:
+    if info.issym():
+        return f"symlink to {info.linkname!r}"
+    if info.islnk():
+        return f"hard link to {info.linkname!r}"
+    if info.isdir():
+        return "directory"
+    if info.ischr() or info.isblk():
+        return "device"
+    if info.isfifo():
+        return "fifo"
+    return f"type {info.type!r}"
+
+
+def read_package(data: bytes, *, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+                 max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES, max_members: int = DEFAULT_MAX_MEMBERS) -> Package:
+    """Check an untrusted archive and return its `Package`, or raise `PackageError` naming the first problem.
+
+    Checks, in order: tar (or gzip tar) at all; for each member, before reading it: count, name (no absolute
+    path, no `..`, plain relative name), type (regular files only), duplicates, size and running total; then the
+    manifest (present, valid), the file set against `manifest.files` (missing, unlisted), checksums, and that the
+    samples file decodes against the signature.
+    """
+    archive = data
+    if data[:2] == b"\x1f\x8b":
+        # Tar headers and padding: at most 3 KiB per member (header, PAX record, last block) plus the end blocks.
+        data = _gunzip_bounded(data, max_total_bytes + 3072 * (max_members + 1) + 10240)
+    try:
+        tf = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
+    except tarfile.TarError as exc:
+        raise PackageError(f"not a tar archive: {exc}") from None
+    contents: dict[str, bytes] = {}
+    total = 0
+    count = 0
+    try:
+        with tf:
+            while (info := tf.next()) is not None:
+                name = info.name
+                count += 1
+                if count > max_members:
+                    raise PackageError(f"too many members: more than {max_members}")
+                if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+                    raise PackageError(f"member {name!r}: absolute path")
+                if ".." in re.split(r"[/\\]", name):
+                    raise PackageError(f"member {name!r}: path has a '..' component")
+                if not info.isreg():
+                    raise PackageError(f"member {name!r}: not a regular file ({_member_kind(info)})")
+                try:
+                    _check_member_name(name)
+                except ValueError as exc:
+                    raise PackageError(f"member {name!r}: {exc}") from None
+                if name in contents:
+                    raise PackageError(f"member {name!r}: duplicate member")
+                if info.size > max_member_bytes:
+                    raise PackageError(f"member {name!r}: oversized ({info.size} bytes, limit {max_member_bytes})")
+                total += info.size
+                if total > max_total_bytes:
+                    raise PackageError(f"archive too large: members exceed {max_total_bytes} bytes "
+                                       f"(at member {name!r})")
+                fh = tf.extractfile(info)
+                assert fh is not None  # a regular file always has a reader
+                content = fh.read(info.size)
+                if len(content) != info.size:
+                    raise PackageError(f"member {name!r}: truncated ({len(content)} of {info.size} bytes)")
+                contents[name] = content
+    except tarfile.TarError as exc:
+        raise PackageError(f"corrupt tar archive: {exc}") from None
+
+    if MANIFEST_NAME not in contents:
+        raise PackageError(f"missing {MANIFEST_NAME}")
+    manifest_json = contents.pop(MANIFEST_NAME)
+    manifest = decode_manifest(manifest_json)
+    for path in sorted(manifest.files):
+        if path not in contents:
+            raise PackageError(f"member {path!r}: listed in the manifest but missing from the archive")
+    for path in sorted(contents):
+        if path not in manifest.files:
+            raise PackageError(f"member {path!r}: present in the archive but not listed in the manifest")
+    for path, expected in manifest.files.items():
+        actual = hashlib.sha256(contents[path]).hexdigest()
+        if actual != expected:
+            raise PackageError(f"member {path!r}: checksum mismatch (manifest {expected}, content {actual})")
+    decode_samples(contents[manifest.samples_file], manifest.inputs, manifest.outputs, where=manifest.samples_file)
+    return Package(manifest=manifest, contents=MappingProxyType(contents), sha256=hashlib.sha256(archive).hexdigest(),
+                   data=archive, manifest_json=manifest_json)
+
+
+def extract_package(data: bytes, dest_dir: str | Path, **limits: int) -> Package:
+    """Validate with `read_package` (same limits), then write the files into `dest_dir` (absent or empty).
+
+    manifest.json is written too. Nothing is written unless the whole archive is valid; files are created
+    exclusively, so nothing already in `dest_dir` is followed or overwritten.
+    """
+    pkg = read_package(data, **limits)
+    dest = Path(dest_dir)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise PackageError(f"cannot extract into {dest}: not an empty directory")
+    dest.mkdir(parents=True, exist_ok=True)
+    root = dest.resolve()
+    for path, content in [(MANIFEST_NAME, pkg.manifest_json), *pkg.contents.items()]:
+        target = (root / path).resolve()
+        if not target.is_relative_to(root):  # cannot happen after read_package; kept as a second fence
+            raise PackageError(f"member {path!r}: escapes {dest}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "xb") as fh:
+            fh.write(content)
+    return pkg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building
+
+
+ArrayLike = Any  # nested lists or numpy arrays
+SampleData = Mapping[str, ArrayLike] | ArrayLike
+
+
+def _sample_arrays(data: SampleData, specs: Sequence[TensorSpec] | None, what: str,
+                   default_name: str) -> dict[str, npt.NDArray[Any]]:
+    if not isinstance(data, Mapping):
+        if specs is not None and len(specs) != 1:
+            raise PackageError(f"{what}: a bare array fits a one-tensor signature, this one has {len(specs)}")
+        data = {specs[0].name if specs else default_name: data}
+    by_name = {s.name: s for s in specs} if specs is not None else None
+    arrays: dict[str, npt.NDArray[Any]] = {}
+    for name, value in data.items():
+        if by_name is not None and name not in by_name:
+            raise PackageError(f"{what}: {name!r} is not in the signature ({sorted(by_name)})")
+        try:
+            arr = _as_array(value, by_name[name].datatype if by_name is not None else None)
+        except (ValueError, TypeError) as exc:
+            raise PackageError(f"{what}: {name!r} is not a tensor ({exc})") from None
+        if arr.ndim == 0 or arr.shape[0] == 0:
+            raise PackageError(f"{what}: {name!r} needs a non-empty batch as its first dimension")
+        arrays[str(name)] = arr
+    if by_name is not None and (missing := sorted(set(by_name) - set(arrays))):
+        raise PackageError(f"{what}: missing {missing}")
+    return arrays
+
+
+def build_package(
+    model: object,
+    *,
+    name: str,
+    version: str,
+    owner: str,
+    expiry: int | str,
+    sample_inputs: SampleData,
+    expected_outputs: SampleData | None = None,
+    flavor: Flavor | None = None,
+    inputs: Sequence[TensorSpec] | None = None,
+    outputs: Sequence[TensorSpec] | None = None,
+    tolerance: float = 1e-5,
+    description: str = "",
+    labels: Mapping[str, str] | None = None,
+    trust_pickle: bool = False,
+    trusted_types: Sequence[str] = (),
+    verify: bool = True,
+    compress: bool = False,
+) -> BuiltPackage:
+    """Build a package from a model object or model file path and sample inputs.
+
+    `sample_inputs` is {input name: array} or one bare array (named "input", or the only name in `inputs`).
+    The input signature is inferred from the samples unless given. The model is loaded through the serving
+    runtime and run on the samples: that gives the expected outputs unless `expected_outputs` is given (then, with
+    `verify`, they must match within `tolerance`), and the output signature unless `outputs` is given.
+    `expiry` is seconds or a duration ("30d"). Raises `PackageError` for anything wrong, including the model.
+    """
+    from modelcd.serving.runtimes import ModelRuntimeError, create_runtime, outputs_match, serialize_model
+
+    expiry_seconds = parse_duration(expiry)
+    try:
+        serialized = serialize_model(model, flavor=flavor, trust_pickle=trust_pickle)
+    except ModelRuntimeError as exc:
+        raise PackageError(str(exc)) from None
+    if flavor is not None and serialized.flavor != flavor:
+        raise PackageError(f"flavor {flavor!r} was asked for, but the model is a {serialized.flavor} model")
+    in_arrays = _sample_arrays(sample_inputs, inputs, "sample inputs", "input")
+    in_specs = list(inputs) if inputs is not None else _infer_specs(in_arrays)
+    for spec in in_specs:
+        if not _shape_fits(in_arrays[spec.name].shape, spec.shape):
+            raise PackageError(f"sample inputs: {spec.name!r} has shape {list(in_arrays[spec.name].shape)}, "
+                               f"the signature says {spec.shape}")
+    try:
+        rt = create_runtime(serialized.flavor, serialized.data, inputs=in_specs, outputs=outputs or (),
+                            model_file=serialized.model_file, trust_pickle=trust_pickle, trusted_types=trusted_types)
+        try:
+            actual = rt.predict(in_arrays)
+        finally:
+            rt.close()
+    except ModelRuntimeError as exc:
+        raise PackageError(f"the model does not run on the sample inputs: {exc}") from None
+    out_specs = list(outputs) if outputs is not None else _infer_specs(actual)
+    if not out_specs:
+        raise PackageError("the model produced no outputs")
+    if expected_outputs is None:
+        out_arrays = {s.name: actual[s.name] for s in out_specs}
+    else:
+        out_arrays = _sample_arrays(expected_outputs, out_specs, "expected outputs", out_specs[0].name)
+        if verify and (reason := outputs_match(out_arrays, actual, tolerance)):
+            raise PackageError(f"the model's outputs on the samples differ from the expected outputs: {reason}")
+    samples_file = "samples.json"
+    contents = {serialized.model_file: serialized.data, samples_file: encode_samples(in_arrays, out_arrays)}
+    try:
+        manifest = Manifest(
+            name=name, version=version, flavor=serialized.flavor,  # type: ignore[arg-type]
+            runtime=serialized.flavor, model_file=serialized.model_file, inputs=in_specs, outputs=out_specs,
+            owner=owner, expiry_seconds=expiry_seconds, samples_file=samples_file, tolerance=tolerance,
+            description=description, labels=dict(labels or {}),
+            files={p: hashlib.sha256(c).hexdigest() for p, c in contents.items()},
+        )
+    except (ValueError, TypeError) as exc:
+        raise PackageError(f"invalid manifest: {exc}") from None
+    built = assemble_package(manifest, contents, compress=compress)
+    decode_samples(contents[samples_file], in_specs, out_specs)  # the samples must read back against the signature
+    return built
+
+
+class _TensorSpecIn(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class Spec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The spec file behind `modelcd package build SPEC` (YAML or JSON); paths are relative to the spec file."""
+
+    name: str
+    version: str | int | float
+    flavor: Flavor | None = None  # inferred from the model file's extension when absent
+    model_file: str
+    owner: str
+    expiry: str | int  # "30d", "12h", "3600s" or seconds
+    samples_file: str | None = None  # JSON {"inputs": {...}, "outputs": {...}?}
+    sample_inputs: dict[str, Any] | list[Any] | None = None
+    expected_outputs: dict[str, Any] | list[Any] | None = None
+    inputs: list[_TensorSpecIn] | None = None
+    outputs: list[_TensorSpecIn] | None = None
+    tolerance: float = 1e-5
+    description: str = ""
+    labels: dict[str, str] = {}
+    trust_pickle: bool = False
+    trusted_types: list[str] = []
+    compress: bool = False
+
+
+def build_from_spec(spec_path: str | Path) -> BuiltPackage:
+    """Build the package a YAML/JSON spec file describes (see `Spec`); raises `PackageError` naming the problem."""
+    import yaml
+
+    spec_path = Path(spec_path)
+    try:
+        text = spec_path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PackageError(f"cannot read spec {spec_path}: {exc}") from None
+    try:
+        raw = json.loads(text) if spec_path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise PackageError(f"spec {spec_path.name} is not valid {spec_path.suffix.lstrip('.') or 'YAML'}: {exc}") from None
+    try:
+        spec = msgspec.convert(raw, Spec)
+    except msgspec.ValidationError as exc:
+        raise PackageError(f"spec {spec_path.name}: {exc}") from None
+    base = spec_path.parent
+    sample_inputs: Any = spec.sample_inputs
+    expected: Any = spec.expected_outputs
+    if spec.samples_file is not None:
+        if sample_inputs is not None:
+            raise PackageError(f"spec {spec_path.name}: give samples_file or sample_inputs, not both")
+        try:
+            doc = json.loads((base / spec.samples_file).read_bytes())
+        except (OSError, ValueError) as exc:
+            raise PackageError(f"spec {spec_path.name}: cannot read samples_file {spec.samples_file}: {exc}") from None
+        if not isinstance(doc, dict) or "inputs" not in doc:
+            raise PackageError(f'samples_file {spec.samples_file}: expected {{"inputs": ..., "outputs": ...}}')
+        sample_inputs = doc["inputs"]
+        expected = doc.get("outputs", expected)
+    if sample_inputs is None:
+        raise PackageError(f"spec {spec_path.name}: sample inputs are mandatory (samples_file or sample_inputs)")
+
+    def specs(items: list[_TensorSpecIn] | None) -> list[TensorSpec] | None:
+        if items is None:
+            return None
+        try:
+            return [msgspec.convert(msgspec.to_builtins(i), TensorSpec) for i in items]
+        except msgspec.ValidationError as exc:
+            raise PackageError(f"spec {spec_path.name}: bad tensor spec: {exc}") from None
+
+    return build_package(
+        base / spec.model_file, name=spec.name, version=str(spec.version), owner=spec.owner, expiry=spec.expiry,
+        sample_inputs=sample_inputs, expected_outputs=expected, flavor=spec.flavor, inputs=specs(spec.inputs),
+        outputs=specs(spec.outputs), tolerance=spec.tolerance, description=spec.description, labels=spec.labels,
+        trust_pickle=spec.trust_pickle, trusted_types=spec.trusted_types, compress=spec.compress,
+    )

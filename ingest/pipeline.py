@@ -1,0 +1,395 @@
+"""The deployment pipeline: validate → compile → serving-validation → publish, one request at a time.
+
+`Pipeline.handle` is the consumer's handler for `modelcd.deploy-requests`; it knows nothing of
+Kafka beyond the `EventSink` it publishes to. Each step emits DeploymentProgress `started`, then
+`succeeded` / `failed` / `skipped` with its `duration_ms`; a deployment ends with exactly one
+DeploymentCompleted or DeploymentFailed, then its record `deployments/<id>.json`.
+
+Crash safety (the consumer commits a request only after `handle` returns, so a crash means the
+request is handled again from the start):
+- nothing reaches `packages/` or `targets/` before validation and serving validation passed;
+- the package put is content-addressed and put-if-absent, so a second put is a no-op;
+- the target state is put, then ModelState published: a crash between them is resumed by the
+  redelivery (the target holds this deployment's id: publish again, complete);
+- the record is written last; a request whose record exists is skipped;
+- a staged upload (`uploads/<id>.tar`) is deleted once the deployment ended, either way.
+
+Bad input never raises out of `handle`: it becomes DeploymentFailed with the reason. Transient
+store/broker failures do raise, so the consumer retries the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiokafka.errors import KafkaError
+
+from modelcd.events.codec import Envelope
+from modelcd.events.schemas import (
+    DeploymentCompleted, DeploymentFailed, DeploymentProgress, DeployRequested, Event, ModelState,
+    RetireRequested,
+)
+from modelcd.events.schemas.deployments import Step, StepStatus
+from modelcd.logs import get_logger
+from modelcd.settings import Settings
+
+from .api import EventSink
+from .compile import compile_package
+from .errors import (
+    DeploymentRejected, PackageUnavailable, UnknownModel, ValidationFailed, VersionConflict,
+)
+from .package import Package, PackageError, read_package
+from .policy import (
+    UPLOAD_PREFIX, Conflict, DeploymentRecord, Noop, Proceed, Resume, check_requested_sha,
+    check_serving_needs, decide_deploy, model_state_for, parse_package_uri, record_decoder, record_encoder,
+    record_key, retired_state,
+)
+from .sandbox import Sandbox
+from .store import Store, StoreError, StoreNotFound, StoreUnavailable, package_key, put_package
+from .targets import TargetState
+
+log = get_logger("modelcd.ingest.pipeline")
+
+
+@dataclass
+class _Run:
+    """One deployment in progress: emits its events with the model it learned and the step timings."""
+
+    sink: EventSink
+    deployment_id: str
+    model: str = ""
+    version: str = ""
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    step_now: Step = "accepted"
+
+    async def emit(self, step: Step, status: StepStatus, detail: str = "", duration_ms: float | None = None) -> None:
+        await self.sink.publish(DeploymentProgress(deployment_id=self.deployment_id, model=self.model,
+                                                   version=self.version, step=step, status=status,
+                                                   detail=detail, duration_ms=duration_ms))
+
+    @asynccontextmanager
+    async def step(self, step: Step) -> AsyncIterator[dict[str, str]]:
+        """Emit `started`, run the body, emit `succeeded` (with `out["detail"]`) or `failed`, timed."""
+        self.step_now = step
+        await self.emit(step, "started")
+        out: dict[str, str] = {"detail": ""}
+        t0 = time.perf_counter()
+        try:
+            yield out
+        except DeploymentRejected as exc:
+            ms = (time.perf_counter() - t0) * 1000
+            self.timings_ms[step] = ms
+            exc.step = step
+            await self.emit(step, "failed", exc.reason, ms)
+            raise
+        ms = (time.perf_counter() - t0) * 1000
+        self.timings_ms[step] = ms
+        log.info("step done", step=step, ms=round(ms, 2), detail=out["detail"])
+        await self.emit(step, "succeeded", out["detail"], ms)
+
+
+class Pipeline:
+    """Turns deploy and retire requests into validated, published model states."""
+
+    def __init__(self, settings: Settings, store: Store, sink: EventSink, sandbox: Sandbox, *,
+                 instance: str = "ingest") -> None:
+        self.settings = settings
+        self.store = store
+        self.targets = TargetState(store)
+        self.sink = sink
+        self.sandbox = sandbox
+        self.instance = instance
+        self.counters: dict[str, int] = {"completed": 0, "noop": 0, "failed": 0, "resumed": 0, "skipped": 0}
+
+    async def handle(self, event: Event, env: Envelope) -> None:
+        """The consumer's handler: one request, start to end."""
+        match event:
+            case DeployRequested():
+                with structlog.contextvars.bound_contextvars(deployment_id=event.deployment_id):
+                    await self.deploy(event)
+            case RetireRequested():
+                with structlog.contextvars.bound_contextvars(deployment_id=event.deployment_id):
+                    await self.retire(event)
+            case _:
+                log.warning("ignored event", event_type=env.type)
+
+    # --- deploy ------------------------------------------------------------------------------------
+
+    async def deploy(self, req: DeployRequested) -> None:
+        if await self._finished(req.deployment_id):
+            return
+        run = _Run(self.sink, req.deployment_id, model=req.model)
+        started = time.perf_counter()
+        sha = ""
+        await run.emit("accepted", "succeeded", f"picked up by {self.instance}")
+        try:
+            try:
+                async with run.step("validate") as out:
+                    data = await self._fetch(req.package_uri)
+                    sha = hashlib.sha256(data).hexdigest()
+                    check_requested_sha(req.sha256, sha)
+                    pkg = await self._read(data)
+                    check_serving_needs(pkg.manifest)
+                    if req.model and req.model != pkg.manifest.name:
+                        raise ValidationFailed(f"the request is for model {req.model!r}, but the package is "
+                                               f"{pkg.manifest.name!r}")
+                    run.model, run.version = pkg.manifest.name, pkg.manifest.version
+                    existing = await self.targets.get_model(run.model, run.version)
+                    decision = decide_deploy(existing, await self._source_sha(existing), sha, req.deployment_id)
+                    if isinstance(decision, Conflict):
+                        raise VersionConflict(decision.reason)
+                    out["detail"] = (f"{pkg.manifest.flavor} package {sha[:12]}, {len(data)} bytes, "
+                                     f"{len(pkg.manifest.files)} files")
+                if isinstance(decision, Noop | Resume):
+                    await self._shortcut(run, req, decision, sha, started)
+                    return
+                assert isinstance(decision, Proceed)
+
+                async with run.step("compile") as out:
+                    result = await asyncio.to_thread(compile_package, pkg) if self.settings.compile_onnx else None
+                    if result is None:
+                        built, out["detail"] = pkg.built(), "compile disabled (MODELCD_COMPILE_ONNX=false)"
+                    else:
+                        built, out["detail"] = result.package, result.reason
+                    runtime = built.manifest.runtime
+
+                async with run.step("serving-validation") as out:
+                    report = await self.sandbox.validate(built.data)
+                    out["detail"] = (f"{report.runtime}: outputs match on {report.samples} samples; "
+                                     f"load {report.load_ms:.0f} ms, predict {report.predict_us:.0f} us, "
+                                     f"memory {report.memory_bytes // 1024} KiB")
+
+                async with run.step("publish") as out:
+                    stored_sha = await put_package(self.store, built.data)
+                    key = package_key(stored_sha)
+                    state = model_state_for(pkg.manifest, req, package_key=key, sha256=stored_sha, runtime=runtime,
+                                            resources=report.resources(), now=time.time())
+                    # Target first, then the event: the store is the truth a node reconciles against,
+                    # and a crash between the two is resumed by the redelivery.
+                    await self.targets.put_model(state)
+                    await self.sink.publish(state)
+                    out["detail"] = f"{state.name}:{state.version} serving from {state.package_uri}"
+            except DeploymentRejected:
+                raise
+            except StoreError as exc:
+                if exc.retriable:
+                    raise  # the consumer handles the request again
+                raise DeploymentRejected(f"the store refused: {exc}", step=run.step_now) from exc
+            except (asyncio.CancelledError, KafkaError):
+                raise
+            except Exception as exc:
+                # A bug or a library failing in a way we did not foresee: end the deployment with the
+                # reason rather than leave it running forever after the consumer's retries.
+                log.exception("unexpected error in the pipeline", step=run.step_now)
+                raise DeploymentRejected(f"internal error in step {run.step_now}: {type(exc).__name__}: {exc}",
+                                         step=run.step_now) from exc
+        except DeploymentRejected as exc:
+            await self._fail(run, req, exc, sha, started)
+            return
+        timings = {**run.timings_ms, "total": (time.perf_counter() - started) * 1000}
+        await self.sink.publish(DeploymentCompleted(deployment_id=req.deployment_id, model=run.model,
+                                                    version=run.version, sha256=stored_sha, runtime=runtime,
+                                                    timings_ms=timings))
+        await self._record(DeploymentRecord(deployment_id=req.deployment_id, status="completed", model=run.model,
+                                            version=run.version, sha256=stored_sha, source_sha256=sha,
+                                            runtime=runtime, timings_ms=timings, requested_at=req.requested_at,
+                                            finished_at=time.time()))
+        await self._drop_upload(req)
+        self.counters["completed"] += 1
+        log.info("deployment completed", model=run.model, version=run.version, sha256=stored_sha,
+                 runtime=runtime, ms=round(timings["total"], 1))
+
+    async def _shortcut(self, run: _Run, req: DeployRequested, decision: Noop | Resume, sha: str,
+                        started: float) -> None:
+        """An identical package already serves (no-op), or this deployment already wrote its target (resume)."""
+        existing = decision.existing
+        if isinstance(decision, Noop):
+            why = f"identical package already serving (deployment {existing.deployment_id})"
+            for step in ("compile", "serving-validation", "publish"):
+                await run.emit(step, "skipped", why)  # type: ignore[arg-type]
+        else:
+            why = "resumed: the target state was written before a restart; publishing it again"
+            for step in ("compile", "serving-validation"):
+                await run.emit(step, "skipped", why)  # type: ignore[arg-type]
+            async with run.step("publish") as out:
+                await self.sink.publish(existing)
+                out["detail"] = why
+        timings = {**run.timings_ms, "total": (time.perf_counter() - started) * 1000}
+        noop = isinstance(decision, Noop)
+        await self.sink.publish(DeploymentCompleted(
+            deployment_id=req.deployment_id, model=existing.name, version=existing.version, sha256=existing.sha256,
+            runtime=existing.runtime, noop=noop, existing_deployment_id=existing.deployment_id if noop else None,
+            timings_ms=timings))
+        await self._record(DeploymentRecord(
+            deployment_id=req.deployment_id, status="completed", model=existing.name, version=existing.version,
+            sha256=existing.sha256, source_sha256=sha, runtime=existing.runtime, noop=noop,
+            existing_deployment_id=existing.deployment_id if noop else None, timings_ms=timings,
+            requested_at=req.requested_at, finished_at=time.time()))
+        await self._drop_upload(req)
+        self.counters["noop" if noop else "resumed"] += 1
+        log.info("deployment completed without changes" if noop else "deployment resumed",
+                 model=existing.name, version=existing.version)
+
+    async def _fail(self, run: _Run, req: DeployRequested, exc: DeploymentRejected, sha: str, started: float) -> None:
+        await self.sink.publish(DeploymentFailed(deployment_id=req.deployment_id, model=run.model,
+                                                 version=run.version, step=exc.step, reason=exc.reason))
+        await self._record(DeploymentRecord(
+            deployment_id=req.deployment_id, status="failed", model=run.model, version=run.version,
+            source_sha256=sha, failed_step=exc.step, reason=exc.reason,
+            timings_ms={**run.timings_ms, "total": (time.perf_counter() - started) * 1000},
+            requested_at=req.requested_at, finished_at=time.time()))
+        await self._drop_upload(req)
+        self.counters["failed"] += 1
+        log.warning("deployment failed", step=exc.step, reason=exc.reason, model=run.model, version=run.version)
+
+    # --- retire ------------------------------------------------------------------------------------
+
+    async def retire(self, req: RetireRequested) -> None:
+        if await self._finished(req.deployment_id):
+            return
+        run = _Run(self.sink, req.deployment_id, model=req.model, version=req.version)
+        started = time.perf_counter()
+        await run.emit("accepted", "succeeded", f"picked up by {self.instance}")
+        try:
+            async with run.step("retire") as out:
+                existing = await self.targets.get_model(req.model, req.version)
+                if existing is None:
+                    raise UnknownModel(f"no model {req.model}:{req.version} in the target state; "
+                                       "`modelcd models` lists the deployed ones")
+                noop = existing.target == "retired"
+                state = existing if noop else retired_state(existing, req.reason, time.time())
+                if not noop:
+                    await self.targets.put_model(state)
+                # Published again when already retired: harmless (last write wins) and it finishes a
+                # retirement that crashed between the target put and the event.
+                await self.sink.publish(state)
+                out["detail"] = "already retired" if noop else f"retired: {state.reason}"
+        except DeploymentRejected as exc:
+            await self.sink.publish(DeploymentFailed(deployment_id=req.deployment_id, model=req.model,
+                                                     version=req.version, step="retire", reason=exc.reason))
+            await self._record(DeploymentRecord(deployment_id=req.deployment_id, kind="retire", status="failed",
+                                                model=req.model, version=req.version, failed_step="retire",
+                                                reason=exc.reason, requested_at=req.requested_at,
+                                                finished_at=time.time()))
+            self.counters["failed"] += 1
+            log.warning("retirement failed", reason=exc.reason)
+            return
+        timings = {**run.timings_ms, "total": (time.perf_counter() - started) * 1000}
+        await self.sink.publish(DeploymentCompleted(deployment_id=req.deployment_id, model=req.model,
+                                                    version=req.version, sha256=state.sha256, runtime=state.runtime,
+                                                    noop=noop, timings_ms=timings))
+        await self._record(DeploymentRecord(deployment_id=req.deployment_id, kind="retire", status="completed",
+                                            model=req.model, version=req.version, sha256=state.sha256, noop=noop,
+                                            timings_ms=timings, requested_at=req.requested_at,
+                                            finished_at=time.time()))
+        self.counters["noop" if noop else "completed"] += 1
+        log.info("model retired", model=req.model, version=req.version, noop=noop)
+
+    # --- I/O helpers -------------------------------------------------------------------------------
+
+    async def _finished(self, deployment_id: str) -> bool:
+        if await self.store.exists(record_key(deployment_id)):
+            self.counters["skipped"] += 1
+            log.info("request already handled to its end; redelivery ignored")
+            return True
+        return False
+
+    async def _record(self, record: DeploymentRecord) -> None:
+        await self.store.put(record_key(record.deployment_id), record_encoder.encode(record))
+
+    async def _source_sha(self, existing: ModelState | None) -> str | None:
+        if existing is None or not existing.deployment_id:
+            return None
+        try:
+            return record_decoder.decode(await self.store.get(record_key(existing.deployment_id))).source_sha256
+        except (StoreNotFound, ValueError):
+            return None
+
+    async def _drop_upload(self, req: DeployRequested) -> None:
+        # Only what the API staged: a package a user points at (store:packages/.., s3://, file://) is theirs.
+        key = req.package_uri.removeprefix("store:")
+        if req.package_uri.startswith("store:") and key.startswith(UPLOAD_PREFIX):
+            await self.store.delete(key)
+
+    async def _read(self, data: bytes) -> Package:
+        limit = self.settings.max_package_bytes
+        try:
+            return await asyncio.to_thread(read_package, data, max_member_bytes=limit, max_total_bytes=limit)
+        except PackageError as exc:
+            raise ValidationFailed(f"invalid package: {exc.reason}") from None
+
+    async def _fetch(self, uri: str) -> bytes:
+        """The archive's bytes, bounded by MODELCD_MAX_UPLOAD_BYTES, or PackageUnavailable / ValidationFailed."""
+        limit = self.settings.max_upload_bytes
+        try:
+            source = parse_package_uri(uri)
+        except ValueError as exc:
+            raise ValidationFailed(str(exc)) from None
+        if source.scheme == "store":
+            try:
+                data = await self.store.get(source.location)
+            except StoreNotFound:
+                raise PackageUnavailable(f"no package at {uri} in the store {self.store.url}") from None
+            except ValueError as exc:
+                raise ValidationFailed(f"package_uri {uri!r}: {exc}") from None
+        elif source.scheme == "file":
+            data = await asyncio.to_thread(_read_file, Path(source.location), limit)
+        else:
+            data = await _read_s3(source.bucket, source.location, self.settings.s3_endpoint_url, limit)
+        if len(data) > limit:
+            raise ValidationFailed(f"archive too large: {len(data)} bytes, the limit is {limit} "
+                                   "(MODELCD_MAX_UPLOAD_BYTES)")
+        return data
+
+
+def _read_file(path: Path, limit: int) -> bytes:
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise ValidationFailed(f"archive too large: {size} bytes, the limit is {limit} (MODELCD_MAX_UPLOAD_BYTES)")
+        with path.open("rb") as f:
+            return f.read(limit + 1)
+    except FileNotFoundError:
+        raise PackageUnavailable(f"no file {path} on the ingest host") from None
+    except IsADirectoryError:
+        raise PackageUnavailable(f"{path} is a directory, not a package archive") from None
+    except PermissionError:
+        raise PackageUnavailable(f"ingest may not read {path}") from None
+
+
+async def _read_s3(bucket: str, key: str, endpoint_url: str | None, limit: int) -> bytes:
+    import aioboto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    session = aioboto3.Session()
+    try:
+        async with session.client("s3", endpoint_url=endpoint_url) as s3:
+            head: dict[str, Any] = await s3.head_object(Bucket=bucket, Key=key)
+            if int(head.get("ContentLength", 0)) > limit:
+                raise ValidationFailed(f"archive too large: {head['ContentLength']} bytes, the limit is {limit} "
+                                       "(MODELCD_MAX_UPLOAD_BYTES)")
+            resp = await s3.get_object(Bucket=bucket, Key=key)
+            async with resp["Body"] as body:
+                data: bytes = await body.read()
+            return data
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+        if code in ("NoSuchKey", "404", "NotFound", "NoSuchBucket"):
+            raise PackageUnavailable(f"no object s3://{bucket}/{key}") from None
+        if code in ("AccessDenied", "403"):
+            raise PackageUnavailable(f"ingest may not read s3://{bucket}/{key} (access denied)") from None
+        if status >= 500:
+            raise StoreUnavailable(f"S3 unavailable for s3://{bucket}/{key}: {code}") from exc
+        raise PackageUnavailable(f"cannot read s3://{bucket}/{key}: {code}") from None
+    except BotoCoreError as exc:
+        raise StoreUnavailable(f"S3 unreachable for s3://{bucket}/{key}: {exc}") from exc
+

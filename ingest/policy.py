@@ -1,0 +1,187 @@
+"""Ingest's decisions, sans I/O: where a package comes from, whether a request deploys, resumes,
+is a no-op or conflicts, and the events and records a deployment ends with.
+
+Nothing here awaits, reads a clock (`now` is passed in) or touches the store; the pipeline
+(`pipeline.py`) is the shell that fetches, calls these, and writes.
+
+Invariants:
+- versions are immutable: a name:version holds one package for life; another sha256 under the
+  same name:version is a conflict, whatever the target (serving or retired);
+- a deployment is complete exactly when its record `deployments/<id>.json` exists; a request
+  whose record exists is never processed again;
+- a request whose own deployment already reached the target state (a crash after the target
+  put) resumes: ModelState is published again and the deployment completes, no new package.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+import msgspec
+
+from modelcd.events.schemas import DeployRequested, ModelState, Resources
+
+from .errors import ValidationFailed
+from .package import Manifest
+
+UPLOAD_PREFIX = "uploads/"
+RECORD_PREFIX = "deployments/"
+
+
+def upload_key(deployment_id: str) -> str:
+    """Where the API stages an uploaded archive until its deployment ends."""
+    return f"{UPLOAD_PREFIX}{deployment_id}.tar"
+
+
+def record_key(deployment_id: str) -> str:
+    return f"{RECORD_PREFIX}{deployment_id}.json"
+
+
+# --- package locations --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PackageSource:
+    """A parsed `package_uri`: a store key, a local file, or an S3 object."""
+
+    scheme: Literal["store", "file", "s3"]
+    location: str  # store key, absolute path, or object key
+    bucket: str = ""
+
+
+def parse_package_uri(uri: str) -> PackageSource:
+    """`store:<key>`, `file:///abs/path.tar` or `s3://bucket/key`; `ValueError` saying what is wrong."""
+    if uri.startswith("store:"):
+        key = uri.removeprefix("store:")
+        if not key or key.startswith("/") or ".." in key.split("/"):
+            raise ValueError(f"package_uri {uri!r}: a store key is relative, e.g. store:packages/ab/ab12...tar")
+        return PackageSource("store", key)
+    parts = urlsplit(uri)
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            raise ValueError(f"package_uri {uri!r}: file URIs are absolute and local, e.g. file:///data/model.tar")
+        return PackageSource("file", unquote(parts.path))
+    if parts.scheme == "s3":
+        key = unquote(parts.path).lstrip("/")
+        if not parts.netloc or not key:
+            raise ValueError(f"package_uri {uri!r}: expected s3://bucket/key")
+        return PackageSource("s3", key, bucket=parts.netloc)
+    raise ValueError(f"package_uri {uri!r}: unsupported; use store:<key>, file:///abs/path.tar or s3://bucket/key")
+
+
+# --- artifact validation beyond the package format ----------------------------------------------
+
+
+def check_serving_needs(manifest: Manifest) -> None:
+    """What serving and monitoring need that the package format leaves optional.
+
+    The format itself (`read_package`) already requires name, version, flavor, signature
+    inputs, owner, a positive expiry, sample inputs and the file checksums.
+    """
+    if not manifest.outputs:
+        raise ValidationFailed("manifest item missing: outputs (the output signature; serving validation "
+                               "compares the model's outputs on the sample inputs with the expected ones)")
+
+
+def check_requested_sha(requested: str | None, actual: str) -> None:
+    if requested and requested != actual:
+        raise ValidationFailed(f"package sha256 is {actual}, but the request expected {requested}: "
+                               "the archive changed or the request names another package")
+
+
+# --- what to do with a request, given the target state ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Proceed:
+    """Deploy: nothing is there, or the same package was retired and is deployed again."""
+
+
+@dataclass(frozen=True, slots=True)
+class Noop:
+    """The identical package already serves under this name:version."""
+
+    existing: ModelState
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """This very deployment already wrote the target state (then crashed): publish and complete."""
+
+    existing: ModelState
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    reason: str
+
+
+Decision = Proceed | Noop | Resume | Conflict
+
+
+def decide_deploy(existing: ModelState | None, existing_source_sha: str | None, sha256: str,
+                  deployment_id: str) -> Decision:
+    """Decide from the current target of name:version.
+
+    `sha256` is the requested archive's; `existing_source_sha` the archive the existing target was
+    deployed from (the stored package may be a compiled form of it, with another sha256).
+    """
+    if existing is None:
+        return Proceed()
+    same = sha256 in (existing.sha256, existing_source_sha)
+    if existing.deployment_id == deployment_id and existing.target == "serving":
+        return Resume(existing)
+    if not same:
+        return Conflict(
+            f"{existing.name}:{existing.version} already holds package {existing.sha256[:12]} "
+            f"(deployment {existing.deployment_id}, {existing.target}); versions are immutable: "
+            "deploy this package under a new version")
+    if existing.target == "serving":
+        return Noop(existing)
+    return Proceed()
+
+
+# --- what a deployment publishes and records ----------------------------------------------------
+
+
+def model_state_for(manifest: Manifest, request: DeployRequested, *, package_key: str, sha256: str,
+                    runtime: str, resources: Resources, now: float) -> ModelState:
+    """The target state of a deployed package: the request's owner/expiry override the manifest's."""
+    return ModelState(
+        name=manifest.name, version=manifest.version, target="serving",
+        package_uri=f"store:{package_key}", sha256=sha256, runtime=runtime, flavor=manifest.flavor,
+        owner=request.owner or manifest.owner,
+        expiry_seconds=request.expiry_seconds or manifest.expiry_seconds,
+        pinned=request.pinned, deployment_id=request.deployment_id, deployed_at=now,
+        resources=resources, at=now,
+    )
+
+
+def retired_state(existing: ModelState, reason: str, now: float) -> ModelState:
+    return msgspec.structs.replace(existing, target="retired", reason=reason or "retired", at=now)
+
+
+class DeploymentRecord(msgspec.Struct, kw_only=True):
+    """`deployments/<id>.json`: written once, when a deployment ends (completed or failed)."""
+
+    deployment_id: str
+    kind: Literal["deploy", "retire"] = "deploy"
+    status: Literal["completed", "failed"]
+    model: str = ""
+    version: str = ""
+    sha256: str = ""  # the stored package
+    source_sha256: str = ""  # the archive that was requested
+    runtime: str = ""
+    noop: bool = False
+    existing_deployment_id: str | None = None
+    failed_step: str = ""
+    reason: str = ""
+    timings_ms: dict[str, float] = {}
+    requested_at: float = 0.0
+    finished_at: float = 0.0
+
+
+record_encoder = msgspec.json.Encoder()
+record_decoder = msgspec.json.Decoder(DeploymentRecord)

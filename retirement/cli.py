@@ -1,0 +1,151 @@
+"""Retirement's subcommands: `modelcd retirement` (run the processor), `modelcd expiring`, `modelcd gc`.
+
+`modelcd models` belongs to ingest; the "--expiring" view of the issue is `modelcd expiring`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from modelcd.events.schemas import ModelState, TrafficPolicy, UsageReport
+from modelcd.settings import Settings
+
+from . import policy
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("retirement", help="run the retirement processor (faust worker) until Ctrl-C",
+                       description="Track each model's last use from modelcd.usage, warn owners and retire models "
+                                   "unused past their expiry. Several workers share the partitions.")
+    p.set_defaults(func=cmd_retirement)
+
+    p = sub.add_parser("expiring", help="list serving models by time to auto-retirement",
+                       description="Target state from the store, last use from modelcd.usage: each serving model "
+                                   "with when it will be warned and retired if it stays unused.")
+    p.add_argument("--limit", type=int, default=0, help="show only the first N (soonest) models")
+    p.set_defaults(func=cmd_expiring)
+
+    p = sub.add_parser("gc", help="delete retired packages from the store after the retention period",
+                       description="Delete packages that only retired models refer to, once retired for "
+                                   "MODELCD_GC_RETENTION seconds (or --retention). --dry-run deletes nothing.")
+    p.add_argument("--dry-run", action="store_true", help="print what would be deleted, delete nothing")
+    p.add_argument("--retention", type=float, help="seconds a retired package is kept (default MODELCD_GC_RETENTION)")
+    p.set_defaults(func=cmd_gc)
+
+
+def cmd_retirement(args: argparse.Namespace, settings: Settings) -> int:
+    from modelcd.runner import run_main
+
+    from .service import run_retirement
+
+    async def run(stop: asyncio.Event) -> int:
+        await run_retirement(settings, stop=stop, ready=asyncio.Event())
+        return 0
+
+    return run_main(run)
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiringRow:
+    model: str
+    version: str
+    owner: str
+    last_used: float
+    retire_at: float
+    status: str  # "", "warning", "overdue", or the protections that keep it
+
+
+def expiring(states: Iterable[ModelState], usage: Iterable[UsageReport], traffic: Mapping[str, TrafficPolicy],
+             now: float, warn_share: float) -> list[ExpiringRow]:
+    """Serving models with an expiry, soonest retirement first (pure: the command feeds it)."""
+    last: dict[str, float] = {}
+    for u in usage:
+        key = f"{u.model}:{u.version}"
+        last[key] = max(last.get(key, 0.0), u.last_used)
+    protected: dict[str, list[str]] = {}
+    for p in traffic.values():
+        view = policy.on_traffic(None, p)
+        for key, reasons in policy.endpoint_protections(view).items():
+            protected.setdefault(key, []).extend(reasons)
+    rows = []
+    for s in states:
+        if s.target != "serving" or s.expiry_seconds <= 0:
+            continue
+        rec = policy.on_usage(policy.on_state(None, s), UsageReport(
+            model=s.name, version=s.version, node="", interval_start=0, interval_end=0, count=0,
+            last_used=last.get(f"{s.name}:{s.version}", 0.0)))
+        reason = policy.protection_reason(rec, protected.get(f"{s.name}:{s.version}", []))
+        if reason:
+            status = f"kept: {reason}"
+        elif now >= rec.retire_at:
+            status = "overdue"
+        elif now >= rec.warn_at(warn_share):
+            status = "warning"
+        else:
+            status = ""
+        rows.append(ExpiringRow(s.name, s.version, s.owner, rec.last_used, rec.retire_at, status))
+    return sorted(rows, key=lambda r: (r.retire_at, r.model, r.version))
+
+
+def _ago(seconds: float) -> str:
+    seconds = abs(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def cmd_expiring(args: argparse.Namespace, settings: Settings) -> int:
+    from modelcd.events.bus import KafkaConfig, read_topic
+    from modelcd.events.topics import USAGE
+    from modelcd.ingest.store import open_store
+    from modelcd.ingest.targets import TargetState
+    from modelcd.runner import run_main
+
+    async def run(stop: asyncio.Event) -> int:
+        async with open_store(settings.resolved_store_url, endpoint_url=settings.s3_endpoint_url) as store:
+            targets = TargetState(store)
+            states, traffic = await targets.models(), await targets.traffic()
+        usage = [e for e, _env, _r in await read_topic(KafkaConfig.from_settings(settings), USAGE)
+                 if isinstance(e, UsageReport)]
+        now = time.time()
+        rows = expiring(states, usage, traffic, now, settings.retirement_warn_share)
+        if args.limit:
+            rows = rows[:args.limit]
+        if not rows:
+            print("no serving model has an expiry", file=sys.stderr)
+            return 0
+        print(f"{'NAME':<20} {'VERSION':<10} {'OWNER':<16} {'LAST USED':>10} {'RETIRES IN':>10}  STATUS")
+        for r in rows:
+            used = f"{_ago(now - r.last_used)} ago" if r.last_used else "never"
+            left = _ago(r.retire_at - now) if r.retire_at > now else "now"
+            print(f"{r.model:<20} {r.version:<10} {r.owner or '-':<16} {used:>10} {left:>10}  {r.status}")
+        return 0
+
+    return run_main(run)
+
+
+def cmd_gc(args: argparse.Namespace, settings: Settings) -> int:
+    from modelcd.ingest.store import open_store
+    from modelcd.runner import run_main
+
+    from .gc import run_gc
+
+    retention = settings.gc_retention if args.retention is None else args.retention
+
+    async def run(stop: asyncio.Event) -> int:
+        async with open_store(settings.resolved_store_url, endpoint_url=settings.s3_endpoint_url) as store:
+            plan = await run_gc(store, now=time.time(), retention=retention, dry_run=args.dry_run)
+        verb = "would delete" if args.dry_run else "deleted"
+        for item in plan:
+            print(f"{verb} {item.key}  (retired: {', '.join(item.models)}, {_ago(time.time() - item.retired_at)} ago)")
+        print(f"{verb} {len(plan)} package(s); retention {_ago(retention)}", file=sys.stderr)
+        return 0
+
+    return run_main(run)

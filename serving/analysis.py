@@ -1,0 +1,420 @@
+"""Canary analysis: canary vs baseline over one window of evidence → promote, hold or roll back.
+
+Pure: no I/O, no clock, no randomness; the rollout controller gathers the evidence and calls
+`analyze`. Every check turns its figure into a confidence interval (at the plan's confidence)
+and compares the interval with a static bound:
+
+- entirely on the good side → PASS; entirely on the bad side → FAIL;
+- straddling the bound, or fewer samples than the check's minimum → INCONCLUSIVE.
+
+Verdict: any FAIL → ROLLBACK (with the failing checks as evidence); else any INCONCLUSIVE →
+HOLD (never promote on no evidence); else PROMOTE.
+
+Checks:
+- error rate of the canary: Wilson interval of errors/requests against `max_error_rate`;
+- latency p50 / p99 of the canary: order-statistic interval of the quantile against the bound
+  (ranks beyond the sample are clamped to its extremes: with few samples a high quantile's
+  upper bound is the largest latency seen);
+- prediction divergence, by output kind:
+  * classifiers, **paired** samples (the same request answered by both models: shadow
+    predictions, or identical inputs seen in both arms): agreement rate = share of rows with
+    equal labels, Wilson interval against `min_agreement`;
+  * classifiers, **unpaired** (the split sends each request to one model only, so per-request
+    agreement does not exist): the two arms are random samples of the same traffic (the split
+    hashes a key, independent of the features), so the models should produce the same label
+    distribution. We measure the overlap of the two label-frequency vectors,
+    Σ_l min(p_l, q_l) = 1 − total-variation distance (the best agreement any pairing of the two
+    outputs could reach, so it bounds per-request agreement from above), and bound it with
+    per-label Wilson intervals made simultaneous by Bonferroni; against `min_label_overlap`;
+  * regressors: two-sample Kolmogorov–Smirnov distance D with its asymptotic p-value; the
+    interval is D ± c(α)·√((n+m)/(nm)) (the asymptotic critical value), against
+    `max_ks_statistic`; and the shift of the mean in baseline standard deviations, with a
+    Welch interval, against `max_mean_shift`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from statistics import NormalDist
+from typing import Any
+
+from modelcd.events.schemas import AnalysisThresholds
+
+
+class Status(StrEnum):
+    PASS = "pass"
+    FAIL = "fail"
+    INCONCLUSIVE = "inconclusive"
+    SKIPPED = "skipped"
+
+
+class Verdict(StrEnum):
+    PROMOTE = "promote"
+    HOLD = "hold"
+    ROLLBACK = "rollback"
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+
+def z_for(confidence: float, tests: int = 1) -> float:
+    """Two-sided normal quantile for `confidence`, Bonferroni-adjusted over `tests` intervals."""
+    alpha = (1.0 - confidence) / max(tests, 1)
+    return NormalDist().inv_cdf(1.0 - alpha / 2.0)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion; (0, 1) when n == 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def kolmogorov_sf(x: float) -> float:
+    """P(K > x) for the Kolmogorov distribution: 2 Σ (-1)^(k-1) exp(-2 k² x²)."""
+    if x <= 0.0:
+        return 1.0
+    if x < 0.2:  # the alternating series converges slowly there, and the value is 1 to 1e-40
+        return 1.0
+    total = 0.0
+    for k in range(1, 101):
+        term = math.exp(-2.0 * k * k * x * x)
+        total += term if k % 2 else -term
+        if term < 1e-16:
+            break
+    return min(1.0, max(0.0, 2.0 * total))
+
+
+def ks_2samp(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """Two-sample KS statistic D and its asymptotic p-value (as scipy's `method='asymp'`)."""
+    n, m = len(a), len(b)
+    if n == 0 or m == 0:
+        return 0.0, 1.0
+    xa, xb = sorted(a), sorted(b)
+    i = j = 0
+    d = 0.0
+    while i < n and j < m:
+        x = min(xa[i], xb[j])
+        while i < n and xa[i] <= x:  # step over ties in both samples together
+            i += 1
+        while j < m and xb[j] <= x:
+            j += 1
+        d = max(d, abs(i / n - j / m))
+    en = math.sqrt(n * m / (n + m))
+    return d, kolmogorov_sf(en * d)
+
+
+def ks_critical(n: int, m: int, confidence: float) -> float:
+    """Asymptotic critical distance c(α)·√((n+m)/(nm)), c(α) = √(-½ ln(α/2))."""
+    alpha = 1.0 - confidence
+    return math.sqrt(-0.5 * math.log(alpha / 2.0)) * math.sqrt((n + m) / (n * m))
+
+
+def quantile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile (numpy's default) of an already sorted sample."""
+    n = len(sorted_values)
+    pos = q * (n - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, n - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def quantile_interval(sorted_values: Sequence[float], q: float, z: float) -> tuple[float, float]:
+    """Distribution-free interval of the q-quantile from order statistics (normal approx. of the rank)."""
+    n = len(sorted_values)
+    spread = z * math.sqrt(n * q * (1 - q))
+    lo_rank = max(0, math.floor(n * q - spread) - 1)  # 1-based rank → 0-based index
+    hi_rank = min(n - 1, math.ceil(n * q + spread) - 1)
+    return sorted_values[lo_rank], sorted_values[hi_rank]
+
+
+# --- evidence -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ArmWindow:
+    """What one arm (canary or baseline) did in the window.
+
+    `requests`/`errors` come from usage reports when nodes sent any (complete counts), else from
+    the sampled prediction logs; latencies and outputs only from the logs (samples).
+    """
+
+    requests: int = 0
+    errors: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    outputs: list[Any] = field(default_factory=list)  # output values, one per row
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: Status
+    value: float | None = None
+    low: float | None = None
+    high: float | None = None
+    bound: float | None = None
+    n: int = 0
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "status": str(self.status), "n": self.n}
+        for k in ("value", "low", "high", "bound"):
+            v = getattr(self, k)
+            if v is not None:
+                out[k] = round(v, 6) if math.isfinite(v) else str(v)
+        if self.detail:
+            out["detail"] = self.detail
+        return out
+
+
+@dataclass(frozen=True)
+class Analysis:
+    verdict: Verdict
+    checks: tuple[Check, ...]
+    figures: dict[str, Any]
+
+    @property
+    def reason(self) -> str:
+        """One line: the failing (or inconclusive) checks, or 'all checks passed'."""
+        bad = [c for c in self.checks if c.status is Status.FAIL] or [
+            c for c in self.checks if c.status is Status.INCONCLUSIVE]
+        if not bad:
+            return "all checks passed"
+        return "; ".join(f"{c.name} {c.status}: {c.detail}" for c in bad)
+
+    def evidence(self) -> dict[str, Any]:
+        return {"verdict": str(self.verdict), "checks": [c.to_dict() for c in self.checks], **self.figures}
+
+
+def _bounded(name: str, value: float, low: float, high: float, bound: float, n: int, *,
+             upper: bool, unit: str = "") -> Check:
+    """A check of an interval against a bound; `upper`: the figure must stay at or below it."""
+    shown = f"{value:.4g}{unit} in [{low:.4g}, {high:.4g}]"
+    if upper:
+        if high <= bound:
+            return Check(name, Status.PASS, value, low, high, bound, n, f"{shown} <= {bound:g}{unit}")
+        if low > bound:
+            return Check(name, Status.FAIL, value, low, high, bound, n, f"{shown} > {bound:g}{unit}")
+    else:
+        if low >= bound:
+            return Check(name, Status.PASS, value, low, high, bound, n, f"{shown} >= {bound:g}{unit}")
+        if high < bound:
+            return Check(name, Status.FAIL, value, low, high, bound, n, f"{shown} < {bound:g}{unit}")
+    return Check(name, Status.INCONCLUSIVE, value, low, high, bound, n, f"{shown} straddles {bound:g}{unit}")
+
+
+def _too_few(name: str, n: int, minimum: int, bound: float | None, what: str) -> Check:
+    return Check(name, Status.INCONCLUSIVE, None, None, None, bound, n, f"{n} {what}, need {minimum}")
+
+
+def check_error_rate(arm: ArmWindow, t: AnalysisThresholds) -> Check:
+    if arm.requests < max(t.min_requests, 1):
+        return _too_few("error_rate", arm.requests, t.min_requests, t.max_error_rate, "requests")
+    lo, hi = wilson_interval(arm.errors, arm.requests, z_for(t.confidence))
+    return _bounded("error_rate", arm.errors / arm.requests, lo, hi, t.max_error_rate, arm.requests, upper=True)
+
+
+def check_latency(arm: ArmWindow, q: float, bound: float | None, t: AnalysisThresholds) -> Check:
+    name = f"latency_p{round(q * 100)}"
+    if bound is None:
+        return Check(name, Status.SKIPPED, detail="no bound in the plan")
+    n = len(arm.latencies_ms)
+    if n < max(t.min_latency_samples, 1):
+        return _too_few(name, n, t.min_latency_samples, bound, "latency samples")
+    xs = sorted(arm.latencies_ms)
+    lo, hi = quantile_interval(xs, q, z_for(t.confidence))
+    return _bounded(name, quantile(xs, q), lo, hi, bound, n, upper=True, unit="ms")
+
+
+def check_agreement(pairs: Sequence[tuple[Any, Any]], t: AnalysisThresholds) -> Check:
+    n = len(pairs)
+    if n < max(t.min_divergence_samples, 1):
+        return _too_few("agreement", n, t.min_divergence_samples, t.min_agreement, "paired rows")
+    agree = sum(1 for a, b in pairs if _label(a) == _label(b))
+    lo, hi = wilson_interval(agree, n, z_for(t.confidence))
+    return _bounded("agreement", agree / n, lo, hi, t.min_agreement, n, upper=False)
+
+
+def label_overlap(canary: Sequence[Any], baseline: Sequence[Any], confidence: float) -> tuple[float, float, float]:
+    """(overlap, low, high) of two label distributions: Σ min(p_l, q_l), simultaneous Wilson bounds."""
+    pc, pb = Counter(map(_label, canary)), Counter(map(_label, baseline))
+    labels = set(pc) | set(pb)
+    nc, nb = len(canary), len(baseline)
+    z = z_for(confidence, tests=2 * len(labels))
+    value = low = high = 0.0
+    for lab in labels:
+        c_lo, c_hi = wilson_interval(pc[lab], nc, z)
+        b_lo, b_hi = wilson_interval(pb[lab], nb, z)
+        value += min(pc[lab] / nc, pb[lab] / nb)
+        low += min(c_lo, b_lo)
+        high += min(c_hi, b_hi)
+    return value, low, min(1.0, high)
+
+
+def check_label_overlap(canary: Sequence[Any], baseline: Sequence[Any], t: AnalysisThresholds) -> Check:
+    n = min(len(canary), len(baseline))
+    if n < max(t.min_divergence_samples, 1):
+        return _too_few("label_overlap", n, t.min_divergence_samples, t.min_label_overlap, "rows in the smaller arm")
+    value, lo, hi = label_overlap(canary, baseline, t.confidence)
+    return _bounded("label_overlap", value, lo, hi, t.min_label_overlap, n, upper=False)
+
+
+def check_ks(canary: Sequence[float], baseline: Sequence[float], t: AnalysisThresholds) -> Check:
+    n = min(len(canary), len(baseline))
+    if n < max(t.min_divergence_samples, 1):
+        return _too_few("ks_distance", n, t.min_divergence_samples, t.max_ks_statistic, "rows in the smaller arm")
+    d, p = ks_2samp(canary, baseline)
+    eps = ks_critical(len(canary), len(baseline), t.confidence)
+    c = _bounded("ks_distance", d, max(0.0, d - eps), min(1.0, d + eps), t.max_ks_statistic, n, upper=True)
+    return Check(c.name, c.status, c.value, c.low, c.high, c.bound, c.n, f"{c.detail}, p={p:.3g}")
+
+
+def check_mean_shift(canary: Sequence[float], baseline: Sequence[float], t: AnalysisThresholds) -> Check:
+    n = min(len(canary), len(baseline))
+    if n < max(t.min_divergence_samples, 2):
+        return _too_few("mean_shift", n, t.min_divergence_samples, t.max_mean_shift, "rows in the smaller arm")
+    mc, vc = _mean_var(canary)
+    mb, vb = _mean_var(baseline)
+    # Baseline's spread is the yardstick; a constant baseline falls back to the canary's, then to 1.
+    scale = math.sqrt(vb) or math.sqrt(vc) or 1.0
+    shift = (mc - mb) / scale
+    half = z_for(t.confidence) * math.sqrt(vc / len(canary) + vb / len(baseline)) / scale
+    lo, hi = shift - half, shift + half
+    # |shift| must stay within the bound: pass if the whole interval is inside, fail if entirely outside.
+    inner = Check("mean_shift", Status.INCONCLUSIVE, shift, lo, hi, t.max_mean_shift, n)
+    shown = f"{shift:+.4g} sd in [{lo:+.4g}, {hi:+.4g}]"
+    if -t.max_mean_shift <= lo and hi <= t.max_mean_shift:
+        return Check(**{**inner.__dict__, "status": Status.PASS, "detail": f"{shown} within ±{t.max_mean_shift:g}"})
+    if lo > t.max_mean_shift or hi < -t.max_mean_shift:
+        return Check(**{**inner.__dict__, "status": Status.FAIL, "detail": f"{shown} beyond ±{t.max_mean_shift:g}"})
+    return Check(**{**inner.__dict__, "detail": f"{shown} straddles ±{t.max_mean_shift:g}"})
+
+
+def output_kind(values: Iterable[Any]) -> str:
+    """'regressor' if any value is a float, else 'classifier' (ints, strings, bools are labels)."""
+    return "regressor" if any(isinstance(v, float) for v in values) else "classifier"
+
+
+def analyze(canary: ArmWindow, baseline: ArmWindow, thresholds: AnalysisThresholds,
+            pairs: Sequence[tuple[Any, Any]] = ()) -> Analysis:
+    """Judge the canary against the baseline over one window. See the module docstring."""
+    t = thresholds
+    checks = [
+        check_error_rate(canary, t),
+        check_latency(canary, 0.5, t.max_latency_p50_ms, t),
+        check_latency(canary, 0.99, t.max_latency_p99_ms, t),
+    ]
+    kind = t.kind
+    if kind == "auto":
+        kind = output_kind([*canary.outputs[:1000], *baseline.outputs[:1000], *(p[1] for p in pairs[:1000])])
+    figures: dict[str, Any] = {"canary": _figures(canary), "baseline": _figures(baseline), "kind": kind}
+    if kind == "classifier":
+        # Paired evidence answers the question directly; use it once there is enough of it.
+        if len(pairs) >= t.min_divergence_samples:
+            checks.append(check_agreement(pairs, t))
+            figures["divergence_method"] = "paired"
+        else:
+            checks.append(check_label_overlap(canary.outputs, baseline.outputs, t))
+            figures["divergence_method"] = "label_distribution"
+            figures["paired_rows"] = len(pairs)
+    elif kind == "regressor":
+        if len(pairs) >= t.min_divergence_samples:
+            c_vals, b_vals = _numbers(p[1] for p in pairs), _numbers(p[0] for p in pairs)
+            figures["divergence_method"] = "paired"
+        else:
+            c_vals, b_vals = _numbers(canary.outputs), _numbers(baseline.outputs)
+            figures["divergence_method"] = "distribution"
+        checks.append(check_ks(c_vals, b_vals, t))
+        checks.append(check_mean_shift(c_vals, b_vals, t))
+    statuses = {c.status for c in checks}
+    if Status.FAIL in statuses:
+        verdict = Verdict.ROLLBACK
+    elif Status.INCONCLUSIVE in statuses:
+        verdict = Verdict.HOLD
+    else:
+        verdict = Verdict.PROMOTE
+    return Analysis(verdict, tuple(checks), figures)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def extract_values(outputs: Mapping[str, Any], name: str | None = None) -> list[Any]:
+    """The values (one per row) of one output of a prediction, whatever shape the log holds.
+
+    Accepts `{"label": [..]}`, `{"label": {"data": [..]}}`, and Open Inference Protocol
+    responses `{"outputs": [{"name": .., "data": [..]}]}`; picks `name` or the first output.
+    """
+    if not outputs:
+        return []
+    entry: Any
+    oip = outputs.get("outputs")
+    if isinstance(oip, list) and oip and isinstance(oip[0], Mapping):
+        entry = next((o for o in oip if o.get("name") == name), oip[0]) if name else oip[0]
+    elif name is not None:
+        entry = outputs.get(name)
+    else:
+        entry = next(iter(outputs.values()))
+    if isinstance(entry, Mapping):
+        entry = entry.get("data", [])
+    return list(_flatten(entry))
+
+
+def _flatten(x: Any) -> Iterable[Any]:
+    if isinstance(x, list | tuple):
+        for item in x:
+            yield from _flatten(item)
+    elif x is not None:
+        yield x
+
+
+def _label(x: Any) -> Any:
+    # 1 and 1.0 and True are the same label for the purpose of agreement.
+    if isinstance(x, float) and x.is_integer():
+        return int(x)
+    return x
+
+
+def _numbers(values: Iterable[Any]) -> list[float]:
+    out = []
+    for v in values:
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(f):
+            out.append(f)
+    return out
+
+
+def _mean_var(xs: Sequence[float]) -> tuple[float, float]:
+    n = len(xs)
+    mean = math.fsum(xs) / n
+    var = math.fsum((x - mean) ** 2 for x in xs) / (n - 1) if n > 1 else 0.0
+    return mean, var
+
+
+def _figures(arm: ArmWindow) -> dict[str, Any]:
+    out: dict[str, Any] = {"requests": arm.requests, "errors": arm.errors,
+                           "error_rate": round(arm.errors / arm.requests, 6) if arm.requests else None,
+                           "latency_samples": len(arm.latencies_ms), "rows": len(arm.outputs)}
+    if arm.latencies_ms:
+        xs = sorted(arm.latencies_ms)
+        out["latency_p50_ms"] = round(quantile(xs, 0.5), 3)
+        out["latency_p99_ms"] = round(quantile(xs, 0.99), 3)
+    nums = [v for v in arm.outputs[:100_000] if isinstance(v, float)]
+    if nums:
+        out["output_mean"] = round(math.fsum(nums) / len(nums), 6)
+    elif arm.outputs:
+        counts = Counter(map(_label, arm.outputs)).most_common(10)
+        out["labels"] = {str(k): round(v / len(arm.outputs), 4) for k, v in counts}
+    return out

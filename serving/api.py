@@ -1,0 +1,268 @@
+"""The node's HTTP surface: a raw ASGI app speaking the Open Inference Protocol (KServe V2) REST.
+
+Routes:
+    GET  /v2                                       server metadata
+    GET  /v2/health/live | /v2/health/ready        200, or 503 while starting or stopping
+    GET  /v2/models/{name}[/versions/{v}]          model metadata (loads the model if it was evicted)
+    GET  /v2/models/{name}[/versions/{v}]/ready    200 if it answers now, else 503 (404 if unknown)
+    POST /v2/models/{name}[/versions/{v}]/infer    inference; {name} may be an endpoint (traffic policy)
+    GET  /metrics                                  Prometheus
+    GET  /openapi.json                             OpenAPI 3 document of the above
+
+Why raw ASGI: the request path is the product; a framework's routing, request objects
+and middleware cost more than the model for microsecond models (bench/RESULTS.md).
+The infer path does: one header scan, msgspec decode, a dict lookup, one numpy array
+per input, predict, one encode. Only errors are logged (with the request id bound);
+successful requests are counted in metrics and usage, and sampled into prediction logs.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from modelcd import __version__
+from modelcd.events.schemas import PredictionLog
+from modelcd.logs import get_logger
+from modelcd.shadow.executor import PrimaryResult, ShadowExecutor
+
+from .errors import InvalidRequest, ModelNotFound, ModelUnavailable, PredictTimeout, ServingError
+from .metrics import NodeMetrics
+from .openapi import OPENAPI
+from .protocol import ServerMetadata, decode_request, encode, encode_response, error_body, tensors_to_log
+from .registry import ModelEntry, Registry
+from .telemetry import Telemetry
+
+log = get_logger("modelcd.serving.api")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_JSON = [(b"content-type", b"application/json")]
+_TEXT = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
+_HLEN = b"inference-header-content-length"
+_REQUEST_ID = b"x-request-id"
+_CONTENT_LENGTH = b"content-length"
+_MODELS = "/v2/models/"
+_OK = b"{}"
+
+
+class NodeState:
+    """What the API reads about its node: readiness (set by the node, cleared first when stopping)."""
+
+    def __init__(self) -> None:
+        self.ready = False
+        self.stopping = False
+
+
+class ServingApp:
+    def __init__(self, registry: Registry, telemetry: Telemetry, metrics: NodeMetrics, state: NodeState, *,
+                 node: str, max_body: int, log_rate: float, shadow: ShadowExecutor | None = None) -> None:
+        self.registry = registry
+        self.telemetry = telemetry
+        self.metrics = metrics
+        self.state = state
+        self.node = node
+        self.max_body = max_body
+        self.log_rate = log_rate
+        self.shadow = shadow
+        self._server_meta = encode(ServerMetadata(name="modelcd", version=__version__,
+                                                  extensions=["binary_tensor_data", "model_repository_endpoints"]))
+        self._openapi = encode(OPENAPI)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":  # uvicorn runs with lifespan="off"; tolerate servers that do not
+                while (await receive())["type"] != "lifespan.shutdown":
+                    await send({"type": "lifespan.startup.complete"})
+                await send({"type": "lifespan.shutdown.complete"})
+            return
+        path: str = scope["path"]
+        method: str = scope["method"]
+        if method == "POST" and path.startswith(_MODELS) and path.endswith("/infer"):
+            await self._infer(scope, receive, send, path[len(_MODELS):-len("/infer")])
+            return
+        if method not in ("GET", "HEAD"):
+            await _respond(send, 405, error_body(f"{method} {path}: method not allowed"))
+            return
+        if path.startswith(_MODELS):
+            await self._model_get(send, path[len(_MODELS):])
+        elif path == "/v2/health/live":
+            await _respond(send, 200, _OK)
+        elif path == "/v2/health/ready":
+            if self.state.ready and not self.state.stopping:
+                await _respond(send, 200, _OK)
+            else:
+                await _respond(send, 503, error_body("stopping" if self.state.stopping else
+                                                     "starting: catching up on the target state"))
+        elif path in ("/v2", "/v2/"):
+            await _respond(send, 200, self._server_meta)
+        elif path == "/metrics":
+            await _respond(send, 200, self.metrics.render(), _TEXT)
+        elif path == "/openapi.json":
+            await _respond(send, 200, self._openapi)
+        else:
+            await _respond(send, 404, error_body(f"no route {path}; see /openapi.json"))
+
+    # ------------------------------------------------------------------ inference
+
+    async def _infer(self, scope: Scope, receive: Receive, send: Send, tail: str) -> None:
+        t0 = time.perf_counter()
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        header_length: int | None = None
+        request_id: str | None = None
+        entry: ModelEntry | None = None
+        endpoint = ""
+        try:
+            name, version = _split(tail)
+            for k, v in headers:
+                if k == _HLEN:
+                    header_length = _int_header(v, "Inference-Header-Content-Length")
+                elif k == _REQUEST_ID:
+                    request_id = v.decode(errors="replace")
+                elif k == _CONTENT_LENGTH and _int_header(v, "Content-Length") > self.max_body:
+                    raise InvalidRequest(self._too_large())
+            body = await self._body(receive)
+            if body is None:
+                return  # the client went away
+            req, binary = decode_request(body, header_length)
+            request_id = req.id or request_id
+            entry, endpoint = self.registry.resolve(name, version, headers, req.parameters)
+            loaded = entry.loaded or await self.registry.acquire(entry)
+            inputs = loaded.codec.decode_inputs(req, binary)
+            if req.outputs:
+                loaded.codec.check_requested(req)
+            shape = req.inputs[0].shape
+            outputs = await self.registry.predict(entry, loaded, inputs, shape[0] if shape else 1)
+            out, out_header_length = encode_response(outputs, req, entry.name, entry.version)
+        except ServingError as exc:
+            await self._failed(send, exc, entry, request_id, tail, t0)
+            return
+        except Exception as exc:  # a bug must still answer with a reason, and never kill the server
+            log.exception("inference failed unexpectedly", request_id=request_id, target=tail)
+            await self._failed(send, ServingError(f"internal error: {type(exc).__name__}: {exc}"), entry,
+                               request_id, tail, t0)
+            return
+        if out_header_length is None:
+            await _respond(send, 200, out)
+        else:
+            await _respond(send, 200, out, [(b"content-type", b"application/octet-stream"),
+                                            (_HLEN, str(out_header_length).encode())])
+        elapsed = time.perf_counter() - t0
+        m = entry.metrics
+        m.requests.inc()
+        m.latency.observe(elapsed)
+        usage = entry.usage
+        usage.count += 1
+        usage.last_used = time.time()
+        shadowed = 0
+        if self.shadow is not None and self.shadow.rules:  # after the response: off the request's path
+            request_id = request_id or uuid.uuid4().hex
+            params = req.parameters or {}
+            shadowed = self.shadow.offer(PrimaryResult(
+                request_id=request_id, model=entry.name, version=entry.version, inputs=inputs,
+                outputs=outputs, latency_ms=elapsed * 1000, headers=headers, params=params,
+                entity=str(params["entity_id"]) if "entity_id" in params else None))
+        # A shadowed request's primary output is published in its ShadowPrediction: not logged twice.
+        if self.log_rate and not shadowed and random.random() < self.log_rate:
+            self.telemetry.offer(PredictionLog(
+                request_id=request_id or uuid.uuid4().hex, model=entry.name, version=entry.version,
+                endpoint=endpoint, node=self.node, inputs=tensors_to_log(inputs), outputs=tensors_to_log(outputs),
+                latency_ms=elapsed * 1000))
+
+    async def _body(self, receive: Receive) -> bytes | None:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            return None
+        body: bytes = msg.get("body", b"")
+        if not msg.get("more_body", False):
+            if len(body) > self.max_body:
+                raise InvalidRequest(self._too_large())
+            return body
+        chunks = [body]
+        size = len(body)
+        while msg.get("more_body", False):
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return None
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise InvalidRequest(self._too_large())
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _too_large(self) -> str:
+        return (f"request body exceeds {self.max_body} bytes (MODELCD_MAX_REQUEST_BYTES); send smaller batches, "
+                "or binary tensors")
+
+    async def _failed(self, send: Send, exc: ServingError, entry: ModelEntry | None, request_id: str | None,
+                      target: str, t0: float) -> None:
+        await _respond(send, exc.status, error_body(exc.reason))
+        kind = ("invalid" if isinstance(exc, InvalidRequest) else "timeout" if isinstance(exc, PredictTimeout)
+                else "unavailable" if isinstance(exc, ModelUnavailable) else "predict")
+        if entry is None:
+            self.metrics.unrouted.labels("not_found" if isinstance(exc, ModelNotFound) else kind).inc()
+        else:
+            entry.metrics.errors(kind).inc()
+            entry.metrics.latency.observe(time.perf_counter() - t0)
+            entry.usage.errors += 1
+            entry.usage.last_used = time.time()
+        if exc.status >= 500:
+            log.warning("inference failed", request_id=request_id, target=target, status=exc.status,
+                        reason=exc.reason)
+
+    # ------------------------------------------------------------------ models
+
+    async def _model_get(self, send: Send, tail: str) -> None:
+        ready = tail.endswith("/ready")
+        if ready:
+            tail = tail[:-len("/ready")]
+        try:
+            name, version = _split(tail)
+            entry, _ = self.registry.resolve(name, version)
+            if ready:
+                if entry.status == "ready" or (entry.evicted and entry.status != "failed"):
+                    await _respond(send, 200, _OK)  # loaded, or evicted and reloaded from cache on demand
+                else:
+                    await _respond(send, 503, error_body(f"model {entry.key} is {entry.status}"
+                                                         + (f": {entry.error}" if entry.error else "")))
+                return
+            loaded = entry.loaded or await self.registry.acquire(entry)
+            if version is None and name in self.registry.by_name:
+                meta = loaded.codec.metadata(name, [e.version for e in self.registry.by_name[name]],
+                                             loaded.manifest.runtime)
+                await _respond(send, 200, encode(meta))
+            else:
+                await _respond(send, 200, loaded.metadata)
+        except ServingError as exc:
+            await _respond(send, exc.status, error_body(exc.reason))
+
+
+def _split(tail: str) -> tuple[str, str | None]:
+    """'name' | 'name/versions/v' -> (name, version)."""
+    if "/" not in tail:
+        if not tail:
+            raise ModelNotFound("no model name in the path")
+        return tail, None
+    parts = tail.split("/")
+    if len(parts) == 3 and parts[1] == "versions" and parts[0] and parts[2]:
+        return parts[0], parts[2]
+    raise ModelNotFound(f"no route /v2/models/{tail}; expected /v2/models/{{name}}[/versions/{{version}}]")
+
+
+def _int_header(value: bytes, name: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidRequest(f"header {name} is not an integer: {value!r}") from None
+
+
+async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] = _JSON) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

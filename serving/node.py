@@ -1,0 +1,327 @@
+"""A serving node: the I/O shell around the registry, started and stopped as one unit.
+
+One TaskGroup owns every task: the HTTP server, the state follower, model loads, the
+reconciler, telemetry (publisher, usage, heartbeats, health checks).
+
+Start: bind and serve HTTP at once (live; ready answers 503) → read `model-state` and
+`traffic` from the beginning to their current end (no consumer group: every node sees
+every event) → one reconciliation against the store → load the hot set (what fits the
+budget, with bounded concurrency) → ready. Models outside the hot set load on demand.
+
+Stop (the `stop` event, set by SIGTERM/SIGINT in `modelcd serve`): not ready →
+the server stops accepting and finishes in-flight requests (deadline
+`drain_timeout`, then cancelled) → background tasks cancelled → final usage and
+NodeStatus → telemetry flushed within the deadline → return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import re
+import socket
+import time
+from collections.abc import Coroutine
+from contextlib import AsyncExitStack
+from typing import Any
+
+import uvicorn
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from modelcd.events import topics
+from modelcd.events.bus import KafkaConfig, Publisher, ensure_topics
+from modelcd.events.codec import DecodeError, decode
+from modelcd.events.schemas import ModelState, NodeStatus, TrafficPolicy
+from modelcd.ingest.store import Store, open_store
+from modelcd.ingest.targets import TargetState
+from modelcd.logs import get_logger
+from modelcd.settings import Settings
+from modelcd.shadow.executor import ShadowExecutor
+from modelcd.shadow.node import ShadowCollector, build_executor
+
+from .api import NodeState, ServingApp
+from .budget import ESTIMATE_FACTOR, Candidate, estimate_size, hot_set
+from .cache import PackageCache
+from .metrics import NodeMetrics, StateCollector
+from .registry import Registry, RuntimeLoader, default_loader
+from .telemetry import Telemetry
+
+log = get_logger("modelcd.serving.node")
+
+STATE_TOPICS = [topics.MODEL_STATE, topics.TRAFFIC]
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handlers: the runner owns signals and sets the node's stop event."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        yield
+
+
+class ServingNode:
+    """One node. `port` is known once `run` has bound it (port 0 picks a free one)."""
+
+    def __init__(self, settings: Settings, *, port: int | None = None, node_id: str | None = None,
+                 loader: RuntimeLoader = default_loader, store: Store | None = None) -> None:
+        self.settings = settings
+        self.port = settings.serving_port if port is None else port
+        self.node_id = node_id or settings.node_id or f"{socket.gethostname()}:{self.port}"
+        self.loader = loader
+        self._store = store
+        self.state = NodeState()
+        self.metrics = NodeMetrics()
+        self.registry: Registry | None = None
+        self.telemetry: Telemetry | None = None
+        self.shadow: ShadowExecutor | None = None
+        self._loads: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.serving_host}:{self.port}"
+
+    async def run(self, *, stop: asyncio.Event, ready: asyncio.Event) -> None:
+        s = self.settings
+        cfg = KafkaConfig.from_settings(s)
+        async with AsyncExitStack() as stack:
+            store = self._store or await stack.enter_async_context(
+                open_store(s.resolved_store_url, endpoint_url=s.s3_endpoint_url))
+            await ensure_topics(cfg)
+            publisher = Publisher(cfg, source=f"serving/{self.node_id}")
+            await publisher.start()
+            telemetry = self.telemetry = Telemetry(self.node_id, publisher, s.telemetry_buffer)
+            cache = PackageCache(s.home / "cache" / re.sub(r"[^A-Za-z0-9._-]", "_", self.node_id), store)
+            registry = self.registry = Registry(s, node=self.node_id, cache=cache, metrics=self.metrics,
+                                                telemetry=telemetry, loader=self.loader)
+            self.metrics.add_collector(StateCollector(self._gauges))
+            shadow = self.shadow = build_executor(s, registry, telemetry, self.node_id)
+            self.metrics.add_collector(ShadowCollector(shadow))
+            targets = TargetState(store)
+            sock = self._bind()
+            app = ServingApp(registry, telemetry, self.metrics, self.state, node=self.node_id,
+                             max_body=s.max_request_bytes, log_rate=s.prediction_log_rate, shadow=shadow)
+            server = _Server(uvicorn.Config(
+                app, loop="none", http="httptools", lifespan="off", access_log=False, log_config=None,
+                timeout_graceful_shutdown=max(1, int(s.drain_timeout)), timeout_keep_alive=5, backlog=2048))
+            log.info("serving node starting", node=self.node_id, url=self.url, budget=s.memory_budget)
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    registry.start(lambda coro: self._spawn(tg, coro))
+                    server_task = tg.create_task(server.serve(sockets=[sock]), name="http")
+                    publisher_task = tg.create_task(telemetry.run(), name="telemetry")
+                    shadow_task = tg.create_task(shadow.run(), name="shadow")
+                    caught_up = asyncio.Event()
+                    background = [tg.create_task(self._follow(cfg, caught_up), name="state-follower")]
+                    if await _first(caught_up.wait(), stop.wait()) and not stop.is_set():
+                        await self._reconcile(targets, cache)
+                        await self._load_hot_set(cache, stop)
+                    registry.eager = True
+                    background += [
+                        tg.create_task(self._every(s.reconcile_interval, self._reconcile, targets, cache),
+                                       name="reconciler"),
+                        tg.create_task(self._every(s.usage_interval, self._usage), name="usage"),
+                        tg.create_task(self._every(s.heartbeat_interval, self._heartbeat), name="heartbeat"),
+                        tg.create_task(self._every(s.health_interval, self._health), name="health"),
+                    ]
+                    if not stop.is_set():
+                        # Start-up objects (libraries, clients, loaded models) live as long as the node: moving
+                        # them out of the collector's generations keeps each collection small on the request path.
+                        gc.freeze()
+                        self.state.ready = True
+                        ready.set()
+                        self._heartbeat_now()
+                        log.info("serving node ready", node=self.node_id, url=self.url,
+                                 loaded=len(registry.loaded_keys()), known=len(registry.entries))
+                    await stop.wait()
+                    await self._drain(server, server_task, publisher_task, [shadow_task, *background])
+            finally:
+                registry.close()
+
+    # ------------------------------------------------------------------ start
+
+    def _bind(self) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.settings.serving_host, self.port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(f"serving node cannot listen on {self.settings.serving_host}:{self.port}: {exc} "
+                          "(MODELCD_SERVING_PORT / --port)") from exc
+        sock.set_inheritable(True)
+        self.port = sock.getsockname()[1]
+        return sock
+
+    def _spawn(self, tg: asyncio.TaskGroup, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = tg.create_task(coro, name="model-load")
+        self._loads.add(task)
+        task.add_done_callback(self._loads.discard)
+        return task
+
+    async def _follow(self, cfg: KafkaConfig, caught_up: asyncio.Event) -> None:
+        """Apply every model-state and traffic event, from the beginning, for as long as the node runs."""
+        assert self.registry is not None
+        registry = self.registry
+        consumer = AIOKafkaConsumer(bootstrap_servers=cfg.bootstrap, client_id=f"{cfg.client_id}-{self.node_id}",
+                                    group_id=None, enable_auto_commit=False, auto_offset_reset="earliest")
+        await consumer.start()
+        try:
+            await consumer._client.force_metadata_update()  # noqa: SLF001 - no public refresh
+            tps = [TopicPartition(t, p) for t in STATE_TOPICS for p in sorted(consumer.partitions_for_topic(t) or ())]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            pending = {tp for tp in tps if ends[tp] > 0}
+            if not pending:
+                caught_up.set()
+            while True:
+                batches = await consumer.getmany(timeout_ms=200, max_records=500)
+                for tp, records in batches.items():
+                    for r in records:
+                        try:
+                            event, _env = decode(tp.topic, r.value, r.headers)
+                        except DecodeError as exc:
+                            log.warning("skipped undecodable state record", topic=tp.topic, partition=tp.partition,
+                                        offset=r.offset, reason=str(exc))
+                            continue
+                        match event:
+                            case ModelState():
+                                registry.apply_model(event)
+                            case TrafficPolicy():
+                                registry.apply_traffic(event)
+                                if self.shadow is not None:
+                                    self.shadow.update_policy(event)
+                            case _:
+                                pass  # rollout steps travel on the traffic topic: not the node's business
+                if pending:
+                    for tp in list(pending):
+                        if await consumer.position(tp) >= ends[tp]:
+                            pending.discard(tp)
+                    if not pending:
+                        caught_up.set()
+        finally:
+            await consumer.stop()
+
+    async def _reconcile(self, targets: TargetState, cache: PackageCache) -> None:
+        assert self.registry is not None
+        started = time.monotonic()
+        try:
+            models = await targets.models()
+            traffic = list((await targets.traffic()).values())
+        except Exception as exc:  # the store is down: events still flow, try again next period
+            log.warning("reconciliation skipped: store unavailable", reason=repr(exc))
+            return
+        changes = self.registry.reconcile(models, traffic, started)
+        if self.shadow is not None:
+            self.shadow.reconcile(traffic, started)
+        if changes:
+            log.info("reconciled with the target state", changes=changes)
+        await cache.prune(self.registry.desired_shas())
+
+    async def _load_hot_set(self, cache: PackageCache, stop: asyncio.Event) -> None:
+        assert self.registry is not None
+        cached = cache.cached()
+        candidates = []
+        for e in self.registry.entries.values():
+            size = e.state.resources.memory_bytes
+            if size <= 0 and e.state.sha256 in cached:
+                size = estimate_size(0, cache.path(e.state.sha256).stat().st_size)
+            candidates.append(Candidate(e.key, estimate_size(size, 0), e.state.pinned,
+                                        e.state.deployed_at or e.state.at))
+        keys = hot_set(candidates, self.settings.memory_budget)
+        futures = self.registry.load_all(keys)
+        if futures:
+            # Failures are the models' own (reported, 503 on their requests): the node is ready regardless.
+            await _first(asyncio.wait(futures), stop.wait())
+        log.info("hot set loaded", loaded=len(self.registry.loaded_keys()), hot=len(keys),
+                 deployed=len(self.registry.entries), estimate_factor=ESTIMATE_FACTOR)
+
+    # ------------------------------------------------------------------ periodic
+
+    async def _every(self, interval: float, fn: Any, *args: Any) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            result = fn(*args)
+            if asyncio.iscoroutine(result):
+                await result
+
+    def _usage(self) -> None:
+        assert self.telemetry is not None
+        self.telemetry.flush_usage()
+
+    def _heartbeat(self) -> None:
+        self._heartbeat_now()
+
+    def _heartbeat_now(self, *, stopping: bool = False) -> None:
+        assert self.registry is not None and self.telemetry is not None
+        self.telemetry.offer(NodeStatus(
+            node=self.node_id, url=self.url, ready=self.state.ready and not stopping,
+            models=self.registry.describe(), memory_bytes=self.registry.resident_bytes,
+            memory_budget=self.settings.memory_budget, stopping=stopping))
+
+    async def _health(self) -> None:
+        assert self.registry is not None and self.telemetry is not None
+        for entry in list(self.registry.entries.values()):
+            result = await self.registry.check(entry)
+            if result is not None:
+                self.telemetry.offer(result)
+                if not result.ok:
+                    log.warning("model health check failed", model=entry.name, version=entry.version,
+                                detail=result.detail)
+
+    def _gauges(self) -> list[tuple[str, str, list[tuple[dict[str, str], float]]]]:
+        r, t = self.registry, self.telemetry
+        if r is None or t is None:
+            return []
+        states = [({"model": e.name, "version": e.version, "state": e.status}, 1.0) for e in r.entries.values()]
+        return [
+            ("modelcd_models_loaded", "Models resident in memory.", [({}, float(len(r.loaded_keys())))]),
+            ("modelcd_model_state", "Each model version this node should serve, by load state.", states),
+            ("modelcd_memory_resident_bytes", "Bytes the budget charges for loaded and loading models.",
+             [({}, float(r.resident_bytes))]),
+            ("modelcd_memory_budget_bytes", "MODELCD_MEMORY_BUDGET.", [({}, float(self.settings.memory_budget))]),
+            ("modelcd_telemetry_buffered", "Telemetry events waiting for the broker.", [({}, float(t.buffered))]),
+            ("modelcd_telemetry_dropped", "Telemetry events dropped (buffer full or stop deadline).",
+             [({}, float(t.stats.dropped))]),
+            ("modelcd_telemetry_failed", "Telemetry events the broker did not acknowledge.",
+             [({}, float(t.stats.failed))]),
+            ("modelcd_ready", "1 when the node reports ready.", [({}, float(self.state.ready))]),
+        ]
+
+    # ------------------------------------------------------------------ stop
+
+    async def _drain(self, server: uvicorn.Server, server_task: asyncio.Task[None],
+                     publisher_task: asyncio.Task[None], background: list[asyncio.Task[None]]) -> None:
+        assert self.telemetry is not None
+        log.info("serving node stopping: draining", node=self.node_id)
+        self.state.stopping = True
+        self.state.ready = False
+        server.should_exit = True  # stop accepting; uvicorn finishes in-flight requests within its deadline
+        with contextlib.suppress(Exception):
+            await server_task
+        for task in [*background, *self._loads, publisher_task]:
+            task.cancel()
+        await asyncio.gather(*background, *self._loads, publisher_task, return_exceptions=True)
+        self.telemetry.flush_usage()
+        self._heartbeat_now(stopping=True)
+        await self.telemetry.drain(self.settings.drain_timeout)
+        log.info("serving node stopped", node=self.node_id, telemetry=vars(self.telemetry.stats))
+
+
+async def _first(*aws: Any) -> bool:
+    """Wait for the first of several awaitables; cancel the rest. True if the first one finished first."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        return tasks[0] in done
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def run_node(settings: Settings, *, stop: asyncio.Event, ready: asyncio.Event, port: int | None = None,
+                   node_id: str | None = None, loader: RuntimeLoader = default_loader) -> None:
+    """Run one serving node until `stop` is set (the shape `modelcd up` and `modelcd serve` start)."""
+    await ServingNode(settings, port=port, node_id=node_id, loader=loader).run(stop=stop, ready=ready)

@@ -1,0 +1,356 @@
+"""`modelcd traffic set|show` and `modelcd rollout start|status|pause|resume|abort|promote`.
+
+`traffic set` writes a policy itself (bus, then store). Rollout commands are RolloutStep
+events with `command=True` that the rollout controller applies; the CLI checks what it can
+beforehand (so most mistakes are reported at once), then waits for the controller's answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from modelcd.cli import CliError
+from modelcd.events.bus import KafkaConfig, Publisher, read_topic
+from modelcd.events.schemas import Route, RolloutStep, TrafficPolicy, new_id
+from modelcd.events.topics import TRAFFIC
+from modelcd.runner import run_main
+from modelcd.settings import Settings
+
+from .rollout import PLANS, Rollout, RolloutError, apply, make_plan, parse_duration, parse_steps, split_ref, summary
+
+SOURCE = "cli"
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("traffic", help="an endpoint's traffic policy: weighted, sticky split among models")
+    tsub = p.add_subparsers(dest="traffic_command", metavar="ACTION", required=True)
+    s = tsub.add_parser("set", help="split an endpoint's traffic, e.g. iris:1=90 iris:2=10 (weights add up to 100)",
+                        description="Publish a new traffic policy for ENDPOINT and write it to the store. Requests "
+                                    "carrying the sticky key always reach the same model while the weights stay; "
+                                    "requests without it are split at random by weight.")
+    s.add_argument("endpoint")
+    s.add_argument("routes", nargs="+", metavar="MODEL:VERSION=WEIGHT")
+    s.add_argument("--sticky-key", default="x-modelcd-key",
+                   help="request header (or parameter) that pins a caller to a model (default x-modelcd-key)")
+    s.add_argument("--force", action="store_true", help="set it even while a rollout drives this endpoint")
+    s.set_defaults(func=cmd_traffic_set)
+    s = tsub.add_parser("show", help="print an endpoint's current policy (and its rollout, if any)")
+    s.add_argument("endpoint")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_traffic_show)
+
+    p = sub.add_parser("rollout", help="gradual rollouts with automated canary analysis and rollback")
+    rsub = p.add_subparsers(dest="rollout_command", metavar="ACTION", required=True)
+    s = rsub.add_parser("start", help="roll MODEL:VERSION out on ENDPOINT step by step",
+                        description="Ask the rollout controller to move ENDPOINT's traffic to MODEL:VERSION step by "
+                                    "step; before each step the canary is compared with the baseline (error rate, "
+                                    "latency, prediction divergence) and rolled back at once if a check fails. "
+                                    f"Plans: {', '.join(f'{n} ({_plan_line(p)})' for n, p in PLANS.items())}.")
+    s.add_argument("endpoint")
+    s.add_argument("--to", required=True, metavar="MODEL:VERSION", help="the canary")
+    s.add_argument("--plan", default="standard", choices=sorted(PLANS))
+    s.add_argument("--steps", help="canary weights in percent, e.g. 1,10,50,100 (default: the plan's)")
+    s.add_argument("--interval", help="time between analyses, e.g. 30s, 10m (default: the plan's)")
+    s.add_argument("--max-error-rate", type=float, help="fail when the canary's error rate is above (0..1)")
+    s.add_argument("--max-p50-ms", type=float, dest="max_latency_p50_ms", help="fail above this median latency")
+    s.add_argument("--max-p99-ms", type=float, dest="max_latency_p99_ms", help="fail above this p99 latency")
+    s.add_argument("--min-agreement", type=float, help="classifiers: fail below this paired agreement (0..1)")
+    s.add_argument("--output", help="the model output to compare (default: the first)")
+    _wait_arg(s)
+    s.set_defaults(func=cmd_rollout_start)
+    s = rsub.add_parser("status", help="current step, the last analysis and the history of ENDPOINT's rollout")
+    s.add_argument("endpoint")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_rollout_status)
+    for action, text in [("pause", "stop advancing (the current weights stay)"),
+                         ("resume", "advance again (the step's interval restarts)"),
+                         ("abort", "restore the traffic as it was before the rollout"),
+                         ("promote", "skip the remaining analysis: the canary takes 100 % now")]:
+        s = rsub.add_parser(action, help=text)
+        s.add_argument("endpoint")
+        s.add_argument("--reason", default="")
+        _wait_arg(s)
+        s.set_defaults(func=cmd_rollout_command, action=action)
+
+
+def _wait_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", type=float, default=15.0,
+                   help="seconds to wait for the controller's answer (0: do not wait)")
+
+
+def _plan_line(plan: Any) -> str:
+    steps = "→".join(f"{w:g}%" for w in plan.steps)
+    return f"{steps} every {_duration(plan.interval_s)}" + (", shadow first" if plan.shadow_first else "")
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+# --- reading the topic ----------------------------------------------------------------------------
+
+
+class EndpointView:
+    """What the traffic topic says about one endpoint."""
+
+    def __init__(self, endpoint: str, events: list[Any]) -> None:
+        self.endpoint = endpoint
+        self.policy: TrafficPolicy | None = None
+        self.rollout: Rollout | None = None
+        self.steps: list[RolloutStep] = []
+        for event in events:
+            if getattr(event, "endpoint", None) != endpoint:
+                continue
+            if isinstance(event, TrafficPolicy):
+                self.policy = event
+            elif isinstance(event, RolloutStep):
+                self.steps.append(event)
+                self.rollout = apply(self.rollout, event)
+
+
+async def load_view(cfg: KafkaConfig, endpoint: str) -> EndpointView:
+    return EndpointView(endpoint, [e for e, _env, _r in await read_topic(cfg, TRAFFIC)])
+
+
+async def wait_for_answer(cfg: KafkaConfig, endpoint: str, command_id: str, timeout: float) -> list[RolloutStep]:
+    """The controller's facts answering `command_id`, or [] after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        view = await load_view(cfg, endpoint)
+        facts = [s for s in view.steps if not s.command and s.command_id == command_id]
+        if facts or time.monotonic() >= deadline:
+            return facts
+        await asyncio.sleep(0.3)
+
+
+# --- traffic ------------------------------------------------------------------------------------
+
+
+def parse_routes(items: list[str]) -> list[Route]:
+    routes: list[Route] = []
+    for item in items:
+        ref, sep, weight = item.rpartition("=")
+        if not sep:
+            raise CliError(f"expected MODEL:VERSION=WEIGHT, got {item!r}")
+        try:
+            name, version = split_ref(ref)
+            w = float(weight.rstrip("%"))
+        except (RolloutError, ValueError):
+            raise CliError(f"expected MODEL:VERSION=WEIGHT with a number, got {item!r}") from None
+        if w < 0:
+            raise CliError(f"weights cannot be negative: {item!r}")
+        routes.append(Route(model=name, version=version, weight=w))
+    refs = [f"{r.model}:{r.version}" for r in routes]
+    if len(set(refs)) != len(refs):
+        raise CliError("each MODEL:VERSION may appear once")
+    total = sum(r.weight for r in routes)
+    if abs(total - 100.0) > 0.01:
+        raise CliError(f"weights add up to {total:g}, not 100")
+    return routes
+
+
+def cmd_traffic_set(args: argparse.Namespace, settings: Settings) -> int:
+    routes = parse_routes(args.routes)
+    cfg = KafkaConfig.from_settings(settings)
+
+    async def run(stop: asyncio.Event) -> int:
+        view = await load_view(cfg, args.endpoint)
+        if view.rollout is not None and view.rollout.active and not args.force:
+            raise CliError(f"rollout {view.rollout.rollout_id} drives {args.endpoint!r}: abort it first "
+                           f"(modelcd rollout abort {args.endpoint}) or pass --force")
+        old = view.policy
+        policy = TrafficPolicy(endpoint=args.endpoint, routes=routes, sticky_key=args.sticky_key or None,
+                               shadows=old.shadows if old else [], revision=(old.revision if old else 0) + 1,
+                               reason="set by operator")
+        async with Publisher(cfg, SOURCE) as pub:
+            await pub.publish(policy)
+        await _write_store(settings, policy)
+        print(render_policy(policy))
+        return 0
+
+    return run_main(run)
+
+
+async def _write_store(settings: Settings, policy: TrafficPolicy) -> None:
+    from modelcd.ingest.store import open_store
+    from modelcd.ingest.targets import TargetState
+
+    async with open_store(settings.resolved_store_url, endpoint_url=settings.s3_endpoint_url) as store:
+        await TargetState(store).put_traffic(policy)
+
+
+def cmd_traffic_show(args: argparse.Namespace, settings: Settings) -> int:
+    async def run(stop: asyncio.Event) -> int:
+        view = await load_view(KafkaConfig.from_settings(settings), args.endpoint)
+        if view.policy is None:
+            raise CliError(f"no traffic policy for {args.endpoint!r} (modelcd traffic set {args.endpoint} "
+                           f"MODEL:VERSION=100)", code=1)
+        if args.json:
+            print(msgspec.json.encode(view.policy).decode())
+            return 0
+        print(render_policy(view.policy))
+        if view.rollout is not None and view.rollout.active:
+            r = view.rollout
+            print(f"rollout {r.rollout_id} {r.phase}: {r.canary} at {r.weight:g}% (modelcd rollout status "
+                  f"{args.endpoint})")
+        return 0
+
+    return run_main(run)
+
+
+def render_policy(p: TrafficPolicy) -> str:
+    lines = [f"endpoint {p.endpoint}  revision {p.revision}  sticky key {p.sticky_key or '-'}"]
+    for r in sorted(p.routes, key=lambda r: -r.weight):
+        lines.append(f"  {r.model}:{r.version:<12} {r.weight:7.3g}%")
+    for s in p.shadows:
+        lines.append(f"  shadow {s.shadow} of {s.primary} (sample {s.sample_rate:g})")
+    if p.reason:
+        lines.append(f"  ({p.reason})")
+    return "\n".join(lines)
+
+
+# --- rollout ------------------------------------------------------------------------------------
+
+
+def cmd_rollout_start(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        split_ref(args.to)
+        plan = make_plan(args.plan, steps=parse_steps(args.steps) if args.steps else None,
+                         interval_s=parse_duration(args.interval) if args.interval else None,
+                         max_error_rate=args.max_error_rate, max_latency_p50_ms=args.max_latency_p50_ms,
+                         max_latency_p99_ms=args.max_latency_p99_ms, min_agreement=args.min_agreement,
+                         output=args.output)
+    except RolloutError as exc:
+        raise CliError(str(exc)) from None
+    cfg = KafkaConfig.from_settings(settings)
+
+    async def run(stop: asyncio.Event) -> int:
+        view = await load_view(cfg, args.endpoint)
+        if view.rollout is not None and view.rollout.active:
+            raise CliError(f"{args.endpoint!r} already has rollout {view.rollout.rollout_id} "
+                           f"({view.rollout.phase}): abort it first")
+        if view.policy is None or not [r for r in view.policy.routes if r.weight > 0]:
+            raise CliError(f"{args.endpoint!r} has no traffic to roll out against: "
+                           f"modelcd traffic set {args.endpoint} MODEL:VERSION=100")
+        cmd = RolloutStep(endpoint=args.endpoint, rollout_id=new_id(), action="start", canary=args.to, plan=plan,
+                          command=True, command_id=new_id(), reason="started from the CLI")
+        return await _send(cfg, cmd, args.wait)
+
+    return run_main(run)
+
+
+def cmd_rollout_command(args: argparse.Namespace, settings: Settings) -> int:
+    cfg = KafkaConfig.from_settings(settings)
+
+    async def run(stop: asyncio.Event) -> int:
+        view = await load_view(cfg, args.endpoint)
+        r = view.rollout
+        if r is None or not r.active:
+            raise CliError(f"{args.endpoint!r} has no rollout in progress")
+        cmd = RolloutStep(endpoint=args.endpoint, rollout_id=r.rollout_id, action=args.action, canary=r.canary,
+                          command=True, command_id=new_id(), reason=args.reason or f"{args.action} from the CLI")
+        return await _send(cfg, cmd, args.wait)
+
+    return run_main(run)
+
+
+async def _send(cfg: KafkaConfig, cmd: RolloutStep, wait: float) -> int:
+    async with Publisher(cfg, SOURCE) as pub:
+        await pub.publish(cmd)
+    if wait <= 0:
+        print(f"{cmd.action} requested for {cmd.endpoint} (command {cmd.command_id})")
+        return 0
+    facts = await wait_for_answer(cfg, cmd.endpoint, cmd.command_id, wait)
+    if not facts:
+        print(f"{cmd.action} requested for {cmd.endpoint}, but no rollout controller answered within {wait:g}s "
+              f"(is `modelcd up` running? the command stays queued; see the controller's log if it was refused)",
+              file=sys.stderr)
+        return 1
+    for f in facts:
+        print(render_step(f))
+    return 0
+
+
+def cmd_rollout_status(args: argparse.Namespace, settings: Settings) -> int:
+    async def run(stop: asyncio.Event) -> int:
+        view = await load_view(KafkaConfig.from_settings(settings), args.endpoint)
+        r = view.rollout
+        if r is None:
+            raise CliError(f"no rollout of {args.endpoint!r} on record", code=1)
+        if args.json:
+            print(json.dumps(status_dict(r), default=str))
+        else:
+            print(render_status(r))
+        return 0
+
+    return run_main(run)
+
+
+def status_dict(r: Rollout) -> dict[str, Any]:
+    return {
+        "endpoint": r.endpoint, "rollout_id": r.rollout_id, "phase": str(r.phase), "canary": r.canary,
+        "baseline": r.baseline, "step": r.step, "steps": r.plan.steps, "weight": r.weight,
+        "plan": msgspec.to_builtins(r.plan), "next_analysis_at": r.due_at, "last_analysis": r.last_evidence,
+        "history": [msgspec.to_builtins(s) for s in r.history],
+        "summary": summary(r),
+    }
+
+
+def render_step(s: RolloutStep) -> str:
+    when = datetime.fromtimestamp(s.at, UTC).strftime("%H:%M:%S")
+    return f"{when}  {s.action:<8} step {s.step}  canary {s.weight:g}%  {s.reason}"
+
+
+def render_status(r: Rollout) -> str:
+    steps = " → ".join(f"[{w:g}%]" if i == r.step and r.active else f"{w:g}%" for i, w in enumerate(r.plan.steps))
+    lines = [
+        f"rollout {r.rollout_id} of {r.endpoint}: {r.phase}",
+        f"  canary {r.canary} vs baseline {r.baseline}, plan {r.plan.name}: {steps} every "
+        f"{_duration(r.plan.interval_s)}",
+        f"  canary weight {r.weight:g}% (step {r.step + 1} of {len(r.plan.steps)})",
+    ]
+    if r.due_at is not None:
+        lines.append(f"  next analysis in {max(0.0, r.due_at - time.time()):.0f}s")
+    ev = r.last_evidence
+    if ev.get("checks"):
+        lines.append(f"  last analysis: {ev.get('verdict')}")
+        for c in ev["checks"]:
+            if c["status"] != "skipped":
+                lines.append(f"    {c['status']:<12} {c['name']:<14} {c.get('detail', '')}")
+        for arm in ("canary", "baseline"):
+            f = ev.get(arm, {})
+            lines.append(f"    {arm:<9} requests {f.get('requests', 0)}, errors {f.get('errors', 0)}, "
+                         f"p50 {f.get('latency_p50_ms', '-')} ms, p99 {f.get('latency_p99_ms', '-')} ms")
+    lines.append("  history:")
+    lines.extend(f"    {render_step(s)}" for s in r.history)
+    if not r.active:
+        lines.append(render_report(summary(r)))
+    return "\n".join(lines)
+
+
+def render_report(s: dict[str, Any]) -> str:
+    """The launch summary: the new model against the old over the whole rollout."""
+    t = s["totals"]
+
+    def arm(name: str) -> str:
+        a = t[name]
+        rate = "-" if a.get("error_rate") is None else f"{a['error_rate']:.3%}"
+        p99 = a.get("worst_latency_p99_ms", "-")
+        return f"{a['requests']} requests, error rate {rate}, worst p99 {p99} ms"
+
+    lines = ["  launch summary:", f"    new {s['canary']}: {arm('canary')}", f"    old {s['baseline']}: {arm('baseline')}"]
+    for row in s["steps"]:
+        div = ", ".join(f"{k} {v}" for k, v in row.get("divergence", {}).items())
+        lines.append(f"    step at {row['weight']:g}%: {row['action']}" + (f" ({div})" if div else ""))
+    return "\n".join(lines)

@@ -1,0 +1,122 @@
+"""Editing the shadow relations of a TrafficPolicy, and parsing what a user types: pure.
+
+Used by `modelcd shadow add|remove` (and any API that edits relations): every edit returns a
+new policy with `revision + 1`, so the last write per endpoint wins on the traffic topic.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+
+import msgspec
+
+from modelcd.events.schemas import Criterion, ShadowRelation, TrafficPolicy
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$", re.IGNORECASE)
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+# Longest operators first, so `>=` is not read as `>`.
+_WHERE = re.compile(r"^(?P<field>(?:header|param|input):[^=!<>\s]+)\s*(?P<op>!=|>=|<=|=|>|<|\s+in\s+|\s+exists$)"
+                    r"\s*(?P<value>.*)$", re.IGNORECASE)
+_OPS = {"=": "eq", "!=": "ne", ">": "gt", ">=": "ge", "<": "lt", "<=": "le", "in": "in", "exists": "exists"}
+
+
+class RelationError(ValueError):
+    """What the user typed cannot be a shadow relation; the message says what to type instead."""
+
+
+def parse_time(text: str, now: float) -> float | None:
+    """'14d' / '12h' / '30m' (from now), an ISO date or datetime (UTC if no zone), or 'never' -> None."""
+    t = text.strip()
+    if t.lower() in {"never", "none", ""}:
+        return None
+    m = _DURATION.match(t)
+    if m:
+        return now + float(m.group(1)) * _UNITS[m.group(2).lower()]
+    try:
+        dt = datetime.fromisoformat(t)
+    except ValueError:
+        raise RelationError(f"{text!r} is not a time: use a duration from now (14d, 12h, 30m), "
+                            "an ISO date (2030-01-31T12:00) or 'never'") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.timestamp()
+
+
+def _value(text: str) -> object:
+    """JSON when it parses (numbers, true, "quoted"), else the text itself."""
+    try:
+        return msgspec.json.decode(text.encode())
+    except msgspec.DecodeError:
+        return text
+
+
+def parse_where(text: str) -> Criterion:
+    """'header:x-country=DE', 'input:age>=18', 'param:tier in gold,silver', 'header:x-beta exists'."""
+    m = _WHERE.match(text.strip())
+    if not m:
+        raise RelationError(
+            f"criterion {text!r}: expected FIELD OP VALUE, FIELD being header:<name>, param:<name> or input:<name> "
+            "and OP one of = != > >= < <= 'in' (comma-separated values) 'exists', e.g. input:age>=18")
+    op = _OPS[m.group("op").strip().lower()]
+    raw = m.group("value").strip()
+    if op == "exists":
+        return Criterion(field=m.group("field"), op="exists")
+    if not raw:
+        raise RelationError(f"criterion {text!r}: no value after the operator")
+    if op == "in":
+        return Criterion(field=m.group("field"), op="in", value=[_value(v.strip()) for v in raw.split(",") if v.strip()])
+    value = raw if m.group("field").lower().startswith("header:") else _value(raw)
+    return Criterion(field=m.group("field"), op=op, value=value)  # type: ignore[arg-type]
+
+
+def check_refs(primary: str, shadow: str) -> None:
+    if not primary or primary.count(":") > 1:
+        raise RelationError(f"primary {primary!r}: expected a model name or name:version")
+    name, _, version = shadow.partition(":")
+    if not name or not version:
+        raise RelationError(f"shadow {shadow!r}: expected name:version (the exact version that shadows)")
+    if primary == shadow:
+        raise RelationError("a model cannot shadow itself")
+
+
+def add_relation(policy: TrafficPolicy | None, endpoint: str, relation: ShadowRelation, *,
+                 now: float) -> TrafficPolicy:
+    """The policy with `relation` added (replacing one with the same primary and shadow)."""
+    check_refs(relation.primary, relation.shadow)
+    if not 0.0 < relation.sample_rate <= 1.0:
+        raise RelationError(f"rate {relation.sample_rate}: expected a share in (0, 1], e.g. 0.1 for 10 %")
+    if relation.end is not None and relation.end <= relation.start:
+        raise RelationError("the end time is not after the start time")
+    if policy is None or policy.deleted:
+        policy = TrafficPolicy(endpoint=endpoint)
+    kept = [r for r in policy.shadows if (r.primary, r.shadow) != (relation.primary, relation.shadow)]
+    return msgspec.structs.replace(
+        policy, shadows=[*kept, relation], revision=policy.revision + 1, deleted=False, at=now,
+        reason=f"shadow {relation.shadow} on {relation.primary}")
+
+
+def remove_relation(policy: TrafficPolicy, primary: str, shadow: str, *, now: float) -> TrafficPolicy | None:
+    """The policy without that relation, or None when it has no such relation."""
+    kept = [r for r in policy.shadows if (r.primary, r.shadow) != (primary, shadow)]
+    if len(kept) == len(policy.shadows):
+        return None
+    return msgspec.structs.replace(policy, shadows=kept, revision=policy.revision + 1, at=now,
+                                   reason=f"shadow {shadow} removed from {primary}")
+
+
+def describe_criterion(c: Criterion) -> str:
+    sym = {v: k for k, v in _OPS.items()}
+    if c.op == "exists":
+        return f"{c.field} exists"
+    if c.op == "in":
+        return f"{c.field} in {','.join(str(v) for v in c.value)}"
+    return f"{c.field}{sym[c.op]}{c.value}"
+
+
+def status(rel: ShadowRelation, now: float) -> str:
+    if now < rel.start:
+        return "scheduled"
+    if rel.end is not None and now >= rel.end:
+        return "ended"
+    return "active"

@@ -1,0 +1,132 @@
+"""The deployment API as an ASGI app, without a broker: a fake sink records what it publishes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from modelcd.events.schemas import DeployRequested, Event, ModelState, RetireRequested
+from modelcd.ingest.api import ApiConfig, DeploymentApi
+from modelcd.ingest.store import LocalStore
+from modelcd.ingest.targets import TargetState
+from modelcd.ingest.tracking import TrackingView
+
+
+class FakeSink:
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    async def publish(self, event: Event, *, event_id: str | None = None) -> None:
+        self.events.append(event)
+
+
+def client_for(tmp_path: Path, *, token: str | None = None, limit: int = 1 << 20) -> tuple[
+        httpx.AsyncClient, FakeSink, LocalStore]:
+    store, sink = LocalStore(tmp_path / "store"), FakeSink()
+    app = DeploymentApi(ApiConfig(api_token=token, max_upload_bytes=limit), store, sink, TrackingView())
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingest"), sink, store
+
+
+async def test_raw_tar_upload_is_staged_and_published(tmp_path: Path) -> None:
+    """A raw tar body is staged under uploads/, published as DeployRequested, and answered 202 + Location."""
+    client, sink, store = client_for(tmp_path)
+    async with client:
+        resp = await client.post("/deployments?owner=bob", content=b"archive-bytes",
+                                 headers={"content-type": "application/x-tar"})
+        assert resp.status_code == 202
+        body = resp.json()
+        assert resp.headers["location"] == f"/deployments/{body['deployment_id']}"
+        (event,) = sink.events
+        assert isinstance(event, DeployRequested) and event.owner == "bob"
+        assert event.package_uri == f"store:uploads/{body['deployment_id']}.tar"
+        assert await store.get(event.package_uri.removeprefix("store:")) == b"archive-bytes"
+        status = await client.get(resp.headers["location"])
+        assert status.status_code == 200 and status.json()["status"] == "pending"
+
+
+async def test_multipart_upload_takes_the_package_field(tmp_path: Path) -> None:
+    """A multipart form upload stages the `package` file part."""
+    client, sink, store = client_for(tmp_path)
+    async with client:
+        resp = await client.post("/deployments", files={"package": ("m.tar", b"tar-bytes", "application/x-tar")})
+        assert resp.status_code == 202
+        key = sink.events[0].package_uri.removeprefix("store:")  # type: ignore[attr-defined]
+        assert await store.get(key) == b"tar-bytes"
+
+
+async def test_bearer_token_required_when_configured(tmp_path: Path) -> None:
+    """With a token configured, requests without it get 401 (and /healthz stays open)."""
+    client, sink, _ = client_for(tmp_path, token="s3cret")
+    async with client:
+        resp = await client.get("/models")
+        assert resp.status_code == 401 and "bearer" in resp.json()["error"].lower()
+        assert resp.headers["www-authenticate"].startswith("Bearer")
+        assert (await client.get("/models", headers={"authorization": "Bearer wrong"})).status_code == 401
+        assert (await client.get("/models", headers={"authorization": "Bearer s3cret"})).status_code == 200
+        assert (await client.get("/healthz")).status_code == 200
+        assert sink.events == []
+
+
+async def test_oversize_body_is_413(tmp_path: Path) -> None:
+    """A body over the limit is refused with 413, whether declared by Content-Length or streamed chunked."""
+    client, sink, store = client_for(tmp_path, limit=1000)
+    async with client:
+        resp = await client.post("/deployments", content=b"x" * 1001, headers={"content-type": "application/x-tar"})
+        assert resp.status_code == 413 and "limit" in resp.json()["error"]
+
+        async def chunks():  # no Content-Length: the limit applies while reading
+            for _ in range(5):
+                yield b"y" * 400
+
+        resp = await client.post("/deployments", content=chunks(), headers={"content-type": "application/x-tar"})
+        assert resp.status_code == 413
+    assert sink.events == [] and await store.list("") == []
+
+
+@pytest.mark.parametrize("body", [b"{not json", b'{"package_uri": 3}', b'{"uri": "s3://b/k"}',
+                                  b'{"package_uri": "http://x/y.tar"}', b'{"package_uri": "s3://b/k", "sha256": "x"}'])
+async def test_malformed_json_is_400(tmp_path: Path, body: bytes) -> None:
+    """Malformed JSON, wrong types, unknown fields and unsupported URIs are 400s with a reason."""
+    client, sink, _ = client_for(tmp_path)
+    async with client:
+        resp = await client.post("/deployments", content=body, headers={"content-type": "application/json"})
+        assert resp.status_code == 400 and resp.json()["error"]
+    assert sink.events == []
+
+
+async def test_json_request_is_published_as_is(tmp_path: Path) -> None:
+    """A JSON request pointing at a package is published unchanged, nothing staged."""
+    client, sink, store = client_for(tmp_path)
+    async with client:
+        resp = await client.post("/deployments", json={"package_uri": "s3://bucket/m.tar", "owner": "eve"})
+        assert resp.status_code == 202
+    (event,) = sink.events
+    assert isinstance(event, DeployRequested) and event.package_uri == "s3://bucket/m.tar" and event.owner == "eve"
+    assert await store.list("") == []
+
+
+async def test_routes_and_methods(tmp_path: Path) -> None:
+    """Unknown routes are 404, wrong methods 405, unsupported content types 415, unknown deployments 404."""
+    client, _, _ = client_for(tmp_path)
+    async with client:
+        assert (await client.get("/nope")).status_code == 404
+        assert (await client.put("/deployments")).status_code == 405
+        assert (await client.post("/deployments", content=b"x", headers={"content-type": "text/plain"})).status_code == 415
+        assert (await client.get("/deployments/unknown")).status_code == 404
+        assert (await client.get("/models/iris")).status_code == 404
+
+
+async def test_retire_unknown_is_404_known_is_published(tmp_path: Path) -> None:
+    """DELETE answers 404 for a model the target state lacks, 202 + RetireRequested for one it has."""
+    client, sink, store = client_for(tmp_path)
+    await TargetState(store).put_model(ModelState(name="iris", version="1", target="serving", owner="ann"))
+    async with client:
+        assert (await client.delete("/models/iris/versions/2")).status_code == 404
+        resp = await client.delete("/models/iris/versions/1")
+        assert resp.status_code == 202
+        listed = (await client.get("/models")).json()["models"]
+        assert [(m["name"], m["version"], m["state"]) for m in listed] == [("iris", "1", "serving")]
+    (event,) = sink.events
+    assert isinstance(event, RetireRequested) and (event.model, event.version) == ("iris", "1")

@@ -1,0 +1,112 @@
+"""Retirement decisions without I/O: table-driven, `now` passed in."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from modelcd.events.schemas import ModelState, RolloutStep, Route, TrafficPolicy, UsageReport
+from modelcd.retirement import handlers, policy
+from modelcd.retirement.policy import Action, Decision, Record
+
+T0 = 1_000_000.0
+
+
+def rec(**kw: object) -> Record:
+    base: dict[str, object] = dict(name="m", version="1", owner="ann", deployed_at=T0, expiry_seconds=100, known=True)
+    base.update(kw)
+    return Record(**base)  # type: ignore[arg-type]
+
+
+CASES = [
+    # (id, record, now, protections, expected action)
+    ("fresh deployment", rec(), T0 + 10, (), Action.NONE),
+    ("idle below the warn share", rec(), T0 + 79, (), Action.NONE),
+    ("idle at the warn share", rec(), T0 + 80, (), Action.WARN),
+    ("idle counts from last use", rec(last_used=T0 + 50), T0 + 100, (), Action.NONE),
+    ("deployed after last use", rec(last_used=T0 - 500), T0 + 10, (), Action.NONE),
+    ("already warned, not yet expired", rec(warned_at=T0 + 80), T0 + 90, (), Action.NONE),
+    ("warned and expired", rec(warned_at=T0 + 80), T0 + 100, (), Action.RETIRE),
+    ("past expiry but never warned: warn first", rec(), T0 + 500, (), Action.WARN),
+    ("used after the warning", rec(warned_at=T0 + 80, last_used=T0 + 85), T0 + 90, (), Action.CANCEL),
+    ("retire already requested", rec(warned_at=T0 + 80, retire_requested_at=T0 + 100), T0 + 200, (), Action.NONE),
+    ("retired", rec(retired=True, warned_at=T0 + 80), T0 + 200, (), Action.NONE),
+    ("usage only, no state yet", rec(known=False), T0 + 200, (), Action.NONE),
+    ("no expiry set", rec(expiry_seconds=0), T0 + 10_000, (), Action.NONE),
+    ("pinned and due", rec(pinned=True), T0 + 200, (), Action.SKIP),
+    ("pinned, not due yet", rec(pinned=True), T0 + 10, (), Action.NONE),
+    ("in traffic and due", rec(), T0 + 200, ("serves 50% of endpoint e",), Action.SKIP),
+    ("skip already said", rec(pinned=True, skip_reason="pinned by its owner"), T0 + 200, (), Action.NONE),
+    ("skip reason changed", rec(pinned=True, skip_reason="pinned by its owner"), T0 + 200, ("rollout r",), Action.SKIP),
+    ("protection ended", rec(skip_reason="pinned by its owner"), T0 + 200, (), Action.RESUME),
+    ("protected after a warning", rec(warned_at=T0 + 80), T0 + 90, ("rollout r",), Action.SKIP),
+]
+
+
+@pytest.mark.parametrize(("record", "now", "protections", "expected"),
+                         [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_decide(record: Record, now: float, protections: tuple[str, ...], expected: Action) -> None:
+    """decide() gives the expected action for each situation."""
+    assert policy.decide(record, now, protections, warn_share=0.8).action is expected
+
+
+def test_skip_reason_names_every_protection() -> None:
+    """A skip decision names the pin and each traffic protection."""
+    d = policy.decide(rec(pinned=True), T0 + 200, ("serves 10% of endpoint e",), 0.8)
+    assert d == Decision(Action.SKIP, "pinned by its owner; serves 10% of endpoint e")
+
+
+def test_warn_then_retire_sequence_warns_once() -> None:
+    """Stepping time through an idle spell gives exactly one WARN, then one RETIRE, then nothing."""
+    r, actions = rec(), []
+    for now in range(int(T0), int(T0) + 300, 5):
+        d = policy.decide(r, now, (), 0.8)
+        actions.append(d.action)
+        r = policy.apply(r, d, now)
+    done = [a for a in actions if a is not Action.NONE]
+    assert done == [Action.WARN, Action.RETIRE]
+
+
+def test_usage_takes_the_latest_across_nodes() -> None:
+    """Last use is the maximum over nodes, whatever order reports arrive in."""
+    def report(node: str, t: float) -> UsageReport:
+        return UsageReport(model="m", version="1", node=node, interval_start=0, interval_end=0, count=1, last_used=t)
+
+    r = policy.on_usage(None, report("a", 50.0))
+    r = policy.on_usage(r, report("b", 70.0))
+    r = policy.on_usage(r, report("a", 60.0))
+    assert r.last_used == 70.0 and not r.known
+
+
+def test_redeploy_starts_a_new_idle_spell() -> None:
+    """A new deployment of a warned version clears the warning; the same state replayed keeps it."""
+    state = ModelState(name="m", version="1", target="serving", owner="ann", expiry_seconds=100, deployed_at=T0)
+    r = msgspec.structs.replace(policy.on_state(None, state), warned_at=T0 + 80)
+    assert policy.on_state(r, state).warned_at == T0 + 80
+    again = msgspec.structs.replace(state, deployed_at=T0 + 500)
+    assert policy.on_state(r, again).warned_at is None
+
+
+def test_traffic_protections_follow_weights_and_rollouts() -> None:
+    """Weight > 0 and rollouts in progress protect; weight 0 and ended rollouts do not."""
+    view = policy.on_traffic(None, TrafficPolicy(endpoint="e", routes=[
+        Route(model="m", version="1", weight=90.0), Route(model="m", version="2", weight=10.0),
+        Route(model="old", version="1", weight=0.0)]))
+    view = policy.on_traffic(view, RolloutStep(endpoint="e", rollout_id="r1", action="start",
+                                               canary="m:3", baseline="m:1"))
+    prot = policy.endpoint_protections(view)
+    assert set(prot) == {"m:1", "m:2", "m:3"}
+    ended = policy.on_traffic(view, RolloutStep(endpoint="e", rollout_id="r1", action="complete"))
+    changed = policy.changed_protections(prot, policy.endpoint_protections(ended))
+    assert changed == {"m:3": [], "m:1": ["serves 90% of endpoint e"]}
+
+
+def test_check_emits_decision_then_retire_request() -> None:
+    """A RETIRE check yields the RetirementDecision, then the RetireRequested, with stable ids."""
+    entry = handlers.ModelEntry(versions={"1": rec(warned_at=T0 + 80)})
+    outcomes = handlers.handle_check(entry, T0 + 100, 0.8)
+    [(decision, id1), (request, id2)] = outcomes[0].events
+    assert decision.action == "retire" and request.requested_by == "retirement"  # type: ignore[attr-defined]
+    again = handlers.handle_check(handlers.ModelEntry(versions={"1": rec(warned_at=T0 + 80)}), T0 + 100, 0.8)
+    assert [i for _, i in again[0].events] == [id1, id2]
+    assert entry.versions["1"].retire_requested_at == T0 + 100

@@ -1,0 +1,174 @@
+"""A serving node under stress: memory budget, broken models, broker outage, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from modelcd.events.broker import EmbeddedBroker
+from modelcd.events.bus import Publisher, read_topic
+from modelcd.ingest.package import assemble_package, read_package
+from modelcd.ingest.store import open_store
+from modelcd.serving.registry import default_loader
+
+from ._serving import MB, deploy, eventually, infer_body, iris_package, node_settings, running_node
+
+MAGIC = 99.0  # a feature value the faulty test runtimes react to
+
+
+class _Faulty:
+    """Wraps a real runtime: raises or hangs on requests whose first value is MAGIC, sleeps a bit always."""
+
+    def __init__(self, inner: Any, mode: str, release: threading.Event) -> None:
+        self.inner, self.mode, self.release = inner, mode, release
+        self.name = inner.name
+
+    def predict(self, inputs: Any) -> Any:
+        x = inputs["input"]
+        if self.mode == "slow":
+            self.release.wait(0.002)  # slower than the inline threshold: runs in the pool
+            if x[0, 0] == MAGIC:
+                self.release.wait(1.0)  # long enough to be in flight when the node is asked to stop
+        if x[0, 0] == MAGIC:
+            if self.mode == "raise":
+                raise RuntimeError("boom on purpose")
+            if self.mode == "hang":
+                self.release.wait(120)
+        return self.inner.predict(inputs)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.fixture
+def release() -> Iterator[threading.Event]:
+    ev = threading.Event()
+    yield ev
+    ev.set()  # frees hung test threads
+
+
+def faulty_loader(modes: dict[str, str], release: threading.Event) -> Any:
+    def load(pkg: Any) -> Any:
+        mode = modes.get(pkg.manifest.name)
+        rt = default_loader(pkg)
+        if mode == "hang":
+            # Measured slow at load, so it runs in the pool where the prediction timeout applies.
+            return _Faulty(_Faulty(rt, "slow", threading.Event()), "hang", release)
+        return _Faulty(rt, mode, release) if mode else rt
+
+    return load
+
+
+async def test_budget_for_three_serves_ten_and_never_exceeds_it(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """With a budget for 3 models and 10 deployed, all 10 answer and resident bytes never exceed the budget."""
+    settings = node_settings(tmp_path, broker.bootstrap, memory_budget=30 * MB)
+    async with open_store(settings.resolved_store_url) as store, Publisher(broker.config, "test") as pub:
+        for i in range(10):
+            await deploy(store, pub, iris_package(f"m{i}", "1", depth=1 + i % 4), memory_bytes=10 * MB)
+        async with running_node(settings) as n:
+            assert len(n.registry.loaded_keys()) == 3  # the hot set: what fits, the rest on demand
+            peak = 0
+            stop = asyncio.Event()
+
+            async def watch() -> None:
+                nonlocal peak
+                while not stop.is_set():
+                    peak = max(peak, n.registry.resident_bytes)
+                    await asyncio.sleep(0)
+
+            watcher = asyncio.create_task(watch())
+            try:
+                for _round in range(2):
+                    results = await asyncio.gather(*(n.infer(f"m{i}") for i in range(10)))
+                    assert [r.status_code for r in results] == [200] * 10, [r.text for r in results]
+                    assert [r.json()["model_name"] for r in results] == [f"m{i}" for i in range(10)]
+            finally:
+                stop.set()
+                await watcher
+            assert 0 < peak <= 30 * MB
+            assert len(n.registry.loaded_keys()) <= 3
+            assert n.node.registry.cache.hits > 0  # reloads came from the local cache
+
+
+async def test_broken_models_leave_the_others_answering(broker: EmbeddedBroker, tmp_path: Path,
+                                                        release: threading.Event) -> None:
+    """Models that fail to load, raise at predict, or hang answer 503/500/504 with a reason; others keep answering."""
+    settings = node_settings(tmp_path, broker.bootstrap, predict_timeout=1.0, predict_threads=4)
+    good = iris_package("good", "1")
+    bad = iris_package("badload", "1")
+    corrupt = assemble_package(bad.manifest, {bad.manifest.model_file: b"not a skops file",
+                                              "samples.json": read_package(bad.data).read("samples.json")})
+    loader = faulty_loader({"raiser": "raise", "hanger": "hang"}, release)
+    async with open_store(settings.resolved_store_url) as store, Publisher(broker.config, "test") as pub:
+        for built in (good, corrupt, iris_package("raiser", "1"), iris_package("hanger", "1")):
+            await deploy(store, pub, built)
+        async with running_node(settings, loader=loader) as n:
+            magic = infer_body([[MAGIC, 1.0, 1.0, 1.0]])
+            r = await n.infer("badload")
+            assert r.status_code == 503 and "failed to load" in r.json()["error"]
+            r = await n.infer("raiser", magic)
+            assert r.status_code == 500 and "boom on purpose" in r.json()["error"]
+            assert (await n.infer("raiser")).status_code == 200  # its other requests still work
+            hung = [asyncio.create_task(n.infer("hanger", magic)) for _ in range(3)]
+            for _ in range(20):  # the loop is never blocked by the hung model
+                assert (await n.infer("good")).status_code == 200
+            codes = sorted(r.status_code for r in await asyncio.gather(*hung))
+            assert codes == [504, 504, 504]  # two hung in the pool (half of it), the third timed out waiting
+            # Its hung calls still hold its share of the pool: it sheds load instead of taking the pool.
+            r = await n.infer("hanger")
+            assert r.status_code == 503 and "still running" in r.json()["error"]
+            assert (await n.infer("good")).status_code == 200
+            metrics = (await n.client.get("/metrics")).text
+            assert 'modelcd_request_errors_total{kind="timeout",model="hanger",version="1"}' in metrics
+            assert 'modelcd_model_loads_total{outcome="failed"} 1.0' in metrics
+
+
+async def test_broker_down_predictions_keep_succeeding_and_telemetry_resumes(tmp_path: Path,
+                                                                             broker: EmbeddedBroker) -> None:
+    """With the broker stopped, predictions succeed and the telemetry buffer stays bounded; it resumes after."""
+    settings = node_settings(tmp_path, broker.bootstrap, telemetry_buffer=50, prediction_log_rate=1.0,
+                             heartbeat_interval=0.2, usage_interval=0.2)
+    async with open_store(settings.resolved_store_url) as store:
+        async with Publisher(broker.config, "test") as pub:
+            await deploy(store, pub, iris_package("steady", "1"))
+        async with running_node(settings) as n:
+            t = n.node.telemetry
+            assert (await n.infer("steady")).status_code == 200
+            await broker.stop()
+            for _ in range(200):
+                assert (await n.infer("steady")).status_code == 200
+            assert t.buffered <= 50 and t.stats.dropped > 0
+            await broker.start()  # same port, a new (empty, in-memory) broker
+            before = t.stats.published
+            await eventually(lambda: t.stats.published > before + 5, timeout=60, what="telemetry resumed")
+            assert (await n.infer("steady")).status_code == 200
+        events = await read_topic(broker.config, "modelcd.health")
+        assert any(type(e).__name__ == "NodeStatus" for e, _, _ in events)
+
+
+async def test_stop_drains_in_flight_requests_then_flushes_telemetry(broker: EmbeddedBroker, tmp_path: Path,
+                                                                     release: threading.Event) -> None:
+    """Stopping a node reports not ready, finishes the request in flight, and publishes final usage and status."""
+    settings = node_settings(tmp_path, broker.bootstrap, usage_interval=3600, heartbeat_interval=3600)
+    loader = faulty_loader({"slow": "slow"}, release)
+    async with open_store(settings.resolved_store_url) as store, Publisher(broker.config, "test") as pub:
+        await deploy(store, pub, iris_package("slow", "1"))
+        async with running_node(settings, loader=loader) as n:
+            in_flight = asyncio.create_task(n.infer("slow", infer_body([[MAGIC, 1.0, 1.0, 1.0]])))
+            await eventually(lambda: n.registry.entries["slow:1"].threads == 1, what="request in flight")
+            n.stop.set()
+            await eventually(lambda: n.node.state.stopping, what="stopping")
+            r = await in_flight
+            assert r.status_code == 200
+            await asyncio.wait_for(n.task, 30)
+        events = [e for e, _, _ in await read_topic(broker.config, "modelcd.usage")]
+        assert [(e.model, e.count) for e in events] == [("slow", 1)]
+        statuses = [e for e, _, _ in await read_topic(broker.config, "modelcd.health")
+                    if type(e).__name__ == "NodeStatus"]
+        assert statuses[-1].stopping and not statuses[-1].ready

@@ -209,7 +209,7 @@ def bench_modelcd(work: Path, package: Path, body: Path, args: argparse.Namespac
     env = {**os.environ, "MODELCD_KAFKA_BOOTSTRAP": broker.bootstrap, "MODELCD_KAFKA_IDEMPOTENCE": "false",
            "MODELCD_HOME": str(work / "home"), "MODELCD_STORE_URL": str(work / "store"),
            "MODELCD_LOG_LEVEL": "warning", "MODELCD_LOG_FORMAT": "json"}
-    proc = subprocess.Popen([sys.executable, "-m", "modelcd.cli", "serve", "--port", str(port)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "modelcd", "serve", "--port", str(port)], env=env,
                             stderr=open(work / "modelcd.log", "wb"))  # noqa: SIM115
     try:
         wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", proc)

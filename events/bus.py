@@ -21,7 +21,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
 from modelcd.logs import get_logger
 
@@ -36,6 +36,9 @@ log = get_logger("modelcd.bus")
 class KafkaConfig:
     bootstrap: str
     idempotence: bool = False
+    # Set when MODELCD_KAFKA_IDEMPOTENCE=true was asked for: then a broker that refuses the
+    # idempotent producer is an error instead of a warning and a fallback to acks=all alone.
+    idempotence_required: bool = False
     client_id: str = "modelcd"
     partitions: int = 3
     replication: int = 1
@@ -45,6 +48,7 @@ class KafkaConfig:
         return cls(
             bootstrap=settings.bootstrap,
             idempotence=settings.idempotence,
+            idempotence_required=settings.kafka_idempotence is True,
             client_id=settings.kafka_client_id,
             partitions=settings.topic_partitions,
             replication=settings.topic_replication,
@@ -97,7 +101,21 @@ class Publisher:
             retry_backoff_ms=200,
         )
         self._producer = AIOKafkaProducer(**kwargs)
-        await self._producer.start()
+        try:
+            await self._producer.start()
+        except KafkaError as exc:
+            await self._producer.stop()
+            if not self._cfg.idempotence or isinstance(exc, KafkaConnectionError):
+                raise
+            # Brokers without transactions (the embedded one) answer InitProducerId with an error.
+            if self._cfg.idempotence_required:
+                raise KafkaError(f"the broker at {self._cfg.bootstrap} refused the idempotent producer ({exc!r}); "
+                                 "set MODELCD_KAFKA_IDEMPOTENCE=false for brokers without it") from exc
+            log.warning("broker refused the idempotent producer; publishing with acks=all only",
+                        bootstrap=self._cfg.bootstrap, error=repr(exc))
+            kwargs["enable_idempotence"] = False
+            self._producer = AIOKafkaProducer(**kwargs)
+            await self._producer.start()
 
     async def __aenter__(self) -> Publisher:
         await self.start()
@@ -251,7 +269,11 @@ async def read_topic(cfg: KafkaConfig, topic: str, *, topic_prefix: str = "",
         bootstrap_servers=cfg.bootstrap, client_id=f"{cfg.client_id}-reader",
         group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
     )
-    await consumer.start()
+    try:
+        await consumer.start()
+    except BaseException:
+        await consumer.stop()  # a failed start leaves connections behind
+        raise
     out: list[tuple[Event, Envelope, Any]] = []
     try:
         parts = consumer.partitions_for_topic(name)
@@ -264,25 +286,29 @@ async def read_topic(cfg: KafkaConfig, topic: str, *, topic_prefix: str = "",
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
-        remaining = {tp for tp in tps if ends[tp] > 0}
-        while remaining:
-            batches = await consumer.getmany(*remaining, timeout_ms=500)
-            for tp, records in batches.items():
-                for r in records:
-                    if r.offset >= ends[tp] - 1:
+        # The end is re-read once reached: the embedded broker has been seen to answer
+        # an end offset below the last record of a batch that was still being appended,
+        # and a writer may land records while we scan. Three rounds bound a busy topic.
+        for _round in range(3):
+            remaining = {tp for tp in tps if await consumer.position(tp) < ends[tp]}
+            while remaining:
+                batches = await consumer.getmany(*remaining, timeout_ms=500)
+                for records in batches.values():
+                    for r in records:
+                        if since is not None and r.timestamp / 1000.0 < since:
+                            continue
+                        try:
+                            event, env = decode(topic, r.value, r.headers)
+                        except DecodeError:
+                            continue
+                        out.append((event, env, r))
+                for tp in list(remaining):
+                    if await consumer.position(tp) >= ends[tp]:
                         remaining.discard(tp)
-                    if r.offset >= ends[tp]:
-                        continue
-                    if since is not None and r.timestamp / 1000.0 < since:
-                        continue
-                    try:
-                        event, env = decode(topic, r.value, r.headers)
-                    except DecodeError:
-                        continue
-                    out.append((event, env, r))
-            for tp in list(remaining):
-                if await consumer.position(tp) >= ends[tp]:
-                    remaining.discard(tp)
+            fresh = await consumer.end_offsets(tps)
+            if all(fresh[tp] <= ends[tp] for tp in tps):
+                break
+            ends = fresh
         return out
     finally:
         await consumer.stop()

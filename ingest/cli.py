@@ -53,6 +53,8 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("models", help="list deployed models: version, state, owner, expiry, nodes serving")
     p.add_argument("name", nargs="?", help="only this model's versions")
+    p.add_argument("--expiring", action="store_true",
+                   help="order serving models by time to auto-retirement instead (same as `modelcd expiring`)")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("retire", help="retire a model version (its nodes unload it)")
@@ -258,6 +260,10 @@ def cmd_deployments(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    if args.expiring:
+        from modelcd.retirement.cli import cmd_expiring
+
+        return cmd_expiring(args, settings)
     with _client(settings) as client:
         if args.name:
             models = _call(client, "GET", f"/models/{args.name}")["versions"]

@@ -14,6 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from aiokafka.errors import KafkaConnectionError, KafkaError
+
 from modelcd import __version__
 from modelcd.logs import configure, get_logger
 from modelcd.runner import run_main
@@ -22,7 +24,7 @@ from modelcd.settings import Settings, SettingsError
 log = get_logger("modelcd.cli")
 
 COMPONENT_CLIS = ["modelcd.ingest.cli", "modelcd.serving.cli", "modelcd.serving.rollout_cli", "modelcd.shadow.cli",
-                  "modelcd.retirement.cli"]
+                  "modelcd.retirement.cli", "modelcd.demo"]
 
 
 class CliError(Exception):
@@ -94,13 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_package_inspect)
 
     for mod in COMPONENT_CLIS:
-        try:
-            module = importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(mod).register(sub)
     return parser
 
 
@@ -118,6 +114,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"modelcd: {exc}", file=sys.stderr)
         return exc.code
+    except KafkaConnectionError:
+        print(f"modelcd: cannot reach Kafka at {settings.bootstrap}: is `modelcd up` (or the broker) running, "
+              "and MODELCD_KAFKA_BOOTSTRAP / MODELCD_BROKER_PORT right?", file=sys.stderr)
+        return 3
+    except KafkaError as exc:
+        print(f"modelcd: Kafka error at {settings.bootstrap}: {exc}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `modelcd ... | head`

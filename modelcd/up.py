@@ -27,24 +27,20 @@ ServiceFn = Callable[..., Awaitable[None]]
 def components(settings: Settings, nodes: int) -> list[tuple[str, ServiceFn, dict[str, Any]]]:
     """(name, run function, extra kwargs) of every service `up` starts, in start order."""
     from modelcd.ingest.service import run_ingest
+    from modelcd.retirement.service import run_retirement
     from modelcd.serving.node import run_node
+    from modelcd.serving.rollout_service import run_controller
+    from modelcd.shadow.comparison import run_comparison
 
     out: list[tuple[str, ServiceFn, dict[str, Any]]] = [("ingest", run_ingest, {})]
     for i in range(nodes):
         port = settings.serving_port + i
         out.append((f"serving-{i}", run_node, {"port": port, "node_id": f"node-{i}"}))
-    for name, module, fn in [
-        ("shadow-comparison", "modelcd.shadow.comparison", "run_comparison"),
-        ("rollout-controller", "modelcd.serving.rollout", "run_controller"),
-        ("retirement", "modelcd.retirement.service", "run_retirement"),
-    ]:
-        try:
-            mod = __import__(module, fromlist=[fn])
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        out.append((name, getattr(mod, fn), {}))
+    out += [
+        ("shadow-comparison", run_comparison, {}),
+        ("rollout-controller", run_controller, {}),
+        ("retirement", run_retirement, {}),
+    ]
     return out
 
 

@@ -1,6 +1,6 @@
 """Retirement's subcommands: `modelcd retirement` (run the processor), `modelcd expiring`, `modelcd gc`.
 
-`modelcd models` belongs to ingest; the "--expiring" view of the issue is `modelcd expiring`.
+`modelcd models` belongs to ingest; `modelcd models --expiring` calls `cmd_expiring` here.
 """
 
 from __future__ import annotations
@@ -116,8 +116,9 @@ def cmd_expiring(args: argparse.Namespace, settings: Settings) -> int:
                  if isinstance(e, UsageReport)]
         now = time.time()
         rows = expiring(states, usage, traffic, now, settings.retirement_warn_share)
-        if args.limit:
-            rows = rows[:args.limit]
+        limit = getattr(args, "limit", 0)  # `modelcd models --expiring` has no --limit
+        if limit:
+            rows = rows[:limit]
         if not rows:
             print("no serving model has an expiry", file=sys.stderr)
             return 0

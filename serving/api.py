@@ -118,6 +118,7 @@ class ServingApp:
         request_id: str | None = None
         entry: ModelEntry | None = None
         endpoint = ""
+        log_rate = self.log_rate
         try:
             name, version = _split(tail)
             for k, v in headers:
@@ -132,7 +133,9 @@ class ServingApp:
                 return  # the client went away
             req, binary = decode_request(body, header_length)
             request_id = req.id or request_id
-            entry, endpoint = self.registry.resolve(name, version, headers, req.parameters)
+            entry, endpoint, route_rate = self.registry.route(name, version, headers, req.parameters)
+            if route_rate is not None:
+                log_rate = route_rate
             loaded = entry.loaded or await self.registry.acquire(entry)
             inputs = loaded.codec.decode_inputs(req, binary)
             if req.outputs:
@@ -169,7 +172,7 @@ class ServingApp:
                 outputs=outputs, latency_ms=elapsed * 1000, headers=headers, params=params,
                 entity=str(params["entity_id"]) if "entity_id" in params else None))
         # A shadowed request's primary output is published in its ShadowPrediction: not logged twice.
-        if self.log_rate and not shadowed and random.random() < self.log_rate:
+        if log_rate and not shadowed and random.random() < log_rate:
             self.telemetry.offer(PredictionLog(
                 request_id=request_id or uuid.uuid4().hex, model=entry.name, version=entry.version,
                 endpoint=endpoint, node=self.node, inputs=tensors_to_log(inputs), outputs=tensors_to_log(outputs),

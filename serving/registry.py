@@ -276,21 +276,27 @@ class Registry:
     def resolve(self, name: str, version: str | None, headers: Sequence[tuple[bytes, bytes]] = (),
                 parameters: Mapping[str, Any] | None = None) -> tuple[ModelEntry, str]:
         """The entry that answers `name[/versions/version]`, and the endpoint it was routed through ("")."""
+        entry, endpoint, _rate = self.route(name, version, headers, parameters)
+        return entry, endpoint
+
+    def route(self, name: str, version: str | None, headers: Sequence[tuple[bytes, bytes]] = (),
+              parameters: Mapping[str, Any] | None = None) -> tuple[ModelEntry, str, float | None]:
+        """`resolve`, plus the prediction-log rate of the route taken (None: the node's default)."""
         if version is None:
             policy = self.policies.get(name)
             if policy is not None:
                 route = policy.pick(_sticky(policy.sticky_key, headers, parameters), random.random())
-                return self._routed(name, route), name
+                return self._routed(name, route), name, route.log_rate
             versions = self.by_name.get(name)
             if not versions:
                 raise ModelNotFound(f"no model or endpoint {name!r} on this node")
-            return _newest(versions), ""
+            return _newest(versions), "", None
         entry = self.entries.get(f"{name}:{version}")
         if entry is None:
             known = ", ".join(e.version for e in self.by_name.get(name, ()))
             raise ModelNotFound(f"model {name!r} has no version {version!r} on this node"
                                 + (f" (versions: {known})" if known else ""))
-        return entry, ""
+        return entry, "", None
 
     def _routed(self, endpoint: str, route: Route) -> ModelEntry:
         entry = self.entries.get(f"{route.model}:{route.version}")

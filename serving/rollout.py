@@ -82,7 +82,7 @@ def parse_steps(text: str) -> list[float]:
 
 
 def make_plan(name: str = "standard", *, steps: Sequence[float] | None = None, interval_s: float | None = None,
-              **thresholds: Any) -> RolloutPlan:
+              log_rate: float | None = None, **thresholds: Any) -> RolloutPlan:
     """A named plan with overrides; raises RolloutError when the result is not a valid plan."""
     if name not in PLANS:
         raise RolloutError(f"unknown plan {name!r}; plans: {', '.join(PLANS)}")
@@ -96,7 +96,8 @@ def make_plan(name: str = "standard", *, steps: Sequence[float] | None = None, i
             raise RolloutError(str(exc)) from None
     plan = msgspec.structs.replace(base, thresholds=t,
                                    steps=list(steps) if steps is not None else list(base.steps),
-                                   interval_s=base.interval_s if interval_s is None else interval_s)
+                                   interval_s=base.interval_s if interval_s is None else interval_s,
+                                   log_rate=base.log_rate if log_rate is None else log_rate)
     validate_plan(plan)
     return plan
 
@@ -114,6 +115,8 @@ def validate_plan(plan: RolloutPlan) -> None:
         raise RolloutError("a first step of 0 % only makes sense with analysis on shadow traffic (blue-green)")
     if not plan.interval_s > 0 or not math.isfinite(plan.interval_s):
         raise RolloutError(f"the interval must be positive: {plan.interval_s}")
+    if not 0.0 <= plan.log_rate <= 1.0:
+        raise RolloutError(f"the log rate is a share of requests, 0..1: {plan.log_rate}")
 
 
 # --- state --------------------------------------------------------------------------------------
@@ -294,7 +297,9 @@ def due(rollout: Rollout, now: float) -> bool:
 
 
 def on_analysis(rollout: Rollout, analysis: Analysis, now: float) -> list[RolloutStep]:
-    """The facts that follow one analysis of the current step's window."""
+    """The facts that follow one analysis of the current step's window (none once the rollout ended)."""
+    if rollout.phase is not Phase.RUNNING:
+        return []  # an analysis that finished after a pause, abort or the last step decides nothing
     ids = dict(endpoint=rollout.endpoint, rollout_id=rollout.rollout_id, canary=rollout.canary,
                baseline=rollout.baseline, at=now)
     evidence = analysis.evidence()
@@ -333,11 +338,13 @@ def weighted_routes(rollout: Rollout) -> list[Route]:
         return list(rollout.baseline_routes)
     w = rollout.weight
     total = sum(r.weight for r in rollout.baseline_routes) or 1.0
-    routes = [Route(model=r.model, version=r.version, weight=round(r.weight / total * (100.0 - w), 6))
-              for r in rollout.baseline_routes]
+    # While it runs, both arms log at the plan's rate: the divergence checks compare their outputs.
+    rate = rollout.plan.log_rate
+    routes = [Route(model=r.model, version=r.version, log_rate=rate,
+                    weight=round(r.weight / total * (100.0 - w), 6)) for r in rollout.baseline_routes]
     if w > 0:
         name, version = split_ref(rollout.canary)
-        routes.insert(0, Route(model=name, version=version, weight=w))
+        routes.insert(0, Route(model=name, version=version, weight=w, log_rate=rate))
     return [r for r in routes if r.weight > 0]
 
 
@@ -363,8 +370,8 @@ def same_traffic(a: TrafficPolicy | None, b: TrafficPolicy) -> bool:
     """Equal routes and shadows (revision, reason and time aside): nothing to republish."""
     if a is None or a.deleted:
         return False
-    return (sorted((key_of(r), round(r.weight, 4)) for r in a.routes)
-            == sorted((key_of(r), round(r.weight, 4)) for r in b.routes)
+    return (sorted((key_of(r), round(r.weight, 4), r.log_rate or 0.0) for r in a.routes)
+            == sorted((key_of(r), round(r.weight, 4), r.log_rate or 0.0) for r in b.routes)
             and a.shadows == b.shadows and a.sticky_key == b.sticky_key)
 
 
@@ -399,13 +406,3 @@ def summary(rollout: Rollout) -> dict[str, Any]:
             t["worst_latency_p99_ms"] = worst_p99[arm]
     return {"canary": rollout.canary, "baseline": rollout.baseline, "plan": rollout.plan.name,
             "started_at": rollout.started_at, "steps": steps, "totals": totals}
-
-
-# --- service ------------------------------------------------------------------------------------
-
-
-async def run_controller(settings: Settings, *, stop: asyncio.Event, ready: asyncio.Event) -> None:
-    """The rollout controller service (see `rollout_service`); `modelcd up` starts it."""
-    from .rollout_service import run_controller as run
-
-    await run(settings, stop=stop, ready=ready)

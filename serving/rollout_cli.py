@@ -64,6 +64,8 @@ def register(sub: Any) -> None:
     s.add_argument("--max-p99-ms", type=float, dest="max_latency_p99_ms", help="fail above this p99 latency")
     s.add_argument("--min-agreement", type=float, help="classifiers: fail below this paired agreement (0..1)")
     s.add_argument("--output", help="the model output to compare (default: the first)")
+    s.add_argument("--log-rate", type=float, help="share of canary and baseline requests logged for the analysis "
+                                                  "while the rollout runs (default 0.1)")
     _wait_arg(s)
     s.set_defaults(func=cmd_rollout_start)
     s = rsub.add_parser("status", help="current step, the last analysis and the history of ENDPOINT's rollout")
@@ -73,12 +75,27 @@ def register(sub: Any) -> None:
     for action, text in [("pause", "stop advancing (the current weights stay)"),
                          ("resume", "advance again (the step's interval restarts)"),
                          ("abort", "restore the traffic as it was before the rollout"),
-                         ("promote", "skip the remaining analysis: the canary takes 100 % now")]:
+                         ("promote", "skip the remaining analysis: the canary takes 100%% now")]:
         s = rsub.add_parser(action, help=text)
         s.add_argument("endpoint")
         s.add_argument("--reason", default="")
         _wait_arg(s)
         s.set_defaults(func=cmd_rollout_command, action=action)
+    s = rsub.add_parser("controller", help="run the rollout controller (`modelcd up` runs one)",
+                        description="Advance rollouts, analyse canaries and roll back; its state lives on the "
+                                    "traffic topic, so a restarted controller resumes every rollout at its step. "
+                                    "Run one per cluster.")
+    s.set_defaults(func=cmd_rollout_controller)
+
+
+def cmd_rollout_controller(args: argparse.Namespace, settings: Settings) -> int:
+    from .rollout_service import run_controller
+
+    async def run(stop: asyncio.Event) -> int:
+        await run_controller(settings, stop=stop, ready=asyncio.Event())
+        return 0
+
+    return run_main(run)
 
 
 def _wait_arg(p: argparse.ArgumentParser) -> None:
@@ -228,7 +245,7 @@ def cmd_rollout_start(args: argparse.Namespace, settings: Settings) -> int:
         split_ref(args.to)
         plan = make_plan(args.plan, steps=parse_steps(args.steps) if args.steps else None,
                          interval_s=parse_duration(args.interval) if args.interval else None,
-                         max_error_rate=args.max_error_rate, max_latency_p50_ms=args.max_latency_p50_ms,
+                         log_rate=args.log_rate, max_error_rate=args.max_error_rate, max_latency_p50_ms=args.max_latency_p50_ms,
                          max_latency_p99_ms=args.max_latency_p99_ms, min_agreement=args.min_agreement,
                          output=args.output)
     except RolloutError as exc:

@@ -16,7 +16,7 @@ from modelcd.events.broker import EmbeddedBroker, free_port
 from modelcd.events.schemas import ModelState
 from modelcd.events.topics import TOPICS
 
-MODELCD = [sys.executable, "-m", "modelcd.cli"]
+MODELCD = [sys.executable, "-m", "modelcd"]
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -92,7 +92,7 @@ def test_gc_command_dry_run_then_real(tmp_path: Path) -> None:
     env.update(MODELCD_STORE_URL=str(tmp_path / "store"), MODELCD_HOME=str(tmp_path), MODELCD_LOG_LEVEL="warning")
 
     def gc(*args: str) -> str:
-        return subprocess.run([sys.executable, "-m", "modelcd.cli", "gc", *args], env=env, capture_output=True,
+        return subprocess.run([sys.executable, "-m", "modelcd", "gc", *args], env=env, capture_output=True,
                               text=True, check=True, timeout=60).stdout
 
     out = gc("--dry-run")

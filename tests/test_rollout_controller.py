@@ -190,7 +190,7 @@ async def test_blue_green_judges_shadow_traffic_then_switches(broker: EmbeddedBr
         await start_rollout(cfg, plan)
         await wait_for(lambda: bool(sink.policies), "the first policy is written")
         first = sink.policies[-1]
-        assert first.routes == [Route(model="iris", version="1", weight=100.0)]
+        assert first.routes == [Route(model="iris", version="1", weight=100.0, log_rate=plan.log_rate)]
         assert [(x.primary, x.shadow) for x in first.shadows] == [("iris:1", "iris:2")]
         task = asyncio.create_task(shadow_traffic(pub))
         try:
@@ -273,7 +273,7 @@ async def start_rollout_cli(env: dict[str, str], to: str) -> None:
 
 async def cli(env: dict[str, str], *args: str) -> str:
     """Run `modelcd ARGS` in a subprocess; its stdout, after checking it exited 0."""
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "modelcd.cli", *args, env=env,
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "modelcd", *args, env=env,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), WAIT)
     assert proc.returncode == 0, (args, err.decode())

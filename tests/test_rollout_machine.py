@@ -174,3 +174,25 @@ def test_blue_green_shadows_first_then_switches() -> None:
     step(r, Verdict.PROMOTE, 1010.0)
     done = policy_for(r, p)
     assert r.phase is Phase.COMPLETED and done.shadows == [] and done.routes[0].weight == 100.0
+
+
+def test_both_arms_log_at_the_plan_rate_while_running_and_stop_after() -> None:
+    """The divergence checks need prediction logs: a running rollout raises both arms' log rate, the end restores it."""
+    r, _ = started("fast", interval_s=10.0, log_rate=0.25)
+    running = policy_for(r, POLICY)
+    assert {(x.model, x.version): x.log_rate for x in running.routes} == {("iris", "2"): 0.25, ("iris", "1"): 0.25}
+    step(r, Verdict.PROMOTE, 1010.0)  # 10 % -> 100 %: the last step completes the rollout
+    assert step(r, Verdict.PROMOTE, 1020.0) == []  # a late analysis decides nothing
+    done = policy_for(r, running)
+    assert r.phase is Phase.COMPLETED and [x.log_rate for x in done.routes] == [None]
+    # same weights, different log rate: still a change to publish
+    assert not same_traffic(running, TrafficPolicy(endpoint="iris", routes=[
+        msgspec_replace(x, log_rate=None) for x in running.routes], sticky_key=running.sticky_key))
+    with pytest.raises(RolloutError, match="log rate"):
+        make_plan("fast", log_rate=1.5)
+
+
+def msgspec_replace(route: Route, **kw: object) -> Route:
+    import msgspec
+
+    return msgspec.structs.replace(route, **kw)

@@ -21,6 +21,9 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
     model: str
     version: str
     weight: float  # share in percent; the routes of a policy add up to 100
+    # Share of this route's requests logged to modelcd.predictions; None: the node's default
+    # (MODELCD_PREDICTION_LOG_RATE). A rollout raises it so its analysis has samples to compare.
+    log_rate: float | None = None
 
 
 class Criterion(msgspec.Struct, frozen=True, kw_only=True):
@@ -85,6 +88,7 @@ class RolloutPlan(msgspec.Struct, frozen=True, kw_only=True):
     interval_s: float = 600.0
     shadow_first: bool = False  # blue-green: the canary shadows the baseline (weight 0) until analysed
     thresholds: AnalysisThresholds = AnalysisThresholds()
+    log_rate: float = 0.1  # share of canary and baseline requests logged while the rollout runs
 
 
 class RolloutStep(Event, frozen=True, kw_only=True, tag="modelcd.rollout.step.v1"):

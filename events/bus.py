@@ -257,6 +257,14 @@ class Consumer:
         bound.error("giving up on event after retries", event_id=env.id, event_type=env.type)
 
 
+async def partitions_of(consumer: AIOKafkaConsumer, names: Iterable[str]) -> list[TopicPartition]:
+    """Every partition of `names`, sorted, refreshing metadata once for topics the client has not seen."""
+    names = list(names)
+    if any(consumer.partitions_for_topic(n) is None for n in names):
+        await consumer._client.force_metadata_update()  # noqa: SLF001 - aiokafka has no public refresh
+    return [TopicPartition(n, p) for n in names for p in sorted(consumer.partitions_for_topic(n) or ())]
+
+
 async def read_topic(cfg: KafkaConfig, topic: str, *, topic_prefix: str = "",
                      since: float | None = None) -> list[tuple[Event, Envelope, Any]]:
     """Every decodable event of `topic` from the beginning up to its current end.
@@ -276,11 +284,7 @@ async def read_topic(cfg: KafkaConfig, topic: str, *, topic_prefix: str = "",
         raise
     out: list[tuple[Event, Envelope, Any]] = []
     try:
-        parts = consumer.partitions_for_topic(name)
-        if parts is None:
-            await consumer._client.force_metadata_update()  # noqa: SLF001 - no public refresh
-            parts = consumer.partitions_for_topic(name) or set()
-        tps = [TopicPartition(name, p) for p in sorted(parts)]
+        tps = await partitions_of(consumer, [name])
         if not tps:
             return out
         consumer.assign(tps)

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
-from modelcd.events.bus import KafkaConfig
+from modelcd.events.bus import KafkaConfig, partitions_of
 from modelcd.events.codec import DecodeError, decode
 from modelcd.events.schemas import (
     DeploymentCompleted, DeploymentFailed, DeploymentProgress, Event, NodeStatus,
@@ -196,13 +196,7 @@ async def run_tracker(cfg: KafkaConfig, view: TrackingView, *, ready: asyncio.Ev
                                 group_id=None, enable_auto_commit=False, auto_offset_reset="earliest")
     await consumer.start()
     try:
-        tps: list[TopicPartition] = []
-        for name in topics:
-            parts = consumer.partitions_for_topic(name)
-            if parts is None:
-                await consumer._client.force_metadata_update()  # noqa: SLF001 - no public refresh
-                parts = consumer.partitions_for_topic(name) or set()
-            tps.extend(TopicPartition(name, p) for p in sorted(parts))
+        tps = await partitions_of(consumer, topics)
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps) if tps else {}

@@ -27,10 +27,10 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import uvicorn
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from modelcd.events import topics
-from modelcd.events.bus import KafkaConfig, Publisher, ensure_topics
+from modelcd.events.bus import KafkaConfig, Publisher, ensure_topics, partitions_of
 from modelcd.events.codec import DecodeError, decode
 from modelcd.events.schemas import ModelState, NodeStatus, TrafficPolicy
 from modelcd.ingest.store import Store, open_store
@@ -167,8 +167,7 @@ class ServingNode:
                                     group_id=None, enable_auto_commit=False, auto_offset_reset="earliest")
         await consumer.start()
         try:
-            await consumer._client.force_metadata_update()  # noqa: SLF001 - no public refresh
-            tps = [TopicPartition(t, p) for t in STATE_TOPICS for p in sorted(consumer.partitions_for_topic(t) or ())]
+            tps = await partitions_of(consumer, STATE_TOPICS)
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             ends = await consumer.end_offsets(tps)

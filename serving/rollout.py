@@ -24,7 +24,6 @@ Transitions (phase after the fact):
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
 from collections.abc import Sequence
@@ -41,7 +40,7 @@ from modelcd.events.schemas import (
 from .analysis import Analysis, Verdict
 
 if TYPE_CHECKING:
-    from modelcd.settings import Settings
+    pass
 
 
 class RolloutError(ValueError):

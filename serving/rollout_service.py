@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from modelcd.events.bus import KafkaConfig, Publisher, read_topic
+from modelcd.events.bus import KafkaConfig, Publisher, partitions_of, read_topic
 from modelcd.events.codec import DecodeError, decode
 from modelcd.events.schemas import (
     Event, PredictionLog, RolloutStep, ShadowPrediction, TrafficPolicy, UsageReport, new_id,
@@ -227,14 +227,7 @@ class RolloutController:
         return positions
 
     async def _assign(self, consumer: AIOKafkaConsumer, positions: dict[TopicPartition, int]) -> None:
-        tps: list[TopicPartition] = []
-        for topic in (TRAFFIC, *EVIDENCE_TOPICS):
-            name = self._prefix + topic
-            parts = consumer.partitions_for_topic(name)
-            if parts is None:
-                await consumer._client.force_metadata_update()  # noqa: SLF001 - no public refresh
-                parts = consumer.partitions_for_topic(name) or set()
-            tps.extend(TopicPartition(name, p) for p in sorted(parts))
+        tps = await partitions_of(consumer, [self._prefix + t for t in (TRAFFIC, *EVIDENCE_TOPICS)])
         consumer.assign(tps)
         windows = [r.window_start for r in self.rollouts.values() if r.active]
         to_end: list[TopicPartition] = []

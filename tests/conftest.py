@@ -1,1 +1,1 @@
-pytest_plugins = ["tests._broker", "tests._s3"]
+pytest_plugins = ["tests._broker", "tests._s3", "tests._redis"]

@@ -14,7 +14,6 @@ from modelcd.events.schemas import ShadowRelation, TrafficPolicy
 from modelcd.shadow.executor import ExecutorConfig, PrimaryResult, ShadowExecutor
 from modelcd.shadow.features import FeatureFetcher, RedisFeatureStore
 from modelcd.shadow.pressure import PressureLimits
-from tests._redis import redis_url  # noqa: F401 - the fixture
 
 SIGNATURES = {("wide", "2"): ["age", "income", "tenure"], ("same", "2"): ["age", "income"]}
 
@@ -24,7 +23,7 @@ async def hmget_calls(client: Any) -> int:
     return int(stats.get("cmdstat_hmget", {}).get("calls", 0))
 
 
-async def test_shadow_fetches_only_missing_features(redis_url: str) -> None:  # noqa: F811
+async def test_shadow_fetches_only_missing_features(redis_url: str) -> None:
     """The shadow needing `tenure` gets it with one HMGET of just that name; a shadow needing nothing new makes none."""
     client = aioredis.Redis.from_url(redis_url)
     await client.hset("features:u1", mapping={"age": "41", "income": "52000.5", "tenure": "7", "city": "Lyon"})
@@ -62,7 +61,7 @@ async def test_shadow_fetches_only_missing_features(redis_url: str) -> None:  # 
     await client.aclose()
 
 
-async def test_missing_entity_and_unreachable_store(redis_url: str) -> None:  # noqa: F811
+async def test_missing_entity_and_unreachable_store(redis_url: str) -> None:
     """Absent features are left out; an unreachable store becomes the shadow's error, not an exception."""
     client = aioredis.Redis.from_url(redis_url)
     store = RedisFeatureStore(client)

@@ -141,7 +141,10 @@ class ServingNode:
     # ------------------------------------------------------------------ start
 
     def _bind(self) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # proto=IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only when the
+        # listening socket says TCP, and without it every keep-alive response waits ~40 ms on
+        # Nagle + delayed ACK (uvloop sets it regardless, the plain asyncio loop does not).
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((self.settings.serving_host, self.port))

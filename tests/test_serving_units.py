@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -159,3 +160,32 @@ async def test_telemetry_buffer_is_bounded_and_usage_aggregates() -> None:
     await t.drain(5.0)
     await asyncio.sleep(0)  # acknowledgements arrive as callbacks
     assert len(sink.sent) == 3 and t.stats.published == 3
+
+
+async def test_accepted_connections_have_nodelay(tmp_path: Path) -> None:
+    """Keep-alive responses must not wait on Nagle + delayed ACK (~40 ms each) on the plain asyncio loop."""
+    import socket
+
+    from modelcd.serving.node import ServingNode
+    from tests._serving import node_settings
+
+    node = ServingNode(node_settings(tmp_path, "127.0.0.1:1"), port=0, node_id="n")
+    sock = node._bind()
+    accepted: list[int] = []  # TCP_NODELAY of each connection the server accepted
+
+    def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        writer.close()
+
+    server = await asyncio.start_server(on_connect, sock=sock)
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", node.port)
+        for _ in range(100):
+            if accepted:
+                break
+            await asyncio.sleep(0.01)
+        assert accepted and accepted[0] != 0
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()

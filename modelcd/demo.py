@@ -1,6 +1,6 @@
 """`modelcd demo`: packages to try the system with, trained on scikit-learn's bundled datasets.
 
-Nothing is downloaded: iris, wine and diabetes ship inside scikit-learn. Two iris versions
+Nothing is downloaded: iris, wine, breast cancer and diabetes ship inside scikit-learn. Two iris versions
 (different algorithms, so a shadow or a canary disagrees a little) and one regressor give the
 README's walkthrough something real to deploy, shadow, roll out and retire.
 """
@@ -28,6 +28,7 @@ DEMO_MODELS = (
     DemoModel("iris", "1", "iris", "logistic", "iris species, logistic regression"),
     DemoModel("iris", "2", "iris", "forest", "iris species, random forest (the canary / shadow of iris:1)"),
     DemoModel("wine", "1", "wine", "forest", "wine cultivar, random forest"),
+    DemoModel("breast-cancer", "1", "breast_cancer", "logistic", "malignant or benign tumour, logistic regression"),
     DemoModel("diabetes", "1", "diabetes", "ridge", "diabetes progression, ridge regression"),
 )
 
@@ -42,6 +43,7 @@ def train(model: DemoModel) -> tuple[Any, Any]:
     from sklearn.preprocessing import StandardScaler
 
     x, y = {"iris": datasets.load_iris, "wine": datasets.load_wine,
+            "breast_cancer": datasets.load_breast_cancer,
             "diabetes": datasets.load_diabetes}[model.dataset](return_X_y=True)
     x = np.asarray(x, dtype=np.float64)
     estimator = {
@@ -73,7 +75,7 @@ def build_demo(out: Path, *, owner: str = "demo", expiry: str = "30d") -> list[P
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("demo", help="build example packages (iris, wine, diabetes) to try modelcd with",
+    p = sub.add_parser("demo", help="build example packages (iris, wine, breast cancer, diabetes) to try modelcd with",
                        description="Train small scikit-learn models on the datasets bundled with scikit-learn and "
                                    "write one package per model; nothing is downloaded.")
     p.add_argument("--out", type=Path, default=Path("demo-packages"), help="directory (default: ./demo-packages)")

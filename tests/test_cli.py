@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient
 
@@ -93,3 +94,20 @@ async def test_replay_state_prints_last_write_per_key(broker: EmbeddedBroker) ->
     assert proc.returncode == 0, err
     lines = out.decode().splitlines()
     assert len(lines) == 1 and '"target":"retired"' in lines[0]
+
+
+def test_demo_builds_packages_that_read_back(tmp_path: Path) -> None:
+    """`modelcd demo` writes one valid package per demo model, each verified on its own samples."""
+    from modelcd.demo import DEMO_MODELS
+    from modelcd.ingest.package import read_package
+
+    proc = subprocess.run([*MODELCD, "demo", "--out", str(tmp_path / "pk"), "--expiry", "2h"], capture_output=True,
+                          text=True, env=clean_env())
+    assert proc.returncode == 0, proc.stderr
+    archives = sorted((tmp_path / "pk").glob("*.tar"))
+    assert [a.name for a in archives] == sorted(f"{m.name}-{m.version}.tar" for m in DEMO_MODELS)
+    for archive in archives:
+        pkg = read_package(archive.read_bytes())
+        assert f"{pkg.manifest.name}-{pkg.manifest.version}.tar" == archive.name
+        assert pkg.manifest.owner == "demo" and pkg.manifest.expiry_seconds == 7200
+    assert not list((tmp_path / "pk").glob("*.part"))

@@ -261,6 +261,8 @@ class RetirementProcessor:
         await ensure_topics(self.cfg, [T.USAGE, T.MODEL_STATE, T.TRAFFIC, T.RETIREMENT, T.DEPLOY_REQUESTS])
         await self.publisher.start()
         self._tasks.append(asyncio.create_task(self.notices.run(), name="retirement-notify"))
+        # faust creates only the last level of its datadir: a fresh MODELCD_HOME would crash the worker.
+        self.settings.home.joinpath("retirement").mkdir(parents=True, exist_ok=True)
         await self.app.start()
         stopped = asyncio.ensure_future(self.app.wait_until_stopped())
         ready = asyncio.ensure_future(self._ready.wait())

@@ -274,7 +274,9 @@ class ShadowExecutor:
             return
         if tr.state is State.PAUSED:
             shed = self._shed()
-            log.warning("shadowing paused", reason=tr.reason, queue=tr.queue, loop_lag_ms=round(tr.lag_ms, 1),
+            # A warning only where there is shadow work to lose; without relations it is a fact for the metrics.
+            emit = log.warning if self.rules else log.info
+            emit("shadowing paused", reason=tr.reason, queue=tr.queue, loop_lag_ms=round(tr.lag_ms, 1),
                         primary_p99_ms=tr.p99_ms, loop_busy=tr.busy, shed=shed, pauses=self.pressure.pauses)
         else:
             log.info("shadowing resumed", reason=tr.reason, queue=tr.queue, loop_lag_ms=round(tr.lag_ms, 1),

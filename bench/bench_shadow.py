@@ -13,9 +13,10 @@ capacity (default 50 %), in rounds that alternate "no shadow" and "100 % shadow"
 node applied it), so drift on a shared machine hits both modes alike. Per mode: the median over
 rounds of each phase's achieved throughput and client-side p50 / p99.
 
-Pause load: with the 100 % shadow, closed-loop concurrency doubles from 1 until the node's
-`modelcd_shadow_pauses_total` moves (or the ramp ends); we report the concurrency, the node's
-throughput there, and the shadow jobs dropped.
+Pause load: with the 100 % shadow, closed-loop concurrency doubles (hey, a Go load generator,
+from 4; httpx from 1 if hey is absent) until the node's `modelcd_shadow_pauses_total` moves (or
+the ramp ends); we report the concurrency, the node's throughput there, the shadow jobs dropped,
+and whether shadowing resumed by itself once the load fell.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import asyncio
 import datetime
 import os
 import platform
+import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,6 +45,7 @@ from modelcd.events.broker import EmbeddedBroker, free_port  # noqa: E402
 from modelcd.events.bus import Publisher  # noqa: E402
 from modelcd.events.schemas import Route, ShadowRelation, TrafficPolicy  # noqa: E402
 from modelcd.ingest.store import open_store  # noqa: E402
+from bench.bench_serving import hey  # noqa: E402
 from tests._serving import deploy, infer_body, iris_package, set_traffic  # noqa: E402
 
 BODY = infer_body([[5.1, 3.5, 1.4, 0.2]])
@@ -155,41 +159,74 @@ async def run(args: argparse.Namespace) -> str:
                     raise RuntimeError(f"node not ready; see {log_path}")
                 revision = 1
                 await apply_policy(store, pub, client, False, revision)
+                use_hey = shutil.which("hey") is not None
+                body_file = tmp / "body.json"
+                body_file.write_text(json.dumps(BODY))
+                url = f"http://127.0.0.1:{port}/v2/models/iris/infer"
+
+                async def drive(concurrency: int, rate: float = 0.0) -> tuple[float, float, float, int]:
+                    """(req/s, p50 ms, p99 ms, failed): hey if present (a Go client does not saturate first)."""
+                    if use_hey:
+                        h = await asyncio.to_thread(hey, url, body_file, duration=args.seconds,
+                                                    concurrency=concurrency, rate_per_worker=rate / concurrency)
+                        bad = h["errors"] + sum(n for code, n in h["codes"].items() if code != 200)
+                        return h["rps"], h["p50"], h["p99"], bad
+                    if rate:
+                        ok, failed, lat, elapsed = await paced(client, rate, args.seconds)
+                    else:
+                        ok, failed, lat, elapsed = await load(client, concurrency, args.seconds)
+                    return ok / elapsed, pct(lat, 50), pct(lat, 99), failed
+
                 await load(client, args.concurrency, 1.0)  # warm-up
-                ok, failed, _lat, elapsed = await load(client, args.concurrency, args.seconds)
-                capacity = ok / elapsed
+                capacity, _p50, _p99, failures = await drive(args.concurrency)
                 rate = args.load * capacity
                 results: dict[bool, list[tuple[float, float, float]]] = {False: [], True: []}
-                failures = failed
+                comparison_pauses = 0
                 for _ in range(args.rounds):
                     for shadow in (False, True):
                         revision += 1
                         await apply_policy(store, pub, client, shadow, revision)
-                        ok, failed, lat, elapsed = await paced(client, rate, args.seconds)
+                        pauses0 = await metric(client, "modelcd_shadow_pauses_total")
+                        rps, p50, p99, failed = await drive(args.concurrency, rate)
+                        comparison_pauses += int(await metric(client, "modelcd_shadow_pauses_total") - pauses0)
                         failures += failed
-                        results[shadow].append((ok / elapsed, pct(lat, 50), pct(lat, 99)))
+                        results[shadow].append((rps, p50, p99))
                 completed = await metric(client, "modelcd_shadow_completed_total")
 
+                # Pause load: offered load rises step by step (a fixed rate per step) until the node pauses.
                 pause_at = None
                 ramp = []
+                resumed = None
                 revision += 1
                 await apply_policy(store, pub, client, True, revision)
-                c = 1
-                while c <= args.max_concurrency:
+                steps = [capacity * f for f in (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)] + [0.0]  # 0: unlimited
+                for offered in steps:
                     pauses0 = await metric(client, "modelcd_shadow_pauses_total")
                     dropped0 = await metric(client, "modelcd_shadow_dropped_paused_total") + await metric(
                         client, "modelcd_shadow_dropped_full_total")
-                    ok, failed, lat, elapsed = await load(client, c, args.seconds)
+                    completed0 = await metric(client, "modelcd_shadow_completed_total")
+                    rps, _p50, p99, failed = await drive(args.concurrency, offered)
                     failures += failed
                     busy = await metric(client, "modelcd_shadow_loop_busy")
                     pauses = await metric(client, "modelcd_shadow_pauses_total") - pauses0
                     dropped = await metric(client, "modelcd_shadow_dropped_paused_total") + await metric(
                         client, "modelcd_shadow_dropped_full_total") - dropped0
-                    ramp.append((c, ok / elapsed, pct(lat, 99), busy, int(pauses), int(dropped)))
+                    done = await metric(client, "modelcd_shadow_completed_total") - completed0
+                    ramp.append((offered, rps, p99, busy, int(pauses), int(dropped), int(done)))
                     if pauses > 0:
-                        pause_at = c
+                        pause_at = offered
                         break
-                    c *= 2
+                if pause_at is not None:
+                    # Load falls: shadowing must resume by itself (hysteresis), and shadow work complete again.
+                    deadline = time.monotonic() + 30
+                    while time.monotonic() < deadline:
+                        await client.post("/v2/models/iris/infer", json=BODY)
+                        if await metric(client, "modelcd_shadow_paused") == 0:
+                            before = await metric(client, "modelcd_shadow_completed_total")
+                            await load(client, 1, 1.0)
+                            resumed = await metric(client, "modelcd_shadow_completed_total") - before
+                            break
+                        await asyncio.sleep(0.2)
     finally:
         if node is not None:
             node.terminate()
@@ -198,8 +235,12 @@ async def run(args: argparse.Namespace) -> str:
             except subprocess.TimeoutExpired:
                 node.kill()
         await broker.stop()
-    paused_lines = sum(1 for line in (tmp / "node.log").read_text(errors="replace").splitlines()
-                       if "shadowing paused" in line)
+    node_log = (tmp / "node.log").read_text(errors="replace").splitlines()
+    paused_lines = sum(1 for line in node_log if "shadowing paused" in line)
+    reasons = ", ".join(sorted({m.group(1) for line in node_log if "shadowing paused" in line
+                                for m in [re.search(r'"reason": ?"([^"]+)"', line)] if m}))
+
+    client_name = "hey" if use_hey else "httpx"
 
     def med(shadow: bool, i: int) -> float:
         return statistics.median(r[i] for r in results[shadow])
@@ -212,13 +253,14 @@ async def run(args: argparse.Namespace) -> str:
         "## shadow: primary latency and throughput, no shadow vs one 100 % shadow (bench/bench_shadow.py)",
         "",
         f"{today}, CPython {platform.python_version()}, {platform.machine()}, 2 shared cores; embedded Tansu broker; "
-        f"node in its own process, httpx client in another; iris decision trees (primary depth 3, shadow depth 2).",
+        f"node in its own process, load from {client_name} in another; iris decision trees (primary depth 3, "
+        "shadow depth 2).",
         f"Command: `python bench/bench_shadow.py --append --seconds {args.seconds:g} --rounds {args.rounds} "
         f"--concurrency {args.concurrency} --load {args.load:g}`",
         "",
-        f"Capacity without shadow (closed loop, {args.concurrency} workers): {capacity:,.0f} req/s. Comparison "
-        f"open-loop at {rate:,.0f} req/s ({args.load:.0%} of it), alternating {args.seconds:g}-s phases, "
-        f"median of {args.rounds} rounds:",
+        f"Capacity without shadow (closed loop, {args.concurrency} connections): {capacity:,.0f} req/s. Comparison "
+        f"at a fixed offered {rate:,.0f} req/s ({args.load:.0%} of it), alternating {args.seconds:g}-s phases, "
+        f"median of {args.rounds} rounds (pauses during the shadow phases: {comparison_pauses}):",
         "",
         "| mode | throughput (req/s) | p50 (ms) | p99 (ms) |",
         "| --- | --- | --- | --- |",
@@ -230,13 +272,20 @@ async def run(args: argparse.Namespace) -> str:
         f"Failed primary requests over the whole run: {failures}. Shadow predictions completed in the comparison "
         f"phases: {int(completed)}.",
         "",
-        "Pause ramp (100 % shadow, closed loop, default thresholds: queue 800, loop lag 100 ms, loop busy 90 %):",
+        f"Pause ramp (100 % shadow, {args.concurrency} connections of {client_name}, offered load rising "
+        f"{args.seconds:g} s a step; default thresholds: queue 800, loop lag 100 ms, loop busy 90 %):",
         "",
-        "| concurrency | throughput (req/s) | p99 (ms) | node loop busy at the end | pauses | shadow jobs dropped |",
-        "| --- | --- | --- | --- | --- | --- |",
-        *[f"| {c} | {rps:,.0f} | {p99:.2f} | {b:.0%} | {p} | {d} |" for c, rps, p99, b, p, d in ramp],
+        "| offered (req/s) | served (req/s) | p99 (ms) | node loop busy at the end | pauses | shadow jobs dropped "
+        "| shadow predictions done |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        *[f"| {f'{o:,.0f}' if o else 'unlimited'} | {rps:,.0f} | {p99:.2f} | {b:.0%} | {p} | {d} | {n} |"
+          for o, rps, p99, b, p, d, n in ramp],
         "",
-        (f"Shadowing paused at concurrency {pause_at} ({paused_lines} 'shadowing paused' log lines)."
+        (f"Shadowing paused at an offered {f'{pause_at:,.0f} req/s' if pause_at else 'unlimited load'} "
+         f"(served {ramp[-1][1]:,.0f} req/s, {ramp[-1][1] / capacity:.0%} of the no-shadow capacity) ({paused_lines} 'shadowing paused' "
+         f"log lines; reasons: {reasons or '-'}); primary requests failed over the whole run: {failures}. "
+         + (f"Once the load fell, shadowing resumed by itself and completed {int(resumed)} shadow predictions "
+            "in the next second." if resumed is not None else "It had not resumed 30 s after the load fell.")
          if pause_at else f"Shadowing did not pause up to concurrency {ramp[-1][0] if ramp else '-'}: this client (one "
                           f"Python process) saturates before the node, whose loop stayed at most "
                           f"{max((r[3] for r in ramp), default=0):.0%} busy, with no shadow job queued or dropped."),
@@ -251,7 +300,6 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--load", type=float, default=0.5, help="comparison load, as a share of the measured capacity")
-    ap.add_argument("--max-concurrency", type=int, default=64)
     args = ap.parse_args()
     try:
         import uvloop

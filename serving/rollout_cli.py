@@ -18,13 +18,17 @@ from typing import Any
 import msgspec
 
 from modelcd.cli import CliError
-from modelcd.events.bus import KafkaConfig, Publisher, read_topic
-from modelcd.events.schemas import Route, RolloutStep, TrafficPolicy, new_id
-from modelcd.events.topics import TRAFFIC
+from modelcd.events.bus import KafkaConfig, Publisher
+from modelcd.events.schemas import Route, RolloutStep, TrafficPolicy
 from modelcd.runner import run_main
 from modelcd.settings import Settings
 
-from .rollout import PLANS, Rollout, RolloutError, apply, make_plan, parse_duration, parse_steps, split_ref, summary
+from .rollout import PLANS, Rollout, RolloutError, make_plan, parse_duration, parse_steps, split_ref, summary
+from .traffic_ops import (
+    EndpointView, TrafficError, check_routes, control_command, load_view, set_policy, start_command, status_dict,
+)
+
+__all__ = ["EndpointView", "load_view", "register"]
 
 SOURCE = "cli"
 
@@ -118,28 +122,6 @@ def _duration(seconds: float) -> str:
 # --- reading the topic ----------------------------------------------------------------------------
 
 
-class EndpointView:
-    """What the traffic topic says about one endpoint."""
-
-    def __init__(self, endpoint: str, events: list[Any]) -> None:
-        self.endpoint = endpoint
-        self.policy: TrafficPolicy | None = None
-        self.rollout: Rollout | None = None
-        self.steps: list[RolloutStep] = []
-        for event in events:
-            if getattr(event, "endpoint", None) != endpoint:
-                continue
-            if isinstance(event, TrafficPolicy):
-                self.policy = event
-            elif isinstance(event, RolloutStep):
-                self.steps.append(event)
-                self.rollout = apply(self.rollout, event)
-
-
-async def load_view(cfg: KafkaConfig, endpoint: str) -> EndpointView:
-    return EndpointView(endpoint, [e for e, _env, _r in await read_topic(cfg, TRAFFIC)])
-
-
 async def wait_for_answer(cfg: KafkaConfig, endpoint: str, command_id: str, timeout: float) -> list[RolloutStep]:
     """The controller's facts answering `command_id`, or [] after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -165,15 +147,11 @@ def parse_routes(items: list[str]) -> list[Route]:
             w = float(weight.rstrip("%"))
         except (RolloutError, ValueError):
             raise CliError(f"expected MODEL:VERSION=WEIGHT with a number, got {item!r}") from None
-        if w < 0:
-            raise CliError(f"weights cannot be negative: {item!r}")
         routes.append(Route(model=name, version=version, weight=w))
-    refs = [f"{r.model}:{r.version}" for r in routes]
-    if len(set(refs)) != len(refs):
-        raise CliError("each MODEL:VERSION may appear once")
-    total = sum(r.weight for r in routes)
-    if abs(total - 100.0) > 0.01:
-        raise CliError(f"weights add up to {total:g}, not 100")
+    try:
+        check_routes(routes)
+    except TrafficError as exc:
+        raise CliError(str(exc)) from None
     return routes
 
 
@@ -183,13 +161,10 @@ def cmd_traffic_set(args: argparse.Namespace, settings: Settings) -> int:
 
     async def run(stop: asyncio.Event) -> int:
         view = await load_view(cfg, args.endpoint)
-        if view.rollout is not None and view.rollout.active and not args.force:
-            raise CliError(f"rollout {view.rollout.rollout_id} drives {args.endpoint!r}: abort it first "
-                           f"(modelcd rollout abort {args.endpoint}) or pass --force")
-        old = view.policy
-        policy = TrafficPolicy(endpoint=args.endpoint, routes=routes, sticky_key=args.sticky_key or None,
-                               shadows=old.shadows if old else [], revision=(old.revision if old else 0) + 1,
-                               reason="set by operator")
+        try:
+            policy = set_policy(view, routes, sticky_key=args.sticky_key, force=args.force)
+        except TrafficError as exc:
+            raise CliError(f"{exc}" + (" (--force)" if exc.kind == "conflict" else "")) from None
         async with Publisher(cfg, SOURCE) as pub:
             await pub.publish(policy)
         await _write_store(settings, policy)
@@ -245,7 +220,8 @@ def cmd_rollout_start(args: argparse.Namespace, settings: Settings) -> int:
         split_ref(args.to)
         plan = make_plan(args.plan, steps=parse_steps(args.steps) if args.steps else None,
                          interval_s=parse_duration(args.interval) if args.interval else None,
-                         log_rate=args.log_rate, max_error_rate=args.max_error_rate, max_latency_p50_ms=args.max_latency_p50_ms,
+                         log_rate=args.log_rate, max_error_rate=args.max_error_rate,
+                         max_latency_p50_ms=args.max_latency_p50_ms,
                          max_latency_p99_ms=args.max_latency_p99_ms, min_agreement=args.min_agreement,
                          output=args.output)
     except RolloutError as exc:
@@ -254,14 +230,10 @@ def cmd_rollout_start(args: argparse.Namespace, settings: Settings) -> int:
 
     async def run(stop: asyncio.Event) -> int:
         view = await load_view(cfg, args.endpoint)
-        if view.rollout is not None and view.rollout.active:
-            raise CliError(f"{args.endpoint!r} already has rollout {view.rollout.rollout_id} "
-                           f"({view.rollout.phase}): abort it first")
-        if view.policy is None or not [r for r in view.policy.routes if r.weight > 0]:
-            raise CliError(f"{args.endpoint!r} has no traffic to roll out against: "
-                           f"modelcd traffic set {args.endpoint} MODEL:VERSION=100")
-        cmd = RolloutStep(endpoint=args.endpoint, rollout_id=new_id(), action="start", canary=args.to, plan=plan,
-                          command=True, command_id=new_id(), reason="started from the CLI")
+        try:
+            cmd = start_command(view, args.to, plan, reason="started from the CLI")
+        except TrafficError as exc:
+            raise CliError(str(exc)) from None
         return await _send(cfg, cmd, args.wait)
 
     return run_main(run)
@@ -272,11 +244,10 @@ def cmd_rollout_command(args: argparse.Namespace, settings: Settings) -> int:
 
     async def run(stop: asyncio.Event) -> int:
         view = await load_view(cfg, args.endpoint)
-        r = view.rollout
-        if r is None or not r.active:
-            raise CliError(f"{args.endpoint!r} has no rollout in progress")
-        cmd = RolloutStep(endpoint=args.endpoint, rollout_id=r.rollout_id, action=args.action, canary=r.canary,
-                          command=True, command_id=new_id(), reason=args.reason or f"{args.action} from the CLI")
+        try:
+            cmd = control_command(view, args.action, reason=args.reason or f"{args.action} from the CLI")
+        except TrafficError as exc:
+            raise CliError(str(exc)) from None
         return await _send(cfg, cmd, args.wait)
 
     return run_main(run)
@@ -312,16 +283,6 @@ def cmd_rollout_status(args: argparse.Namespace, settings: Settings) -> int:
         return 0
 
     return run_main(run)
-
-
-def status_dict(r: Rollout) -> dict[str, Any]:
-    return {
-        "endpoint": r.endpoint, "rollout_id": r.rollout_id, "phase": str(r.phase), "canary": r.canary,
-        "baseline": r.baseline, "step": r.step, "steps": r.plan.steps, "weight": r.weight,
-        "plan": msgspec.to_builtins(r.plan), "next_analysis_at": r.due_at, "last_analysis": r.last_evidence,
-        "history": [msgspec.to_builtins(s) for s in r.history],
-        "summary": summary(r),
-    }
 
 
 def render_step(s: RolloutStep) -> str:

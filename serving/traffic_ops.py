@@ -1,0 +1,123 @@
+"""Traffic and rollout operations shared by the CLI and the deployment API.
+
+Each function takes what the traffic topic says about an endpoint (an `EndpointView`) and the
+operator's request, checks it, and returns the event to publish; none does I/O, so the CLI
+(`modelcd traffic|rollout`) and the HTTP API (`/endpoints/...`) refuse the same things with the
+same reasons. `TrafficError.kind` says which HTTP status a refusal maps to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import msgspec
+
+from modelcd.events.bus import KafkaConfig, read_topic
+from modelcd.events.schemas import Route, RolloutPlan, RolloutStep, TrafficPolicy, new_id
+from modelcd.events.topics import TRAFFIC
+
+from .rollout import Rollout, RolloutError, apply, split_ref, summary
+
+Kind = Literal["invalid", "conflict", "not_found"]
+
+
+class TrafficError(ValueError):
+    def __init__(self, message: str, kind: Kind = "invalid") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class EndpointView:
+    """What the traffic topic says about one endpoint: its last policy and its rollout, if any."""
+
+    def __init__(self, endpoint: str, events: Iterable[Any]) -> None:
+        self.endpoint = endpoint
+        self.policy: TrafficPolicy | None = None
+        self.rollout: Rollout | None = None
+        self.steps: list[RolloutStep] = []
+        for event in events:
+            if getattr(event, "endpoint", None) != endpoint:
+                continue
+            if isinstance(event, TrafficPolicy):
+                self.policy = event
+            elif isinstance(event, RolloutStep):
+                self.steps.append(event)
+                self.rollout = apply(self.rollout, event)
+
+
+async def load_view(cfg: KafkaConfig, endpoint: str) -> EndpointView:
+    return EndpointView(endpoint, [e for e, _env, _r in await read_topic(cfg, TRAFFIC)])
+
+
+def check_routes(routes: Sequence[Route]) -> None:
+    """Weights are percentages adding up to 100, each model:version once, log rates shares."""
+    if not routes:
+        raise TrafficError("a policy needs at least one route (MODEL:VERSION=WEIGHT)")
+    for r in routes:
+        try:
+            split_ref(f"{r.model}:{r.version}")
+        except RolloutError as exc:
+            raise TrafficError(str(exc)) from None
+        if r.weight < 0:
+            raise TrafficError(f"weights cannot be negative: {r.model}:{r.version}={r.weight:g}")
+        if r.log_rate is not None and not 0.0 <= r.log_rate <= 1.0:
+            raise TrafficError(f"log_rate of {r.model}:{r.version} is a share of requests, 0..1: {r.log_rate}")
+    refs = [f"{r.model}:{r.version}" for r in routes]
+    if len(set(refs)) != len(refs):
+        raise TrafficError("each MODEL:VERSION may appear once")
+    total = sum(r.weight for r in routes)
+    if abs(total - 100.0) > 0.01:
+        raise TrafficError(f"weights add up to {total:g}, not 100")
+
+
+def set_policy(view: EndpointView, routes: Sequence[Route], *, sticky_key: str | None,
+               force: bool = False, reason: str = "set by operator") -> TrafficPolicy:
+    """The endpoint's next policy: new routes, its shadows kept, the revision bumped."""
+    check_routes(routes)
+    r = view.rollout
+    if r is not None and r.active and not force:
+        raise TrafficError(f"rollout {r.rollout_id} drives {view.endpoint!r}: abort it first "
+                           f"(modelcd rollout abort {view.endpoint}) or force", "conflict")
+    old = view.policy
+    return TrafficPolicy(endpoint=view.endpoint, routes=list(routes), sticky_key=sticky_key or None,
+                         shadows=old.shadows if old else [], revision=(old.revision if old else 0) + 1,
+                         reason=reason)
+
+
+def start_command(view: EndpointView, canary: str, plan: RolloutPlan, *, reason: str) -> RolloutStep:
+    """The command that asks the controller to start rolling `canary` out on the endpoint."""
+    try:
+        split_ref(canary)
+    except RolloutError as exc:
+        raise TrafficError(str(exc)) from None
+    r = view.rollout
+    if r is not None and r.active:
+        raise TrafficError(f"{view.endpoint!r} already has rollout {r.rollout_id} ({r.phase}): abort it first",
+                           "conflict")
+    if view.policy is None or not [x for x in view.policy.routes if x.weight > 0]:
+        raise TrafficError(f"{view.endpoint!r} has no traffic to roll out against: set its policy first "
+                           f"(modelcd traffic set {view.endpoint} MODEL:VERSION=100)", "not_found")
+    return RolloutStep(endpoint=view.endpoint, rollout_id=new_id(), action="start", canary=canary, plan=plan,
+                       command=True, command_id=new_id(), reason=reason)
+
+
+def control_command(view: EndpointView, action: str, *, reason: str) -> RolloutStep:
+    """pause / resume / abort / promote of the endpoint's rollout in progress."""
+    if action not in ("pause", "resume", "abort", "promote"):
+        raise TrafficError(f"unknown rollout action {action!r}: pause, resume, abort or promote", "not_found")
+    r = view.rollout
+    if r is None or not r.active:
+        raise TrafficError(f"{view.endpoint!r} has no rollout in progress", "conflict")
+    return RolloutStep(endpoint=view.endpoint, rollout_id=r.rollout_id, action=action,  # type: ignore[arg-type]
+                       canary=r.canary, command=True, command_id=new_id(), reason=reason)
+
+
+def status_dict(r: Rollout) -> dict[str, Any]:
+    return {
+        "endpoint": r.endpoint, "rollout_id": r.rollout_id, "phase": str(r.phase), "canary": r.canary,
+        "baseline": r.baseline, "step": r.step, "steps": r.plan.steps, "weight": r.weight,
+        "plan": msgspec.to_builtins(r.plan), "next_analysis_at": r.due_at, "last_analysis": r.last_evidence,
+        "history": [msgspec.to_builtins(s) for s in r.history],
+        "summary": summary(r),
+    }

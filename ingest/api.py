@@ -13,6 +13,7 @@ Routes:
     GET    /models                               every name:version in the target state
     GET    /models/{name}                        the versions of one model             -> 404 if none
     DELETE /models/{name}/versions/{version}     retire                                -> 202 / 404
+    /endpoints/...                               traffic policies, shadows, rollouts (endpoints_api.py)
     GET    /healthz                              liveness, no token needed
 
 Every error is `{"error": reason}` with a 4xx (503 when the store or broker is unreachable);
@@ -39,6 +40,7 @@ import msgspec
 from modelcd.events.schemas import DeployRequested, Event, ModelState, RetireRequested, new_id
 from modelcd.logs import get_logger
 
+from .endpoints_api import EndpointRoutes, ViewLoader
 from .errors import ApiError
 from .policy import UPLOAD_PREFIX, parse_package_uri, upload_key
 from .store import Store, StoreError, StoreUnavailable
@@ -87,13 +89,16 @@ class DeploymentApi:
     """The ASGI callable. Collaborators are injected so tests run it without a broker."""
 
     def __init__(self, config: ApiConfig, store: Store, sink: EventSink, view: TrackingView,
-                 *, health: Callable[[], dict[str, Any]] | None = None) -> None:
+                 *, health: Callable[[], dict[str, Any]] | None = None,
+                 endpoint_views: ViewLoader | None = None) -> None:
         self.config = config
         self.store = store
         self.targets = TargetState(store)
         self.sink = sink
         self.view = view
         self._health = health or (lambda: {})
+        # /endpoints needs the traffic topic (rollout state); without a reader those routes answer 404.
+        self.endpoints = EndpointRoutes(self.targets, sink, endpoint_views) if endpoint_views else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -126,30 +131,33 @@ class DeploymentApi:
         method: str = scope["method"]
         parts = [unquote(p) for p in scope["path"].strip("/").split("/")] if scope["path"].strip("/") else []
         if parts == ["healthz"]:
-            _allow(method, "GET")
+            ApiError.allow(method, "GET")
             return 200, {"status": "ok", **self._health()}, []
         self._authorize(scope)
         query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1")).items()}
         match parts:
             case ["deployments"]:
-                _allow(method, "POST")
+                ApiError.allow(method, "POST")
                 return await self._deploy(scope, receive, query)
             case ["deployments", deployment_id]:
-                _allow(method, "GET")
+                ApiError.allow(method, "GET")
                 return await self._get_deployment(deployment_id, query)
             case ["models"]:
-                _allow(method, "GET")
+                ApiError.allow(method, "GET")
                 return 200, {"models": [self._model_json(m) for m in await self._models()]}, []
             case ["models", name]:
-                _allow(method, "GET")
+                ApiError.allow(method, "GET")
                 versions = [self._model_json(m) for m in await self._models() if m.name == name]
                 if not versions:
                     raise ApiError(404, f"no model named {name!r}; GET /models lists the deployed ones")
                 return 200, {"name": name, "versions": versions}, []
             case ["models", name, "versions", version]:
-                _allow(method, "DELETE")
+                ApiError.allow(method, "DELETE")
                 return await self._retire(name, version, query)
-        raise ApiError(404, f"no route {scope['path']}; see /deployments, /models, /healthz")
+            case ["endpoints", *rest] if self.endpoints is not None:
+                return await self.endpoints.handle(
+                    method, rest, lambda: _read_body(scope, receive, self.config.max_upload_bytes), query)
+        raise ApiError(404, f"no route {scope['path']}; see /deployments, /models, /endpoints, /healthz")
 
     def _authorize(self, scope: Scope) -> None:
         token = self.config.api_token
@@ -269,12 +277,6 @@ class DeploymentApi:
 
 
 # --- HTTP plumbing ------------------------------------------------------------------------------
-
-
-def _allow(method: str, *allowed: str) -> None:
-    if method not in allowed:
-        raise ApiError(405, f"method {method} not allowed here; use {', '.join(allowed)}",
-                       headers=[(b"allow", ", ".join(allowed).encode())])
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

@@ -74,3 +74,10 @@ class ApiError(IngestError):
         self.status = status
         self.reason = reason
         self.headers = headers or []
+
+    @classmethod
+    def allow(cls, method: str, *allowed: str) -> None:
+        """Refuse (405, with the Allow header) a method the route does not take."""
+        if method not in allowed:
+            raise cls(405, f"method {method} not allowed here; use {', '.join(allowed)}",
+                      headers=[(b"allow", ", ".join(allowed).encode())])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 from contextlib import AsyncExitStack
 from typing import Any
@@ -27,6 +28,7 @@ import uvicorn
 from modelcd.events.bus import Consumer, KafkaConfig, Publisher, ensure_topics
 from modelcd.events.topics import DEPLOY_REQUESTS
 from modelcd.logs import get_logger
+from modelcd.serving.traffic_ops import load_view
 from modelcd.settings import Settings
 
 from .api import ApiConfig, DeploymentApi
@@ -98,7 +100,7 @@ async def run_ingest(settings: Settings, *, stop: asyncio.Event, ready: asyncio.
                     "deployments": pipeline.counters.copy()}
 
         api = DeploymentApi(ApiConfig(settings.api_token, settings.max_upload_bytes), store, publisher, view,
-                            health=health)
+                            health=health, endpoint_views=functools.partial(load_view, cfg))
         server = _Server(uvicorn.Config(api, lifespan="off", log_config=None, access_log=False,
                                         timeout_graceful_shutdown=int(HTTP_DRAIN_S)))
         async with asyncio.TaskGroup() as tg:

@@ -6,9 +6,10 @@ Invariants (what `decide` and `apply` guarantee together):
   warned record is never warned again until a use cancels the warning;
 - a model is never retired without a warning first: RETIRE needs `warned_at`, so the
   owner always gets at least one check interval's notice, even after an outage;
-- a protected model (pinned, weight > 0 in a traffic policy, part of a rollout in
-  progress) is never warned or retired; a SKIP naming the protections is decided
-  once per change of reason, only for a model that would otherwise be acted on;
+- a protected model (pinned, weight > 0 in a traffic policy, the shadow of a shadow
+  relation, part of a rollout in progress) is never warned or retired; a SKIP naming
+  the protections is decided once per change of reason, only for a model that would
+  otherwise be acted on;
 - a use that makes the model no longer idle enough to deserve its warning CANCELs it;
 - after RETIRE the record waits (`retire_requested_at`) for the retired ModelState.
 
@@ -181,6 +182,7 @@ class EndpointView(msgspec.Struct, frozen=True, kw_only=True):
     endpoint: str
     weights: dict[str, float] = {}  # "name:version" -> weight (percent)
     rollouts: dict[str, list[str]] = {}  # rollout id -> the models it moves traffic between
+    shadows: dict[str, list[str]] = {}  # shadow "name:version" -> the primaries it shadows here
 
 
 def on_traffic(view: EndpointView | None, event: TrafficPolicy | RolloutStep) -> EndpointView:
@@ -188,9 +190,13 @@ def on_traffic(view: EndpointView | None, event: TrafficPolicy | RolloutStep) ->
         case TrafficPolicy(endpoint=endpoint, deleted=True):
             rollouts = view.rollouts if view else {}
             return EndpointView(endpoint=endpoint, rollouts=rollouts)
-        case TrafficPolicy(endpoint=endpoint, routes=routes):
+        case TrafficPolicy(endpoint=endpoint, routes=routes, shadows=relations):
             weights = {f"{r.model}:{r.version}": r.weight for r in routes}
-            return EndpointView(endpoint=endpoint, weights=weights, rollouts=view.rollouts if view else {})
+            shadows: dict[str, list[str]] = {}
+            for rel in relations:
+                shadows.setdefault(rel.shadow, []).append(rel.primary)
+            return EndpointView(endpoint=endpoint, weights=weights, rollouts=view.rollouts if view else {},
+                                shadows={k: sorted(v) for k, v in shadows.items()})
         case RolloutStep(endpoint=endpoint, rollout_id=rid, action=action):
             rollouts = dict(view.rollouts) if view else {}
             if action in ROLLOUT_ENDED:
@@ -198,7 +204,8 @@ def on_traffic(view: EndpointView | None, event: TrafficPolicy | RolloutStep) ->
             else:
                 rollouts[rid] = sorted({m for m in (event.canary, event.baseline) if m}
                                        | set(rollouts.get(rid, [])))
-            return EndpointView(endpoint=endpoint, weights=view.weights if view else {}, rollouts=rollouts)
+            return EndpointView(endpoint=endpoint, weights=view.weights if view else {}, rollouts=rollouts,
+                                shadows=view.shadows if view else {})
     raise TypeError(f"not a traffic event: {event!r}")  # pragma: no cover
 
 
@@ -210,6 +217,10 @@ def endpoint_protections(view: EndpointView | None) -> dict[str, list[str]]:
     for model, weight in view.weights.items():
         if weight > 0:
             out.setdefault(model, set()).add(f"serves {weight:g}% of endpoint {view.endpoint}")
+    # A shadow under evaluation takes no traffic of its own, so it looks unused: its relation protects
+    # it (shadow predictions are not usage) until the relation is removed from the policy.
+    for model, primaries in view.shadows.items():
+        out.setdefault(model, set()).add(f"shadows {', '.join(primaries)} on endpoint {view.endpoint}")
     for rid, models in view.rollouts.items():
         for model in models:
             key = model if ":" in model else f"{model}:*"

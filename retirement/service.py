@@ -168,7 +168,7 @@ class RetirementProcessor:
                     view_before = None if before is None else policy.EndpointView(**before)
                     view = policy.on_traffic(view_before, ev)
                     endpoints[ev.endpoint] = {"endpoint": view.endpoint, "weights": view.weights,
-                                              "rollouts": view.rollouts}
+                                              "rollouts": view.rollouts, "shadows": view.shadows}
                     changed = policy.changed_protections(policy.endpoint_protections(view_before),
                                                          policy.endpoint_protections(view))
                 except Exception:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from modelcd.events.schemas import ModelState, RolloutStep, Route, TrafficPolicy, UsageReport
+from modelcd.events.schemas import ModelState, RolloutStep, Route, ShadowRelation, TrafficPolicy, UsageReport
 from modelcd.retirement import handlers, policy
 from modelcd.retirement.policy import Action, Decision, Record
 
@@ -99,6 +99,21 @@ def test_traffic_protections_follow_weights_and_rollouts() -> None:
     ended = policy.on_traffic(view, RolloutStep(endpoint="e", rollout_id="r1", action="complete"))
     changed = policy.changed_protections(prot, policy.endpoint_protections(ended))
     assert changed == {"m:3": [], "m:1": ["serves 90% of endpoint e"]}
+
+
+def test_a_shadow_relation_protects_the_shadow_until_removed() -> None:
+    """A shadow takes no traffic of its own (shadow predictions are not usage): its relation protects it."""
+    relation = ShadowRelation(primary="m", shadow="m:2")
+    view = policy.on_traffic(None, TrafficPolicy(endpoint="e", routes=[Route(model="m", version="1", weight=100.0)],
+                                                 shadows=[relation]))
+    prot = policy.endpoint_protections(view)
+    assert prot["m:2"] == ["shadows m on endpoint e"] and "m:1" in prot
+    # a rollout step keeps the shadows it did not change
+    view = policy.on_traffic(view, RolloutStep(endpoint="e", rollout_id="r9", action="abort"))
+    assert "m:2" in policy.endpoint_protections(view)
+    removed = policy.on_traffic(view, TrafficPolicy(endpoint="e", routes=[Route(model="m", version="1",
+                                                                                weight=100.0)]))
+    assert policy.changed_protections(prot, policy.endpoint_protections(removed)) == {"m:2": []}
 
 
 def test_check_emits_decision_then_retire_request() -> None:

@@ -2,6 +2,9 @@
 
 Run: python bench/bench_ingest.py [--n 20] [--append]   (--append adds the result to bench/RESULTS.md)
 
+Runs twice in one go: with the warm spare sandbox (the default, MODELCD_VALIDATION_WARM=true) and
+with a cold sandbox process started per deployment, and reports both and their ratio.
+
 Starts the embedded broker, a local store and one ingest instance in this process, then
 1. latency: deploys N packages one after another (iris LogisticRegression, a new version each, so
    every deployment runs the whole pipeline: validate, ONNX compile, sandboxed serving validation,
@@ -85,13 +88,13 @@ class Events:
             await asyncio.wait_for(self.changed.wait(), 120)
 
 
-async def bench(n: int) -> dict[str, float]:
+async def bench(n: int, warm: bool) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         broker = EmbeddedBroker(port=free_port(), log_file=Path(tmp) / "tansu.log")
         await broker.start()
         port = free_port()
         settings = Settings(kafka_bootstrap=broker.bootstrap, kafka_idempotence=False, store_url=f"{tmp}/store",
-                            ingest_port=port, home=Path(tmp), log_level="warning")
+                            ingest_port=port, home=Path(tmp), log_level="warning", validation_warm=warm)
         stop, ready = asyncio.Event(), asyncio.Event()
         events = Events()
         try:
@@ -129,10 +132,17 @@ def main() -> int:
     ap.add_argument("--append", action="store_true", help="append the result to bench/RESULTS.md")
     args = ap.parse_args()
     configure("warning", "console")
-    r = asyncio.run(bench(args.n))
-    line = (f"deploy → ModelState: median {r['median_s'] * 1000:.0f} ms, p90 {r['p90_s'] * 1000:.0f} ms (n={args.n}); "
-            + ", ".join(f"{s} {r[f'{s}_ms']:.0f} ms" for s in STEPS)
-            + f"; throughput {r['per_minute']:.0f} deployments/min (burst of {args.n}, one instance)")
+    lines = []
+    results = {}
+    for warm in (True, False):  # same run, same machine: the warm spare sandbox vs a cold start per deployment
+        r = results[warm] = asyncio.run(bench(args.n, warm))
+        lines.append(f"{'warm sandbox' if warm else 'cold sandbox'}: deploy → ModelState median "
+                     f"{r['median_s'] * 1000:.0f} ms, p90 {r['p90_s'] * 1000:.0f} ms (n={args.n}); "
+                     + ", ".join(f"{s} {r[f'{s}_ms']:.0f} ms" for s in STEPS)
+                     + f"; throughput {r['per_minute']:.0f} deployments/min (burst of {args.n}, one instance)")
+    lines.append(f"warm / cold: median latency {results[True]['median_s'] / results[False]['median_s']:.2f}x, "
+                 f"throughput {results[True]['per_minute'] / results[False]['per_minute']:.2f}x")
+    line = "\n    ".join(lines)
     print(line)
     if args.append:
         with open(Path(__file__).with_name("RESULTS.md"), "a") as f:

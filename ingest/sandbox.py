@@ -1,8 +1,12 @@
 """Serving validation in a separate process: load the package with the serving runtimes, predict on
 its sample data, compare with the expected outputs, and measure what it costs.
 
-The parent (`Sandbox.validate`) runs `python -m modelcd.ingest.sandbox PACKAGE` and reads JSON lines
-from its stdout. The child:
+The parent (`Sandbox.validate`) runs `python -m modelcd.ingest.sandbox -` and reads JSON lines
+from its stdout. The next child is started as soon as one is taken, so it has already paid for
+the interpreter and the imports of numpy, the serving runtimes and scikit-learn/ONNX Runtime
+(about a second) when the next deployment arrives; it says `{"phase": "warm"}` and then waits
+for the package path on its stdin (EOF, when ingest exits, ends it). Each child validates one
+package and exits: nothing a model did survives into the next validation. The child:
 
 1. limits its own address space to MODELCD_VALIDATION_MEMORY (`RLIMIT_AS`), before anything else;
 2. imports the runtime library the package needs, then reports `{"phase": "ready"}`: from that
@@ -28,7 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,39 +60,92 @@ class SandboxReport:
                          predict_us=round(self.predict_us, 3))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
+class _Child:
+    proc: asyncio.subprocess.Process
+    tmp: tempfile.TemporaryDirectory[str]
+    stderr: asyncio.Future[bytes]
+
+    async def end(self) -> None:
+        if self.proc.returncode is None:
+            _kill(self.proc)
+            await self.proc.wait()
+        self.stderr.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.stderr
+        self.tmp.cleanup()
+
+
+@dataclass(slots=True)
 class Sandbox:
     """Runs serving validation in a child process with a time and an address-space limit."""
 
     timeout_s: float
     memory_bytes: int
     python: str = sys.executable
+    warm: bool = True  # keep the next child started: validation without the interpreter's start-up
+    _spare: asyncio.Task[_Child] | None = field(default=None, repr=False)
 
     @classmethod
     def from_settings(cls, settings: Any) -> Sandbox:
-        return cls(timeout_s=settings.validation_timeout, memory_bytes=settings.validation_memory)
+        return cls(timeout_s=settings.validation_timeout, memory_bytes=settings.validation_memory,
+                   warm=settings.validation_warm)
+
+    async def _start(self) -> _Child:
+        tmp = tempfile.TemporaryDirectory(prefix="modelcd-sandbox-")
+        proc = await asyncio.create_subprocess_exec(
+            self.python, "-m", "modelcd.ingest.sandbox", "-", "--memory", str(self.memory_bytes),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            cwd=tmp.name, start_new_session=True,  # its own process group: a kill takes its threads and children
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        return _Child(proc, tmp, asyncio.ensure_future(proc.stderr.read()))
+
+    async def _take(self) -> _Child:
+        """The spare child if it is alive, else a new one; starts the next spare either way."""
+        spare, self._spare = self._spare, None
+        child = None
+        if spare is not None:
+            try:
+                child = await spare
+            except OSError:
+                child = None
+            if child is not None and child.proc.returncode is not None:
+                await child.end()
+                child = None
+        if child is None:
+            child = await self._start()
+        if self.warm:
+            self._spare = asyncio.ensure_future(self._start())
+        return child
+
+    def prestart(self) -> None:
+        """Start the spare now, so the first deployment does not wait for an interpreter either."""
+        if self.warm and self._spare is None:
+            self._spare = asyncio.ensure_future(self._start())
+
+    async def close(self) -> None:
+        """Stop the spare child (ingest's shutdown); validation can still start a cold one after."""
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                await (await spare).end()
 
     async def validate(self, package: bytes) -> SandboxReport:
         """Validate a package archive; raises `ServingValidationFailed` with the reason."""
-        with tempfile.TemporaryDirectory(prefix="modelcd-sandbox-") as tmp:
-            path = Path(tmp) / "package.tar"
+        child = await self._take()
+        try:
+            path = Path(child.tmp.name) / "package.tar"
             await asyncio.to_thread(path.write_bytes, package)
-            proc = await asyncio.create_subprocess_exec(
-                self.python, "-m", "modelcd.ingest.sandbox", str(path), "--memory", str(self.memory_bytes),
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                cwd=tmp, start_new_session=True,  # its own process group: a kill takes its threads and children
-            )
-            assert proc.stdout is not None and proc.stderr is not None
-            stderr_task = asyncio.ensure_future(proc.stderr.read())
-            try:
-                return await self._converse(proc, stderr_task)
-            finally:
-                if proc.returncode is None:
-                    _kill(proc)
-                    await proc.wait()
-                stderr_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await stderr_task
+            warm = await self._line(child.proc, child.stderr, _STARTUP_DEADLINE_S, "start")
+            if warm.get("phase") != "warm":
+                raise ServingValidationFailed(f"the sandbox answered out of turn: {warm}")
+            assert child.proc.stdin is not None
+            child.proc.stdin.write(f"{path}\n".encode())
+            await child.proc.stdin.drain()
+            return await self._converse(child.proc, child.stderr)
+        finally:
+            await child.end()
 
     async def _converse(self, proc: asyncio.subprocess.Process, stderr: asyncio.Future[bytes]) -> SandboxReport:
         ready = await self._line(proc, stderr, _STARTUP_DEADLINE_S, "start")
@@ -183,6 +240,7 @@ _LIBRARIES = {"sklearn": ("sklearn", "skops.io"), "onnx": ("onnxruntime",), "xgb
 
 
 def _child(path: str, memory: int) -> int:
+    """Validate the package at `path`; "-": warm up first, then read the path from stdin."""
     import resource
 
     if memory > 0:
@@ -197,6 +255,16 @@ def _child(path: str, memory: int) -> int:
     from modelcd.ingest.package import PackageError, read_package
     from modelcd.serving.runtimes import ModelRuntimeError, load_runtime, outputs_match
 
+    if path == "-":
+        # The libraries nearly every package needs (scikit-learn, and ONNX Runtime it compiles to);
+        # XGBoost and LightGBM are imported below when a package asks for them.
+        for lib in (*_LIBRARIES["sklearn"], *_LIBRARIES["onnx"]):
+            with contextlib.suppress(ImportError):
+                importlib.import_module(lib)
+        _say({"phase": "warm"})
+        path = sys.stdin.readline().strip()
+        if not path:
+            return 0  # ingest went away before giving us a package
     try:
         pkg = read_package(Path(path).read_bytes())
     except PackageError as exc:
@@ -263,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m modelcd.ingest.sandbox",
                                      description="Serving validation of one package (run by ingest).")
-    parser.add_argument("package", help="package archive to validate")
+    parser.add_argument("package", help="package archive to validate, or - to warm up and read its path from stdin")
     parser.add_argument("--memory", type=int, default=0, help="address-space limit in bytes (0: none)")
     args = parser.parse_args(argv)
     return _child(args.package, args.memory)

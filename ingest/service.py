@@ -88,7 +88,10 @@ async def run_ingest(settings: Settings, *, stop: asyncio.Event, ready: asyncio.
             open_store(settings.resolved_store_url, endpoint_url=settings.s3_endpoint_url))
         publisher = await stack.enter_async_context(Publisher(cfg, instance))
         view = TrackingView()
-        pipeline = Pipeline(settings, store, publisher, Sandbox.from_settings(settings), instance=instance)
+        sandbox = Sandbox.from_settings(settings)
+        sandbox.prestart()
+        stack.push_async_callback(sandbox.close)  # its warm spare child
+        pipeline = Pipeline(settings, store, publisher, sandbox, instance=instance)
         consumer = Consumer(cfg, [DEPLOY_REQUESTS], GROUP_ID, pipeline.handle)
         tracker_ready = asyncio.Event()
 

@@ -1,0 +1,40 @@
+"""The serving-validation sandbox on its own: warm spare and cold start give the same verdicts, nothing leaks."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from modelcd.ingest.errors import ServingValidationFailed
+from modelcd.ingest.sandbox import Sandbox
+
+from ._ingest import iris_package, with_tampered_member
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("warm", [True, False])
+async def test_verdicts_warm_and_cold_and_no_child_left(warm: bool) -> None:
+    sandbox = Sandbox(timeout_s=60, memory_bytes=4 << 30, warm=warm)
+    sandbox.prestart()
+    try:
+        for version in ("1", "2"):  # the second validation takes the spare the first one started
+            report = await sandbox.validate(iris_package("sbx", version).data)
+            assert report.samples > 0 and report.runtime in ("sklearn", "onnx")
+        with pytest.raises(ServingValidationFailed, match="invalid package"):
+            await sandbox.validate(with_tampered_member(iris_package("sbx", "3"), "model.skops"))
+        spare = sandbox._spare  # noqa: SLF001 - the process the next validation would take
+        assert (spare is not None) == warm
+        pid = (await spare).proc.pid if spare is not None else None
+    finally:
+        await sandbox.close()
+    assert sandbox._spare is None  # noqa: SLF001
+    if pid is not None:
+        assert not alive(pid) or open(f"/proc/{pid}/stat").read().split()[2] == "Z"

@@ -238,6 +238,23 @@ def _is_classifier(model: Any) -> bool:
         == "classifier")
 
 
+# Classifiers whose predict() is classes_[argmax(predict_proba())] by construction: for them one
+# predict_proba call gives both outputs. scikit-learn validates the input on every call (since 1.6
+# through narwhals' dataframe checks), which is most of the cost of a small model, so this halves it.
+# Absent on purpose: SVC (Platt-scaled probabilities may disagree with predict); KNeighbors matched in
+# tests/test_runtimes_sklearn.py but its vote is not argmax by contract, so it keeps the two calls.
+_LABELS_FROM_PROBA: Final = frozenset({
+    "DecisionTreeClassifier", "ExtraTreeClassifier", "RandomForestClassifier", "ExtraTreesClassifier",
+    "GradientBoostingClassifier", "HistGradientBoostingClassifier", "LogisticRegression", "GaussianNB",
+    "MultinomialNB", "BernoulliNB", "ComplementNB",
+})
+
+
+def _final_estimator(model: Any) -> Any:
+    steps = getattr(model, "steps", None)  # a Pipeline answers with its last step's classes
+    return steps[-1][1] if steps else model
+
+
 class SklearnRuntime(_BaseRuntime):
     name = "sklearn"
 
@@ -272,11 +289,18 @@ class SklearnRuntime(_BaseRuntime):
             raise ModelLoadError(f"{model_file} holds a {type(self.model).__name__}, which has no predict()")
         self._classifier = _is_classifier(self.model)
         self._proba = self._classifier and hasattr(self.model, "predict_proba")
+        self._labels_from_proba = (self._proba and type(_final_estimator(self.model)).__name__ in _LABELS_FROM_PROBA
+                                   and hasattr(self.model, "classes_"))
 
     def _predict(self, inputs: dict[str, Array]) -> dict[str, Array]:
         x = self._single_input(inputs)
         if not self._classifier:
             return {"prediction": self.model.predict(x)}
+        if self._labels_from_proba:
+            proba = self.model.predict_proba(x)
+            if isinstance(proba, np.ndarray) and proba.ndim == 2:
+                return {"label": self.model.classes_.take(proba.argmax(axis=1)), "probabilities": proba}
+            return {"label": self.model.predict(x), "probabilities": proba}  # multi-output: a list of arrays
         out = {"label": self.model.predict(x)}
         if self._proba:
             out["probabilities"] = self.model.predict_proba(x)

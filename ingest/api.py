@@ -13,7 +13,11 @@ Routes:
     GET    /models                               every name:version in the target state
     GET    /models/{name}                        the versions of one model             -> 404 if none
     DELETE /models/{name}/versions/{version}     retire                                -> 202 / 404
-    /endpoints/...                               traffic policies, shadows, rollouts (endpoints_api.py)
+    GET    /endpoints                            every endpoint's traffic policy
+    GET|PUT /endpoints/{e}/traffic               its policy (PUT: 409 while a rollout drives it)
+    GET|POST /endpoints/{e}/shadows, DELETE .../shadows/{shadow}   shadow relations
+    GET|POST /endpoints/{e}/rollout, POST .../rollout/{pause|resume|abort|promote}   -> 202
+                                                 (bodies and refusals: endpoints_api.py)
     GET    /healthz                              liveness, no token needed
 
 Every error is `{"error": reason}` with a 4xx (503 when the store or broker is unreachable);

@@ -8,28 +8,37 @@ commands the rollout controller answers on the traffic topic.
     GET    /endpoints                               every endpoint's policy
     GET    /endpoints/{e}/traffic                   its policy                             -> 404 if none
     PUT    /endpoints/{e}/traffic                   {"routes": [{"model", "version", "weight"}], "sticky_key", "force"}
-    GET    /endpoints/{e}/shadows                   its shadow relations
-    POST   /endpoints/{e}/shadows                   {"primary", "shadow", "sample_rate", "start", "until", "where"}
-    DELETE /endpoints/{e}/shadows/{shadow}[?primary=P]
+    GET    /endpoints/{e}/shadows                   its shadow relations                   -> 404 if no policy
+    POST   /endpoints/{e}/shadows                   {"primary", "shadow", "sample_rate", "start", "end" (or
+                                                    "until"), "where", "criteria"}         -> 201 with the policy
+    DELETE /endpoints/{e}/shadows/{shadow}[?primary=P]                                     -> 200 / 404
     GET    /endpoints/{e}/rollout                   current step, last analysis, history   -> 404 if none
     POST   /endpoints/{e}/rollout                   {"to", "plan", "steps", "interval", "log_rate", bounds}  -> 202
-    POST   /endpoints/{e}/rollout/{pause|resume|abort|promote}   {"reason"}             -> 202
+    POST   /endpoints/{e}/rollout/{pause|resume|abort|promote}   {"reason"}             -> 202 / 404 / 409
+
+Refusals: 400 for a bad body (weights not adding to 100, unknown plan, steps that do not
+increase, ...), 404 for an endpoint with nothing on record, 409 when a rollout is in the way
+(`"force": true` overrides it for PUT traffic), 503 when the traffic topic cannot be read or
+written. Edits of one policy are serialized within the process, so two concurrent requests
+never both publish revision N+1 (two API processes still race, as two CLI users do).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import msgspec
+from aiokafka.errors import KafkaError
 
-from modelcd.events.schemas import Criterion, Event, Route, ShadowRelation, TrafficPolicy
+from modelcd.events.schemas import Criterion, Event, Route, TrafficPolicy
 from modelcd.serving.rollout import RolloutError, make_plan, parse_duration
 from modelcd.serving.traffic_ops import (
     EndpointView, TrafficError, control_command, set_policy, start_command, status_dict,
 )
-from modelcd.shadow.relations import RelationError, add_relation, check_refs, parse_time, parse_where, remove_relation
+from modelcd.shadow.relations import RelationError, add_relation, make_relation, remove_relation
 
 from .errors import ApiError
 from .targets import TargetState
@@ -55,7 +64,10 @@ class ShadowBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     shadow: str
     sample_rate: float = 1.0
     start: str | float | None = None  # epoch seconds, ISO time or a duration from now; default now
-    until: str | float | None = "14d"  # epoch seconds, ISO time, a duration from now, or "never"
+    # epoch seconds, ISO time, a duration from now, or "never"/null; default 14d. `end` is the
+    # relation's own field name (what GET answers), `until` the CLI's.
+    end: str | float | None | msgspec.UnsetType = msgspec.UNSET
+    until: str | float | None | msgspec.UnsetType = msgspec.UNSET
     where: list[str] = []  # "header:x-country=DE", "input:age>=18" (as `modelcd shadow add --where`)
     criteria: list[Criterion] = []
 
@@ -88,21 +100,14 @@ def _refused(exc: TrafficError | RolloutError | RelationError) -> ApiError:
     return ApiError(_STATUS[exc.kind] if isinstance(exc, TrafficError) else 400, str(exc))
 
 
-def _when(value: str | float | None, now: float, default: float | None) -> float | None:
-    if value is None:
-        return default
-    if isinstance(value, int | float):
-        return float(value)
-    return parse_time(value, now)
-
-
 class EndpointRoutes:
     """Handlers for `/endpoints/...`; `load_view` reads the traffic topic (policy and rollout)."""
 
     def __init__(self, targets: TargetState, sink: EventSink, load_view: ViewLoader) -> None:
         self.targets = targets
         self.sink = sink
-        self.load_view = load_view
+        self._load_view = load_view
+        self._edit = asyncio.Lock()  # one read-modify-write of a policy at a time
 
     async def handle(self, method: str, parts: list[str], body: Callable[[], Awaitable[bytes]],
                      query: dict[str, str]) -> Response:
@@ -118,22 +123,26 @@ class EndpointRoutes:
                     return 200, msgspec.to_builtins(await self._policy(endpoint)), []
                 req = _decode(await body(), PolicyBody, '{"routes": [{"model": "iris", "version": "1", '
                                                         '"weight": 100}]}')
-                try:
-                    policy = set_policy(await self.load_view(endpoint), req.routes, sticky_key=req.sticky_key,
-                                        force=req.force, reason="set through the API")
-                except TrafficError as exc:
-                    raise _refused(exc) from None
-                await self._save(policy)
+                async with self._edit:
+                    try:
+                        policy = set_policy(await self.load_view(endpoint), req.routes, sticky_key=req.sticky_key,
+                                            force=req.force, reason="set through the API")
+                    except TrafficError as exc:
+                        raise _refused(exc) from None
+                    await self._save(policy)
                 return 200, msgspec.to_builtins(policy), []
             case [endpoint, "shadows"]:
                 ApiError.allow(method, "GET", "POST")
                 if method == "GET":
                     return 200, {"endpoint": endpoint,
                                  "shadows": msgspec.to_builtins((await self._policy(endpoint)).shadows)}, []
-                return await self._add_shadow(endpoint, await body())
+                raw = await body()
+                async with self._edit:
+                    return await self._add_shadow(endpoint, raw)
             case [endpoint, "shadows", shadow]:
                 ApiError.allow(method, "DELETE")
-                return await self._remove_shadow(endpoint, shadow, query.get("primary"))
+                async with self._edit:
+                    return await self._remove_shadow(endpoint, shadow, query.get("primary"))
             case [endpoint, "rollout"]:
                 ApiError.allow(method, "GET", "POST")
                 if method == "GET":
@@ -150,10 +159,23 @@ class EndpointRoutes:
                                           reason=req.reason or f"{action} through the API")
                 except TrafficError as exc:
                     raise _refused(exc) from None
-                await self.sink.publish(cmd)
+                await self._publish(cmd, "rollout command")
                 return 202, {"endpoint": endpoint, "action": action, "command_id": cmd.command_id,
                              "status_url": f"/endpoints/{endpoint}/rollout"}, []
         raise ApiError(404, "no such route under /endpoints; see GET /endpoints")
+
+    async def load_view(self, endpoint: str) -> EndpointView:
+        """The endpoint as the traffic topic has it; 503 when the broker cannot be read."""
+        try:
+            return await self._load_view(endpoint)
+        except (KafkaError, OSError) as exc:
+            raise ApiError(503, f"could not read the traffic topic from Kafka, retry later: {exc}") from exc
+
+    async def _publish(self, event: Event, what: str) -> None:
+        try:
+            await self.sink.publish(event)
+        except Exception as exc:
+            raise ApiError(503, f"could not publish the {what} to Kafka, retry later: {exc}") from exc
 
     async def _policy(self, endpoint: str) -> TrafficPolicy:
         policy = await self.targets.get_traffic(endpoint)
@@ -163,22 +185,20 @@ class EndpointRoutes:
         return policy
 
     async def _save(self, policy: TrafficPolicy) -> None:
-        # Bus first, then store: a refused publish changes nothing; the store is what nodes repair from.
-        try:
-            await self.sink.publish(policy)
-        except Exception as exc:
-            raise ApiError(503, f"could not publish the traffic policy to Kafka, retry later: {exc}") from exc
+        # Bus first, then store (as `modelcd traffic set`): a refused publish changes nothing; the
+        # store is what nodes repair from.
+        await self._publish(policy, "traffic policy")
         await self.targets.put_traffic(policy)
 
     async def _add_shadow(self, endpoint: str, raw: bytes) -> Response:
         req = _decode(raw, ShadowBody, '{"primary": "iris", "shadow": "iris:2", "sample_rate": 0.1}')
+        if req.end is not msgspec.UNSET and req.until is not msgspec.UNSET:
+            raise ApiError(400, "give the relation's end as `end` or as `until`, not both")
+        end = req.end if req.end is not msgspec.UNSET else req.until if req.until is not msgspec.UNSET else "14d"
         now = time.time()
         try:
-            check_refs(req.primary, req.shadow)
-            start = _when(req.start, now, now) or now
-            relation = ShadowRelation(primary=req.primary, shadow=req.shadow, start=start,
-                                      end=_when(req.until, now, None), sample_rate=req.sample_rate,
-                                      criteria=[*req.criteria, *(parse_where(w) for w in req.where)])
+            relation = make_relation(req.primary, req.shadow, now=now, sample_rate=req.sample_rate, start=req.start,
+                                     end=end, where=req.where, criteria=req.criteria)
             policy = add_relation(await self.targets.get_traffic(endpoint), endpoint, relation, now=now)
         except RelationError as exc:
             raise _refused(exc) from None
@@ -207,7 +227,7 @@ class EndpointRoutes:
             cmd = start_command(await self.load_view(endpoint), req.to, plan, reason="started through the API")
         except (TrafficError, RolloutError) as exc:
             raise _refused(exc) from None
-        await self.sink.publish(cmd)
+        await self._publish(cmd, "rollout command")
         return 202, {"endpoint": endpoint, "rollout_id": cmd.rollout_id, "command_id": cmd.command_id,
                      "status_url": f"/endpoints/{endpoint}/rollout"}, []
 

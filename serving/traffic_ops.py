@@ -107,8 +107,11 @@ def control_command(view: EndpointView, action: str, *, reason: str) -> RolloutS
     if action not in ("pause", "resume", "abort", "promote"):
         raise TrafficError(f"unknown rollout action {action!r}: pause, resume, abort or promote", "not_found")
     r = view.rollout
-    if r is None or not r.active:
-        raise TrafficError(f"{view.endpoint!r} has no rollout in progress", "conflict")
+    if r is None:
+        raise TrafficError(f"{view.endpoint!r} has no rollout in progress (none on record)", "not_found")
+    if not r.active:
+        raise TrafficError(f"{view.endpoint!r} has no rollout in progress (rollout {r.rollout_id} is {r.phase})",
+                           "conflict")
     return RolloutStep(endpoint=view.endpoint, rollout_id=r.rollout_id, action=action,  # type: ignore[arg-type]
                        canary=r.canary, command=True, command_id=new_id(), reason=reason)
 

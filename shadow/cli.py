@@ -15,13 +15,11 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from modelcd.events.schemas import ShadowComparison, ShadowRelation, TrafficPolicy
+from modelcd.events.schemas import ShadowComparison, TrafficPolicy
 from modelcd.runner import run_main
 from modelcd.settings import Settings
 
-from .relations import (
-    RelationError, add_relation, describe_criterion, parse_time, parse_where, remove_relation, status,
-)
+from .relations import RelationError, add_relation, describe_criterion, make_relation, remove_relation, status
 
 
 def register(sub: Any) -> None:
@@ -106,10 +104,8 @@ def cmd_add(args: argparse.Namespace, settings: Settings) -> int:
 
     now = time.time()
     try:
-        start = parse_time(args.start, now) if args.start else now
-        relation = ShadowRelation(
-            primary=args.primary, shadow=args.shadow, start=start or now, end=parse_time(args.until, now),
-            sample_rate=args.rate, criteria=[parse_where(w) for w in args.where])
+        relation = make_relation(args.primary, args.shadow, now=now, sample_rate=args.rate, start=args.start or None,
+                                 end=args.until, where=args.where)
     except RelationError as exc:
         raise _fail(str(exc)) from None
     endpoint = args.endpoint or args.primary.partition(":")[0]

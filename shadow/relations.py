@@ -1,12 +1,13 @@
 """Editing the shadow relations of a TrafficPolicy, and parsing what a user types: pure.
 
-Used by `modelcd shadow add|remove` (and any API that edits relations): every edit returns a
+Used by `modelcd shadow add|remove` and the deployment API's `/endpoints/{e}/shadows`: every edit returns a
 new policy with `revision + 1`, so the last write per endpoint wins on the traffic topic.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import msgspec
@@ -78,6 +79,26 @@ def check_refs(primary: str, shadow: str) -> None:
         raise RelationError(f"shadow {shadow!r}: expected name:version (the exact version that shadows)")
     if primary == shadow:
         raise RelationError("a model cannot shadow itself")
+
+
+def when(value: str | float | None, now: float, default: float | None) -> float | None:
+    """A time as the CLI or the API gives it: epoch seconds, text for `parse_time`, or None -> `default`."""
+    if value is None:
+        return default
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return parse_time(str(value), now)
+
+
+def make_relation(primary: str, shadow: str, *, now: float, sample_rate: float = 1.0,
+                  start: str | float | None = None, end: str | float | None = "14d",
+                  where: Sequence[str] = (), criteria: Sequence[Criterion] = ()) -> ShadowRelation:
+    """The relation `modelcd shadow add` and `POST /endpoints/{e}/shadows` describe; `start`
+    defaults to now, `end` (None or 'never': no end) to 14 days from now. Checked by `add_relation`."""
+    check_refs(primary, shadow)
+    return ShadowRelation(primary=primary, shadow=shadow, start=when(start, now, now) or now,
+                          end=when(end, now, None), sample_rate=sample_rate,
+                          criteria=[*criteria, *(parse_where(w) for w in where)])
 
 
 def add_relation(policy: TrafficPolicy | None, endpoint: str, relation: ShadowRelation, *,

@@ -7,12 +7,14 @@ broker and the same reader `modelcd traffic show` uses.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+from aiokafka.errors import KafkaConnectionError
 
 from modelcd.events.broker import EmbeddedBroker
 from modelcd.events.bus import Publisher
@@ -21,7 +23,7 @@ from modelcd.ingest.api import ApiConfig, DeploymentApi
 from modelcd.ingest.store import LocalStore
 from modelcd.ingest.targets import TargetState
 from modelcd.ingest.tracking import TrackingView
-from modelcd.serving.rollout import on_command
+from modelcd.serving.rollout import make_plan, on_command
 from modelcd.serving.traffic_ops import EndpointView, load_view
 
 
@@ -181,3 +183,209 @@ async def test_policy_set_through_the_api_is_what_the_cli_reads(broker: Embedded
     assert view.policy is not None and view.policy.revision == 2
     assert {(x.version, x.weight) for x in view.policy.routes} == {("1", 70.0), ("2", 30.0)}
     assert [(s.primary, s.shadow) for s in view.policy.shadows] == [("wine:1", "wine:3")]
+
+
+async def test_unknown_endpoints_are_404_everywhere_and_publish_nothing(tmp_path: Path) -> None:
+    """Reading or steering an endpoint with nothing on record answers 404 with a reason."""
+    client, sink, store = api(tmp_path)
+    async with client:
+        for method, path, reason in [("GET", "/endpoints/nope/traffic", "no traffic policy"),
+                                     ("GET", "/endpoints/nope/shadows", "no traffic policy"),
+                                     ("DELETE", "/endpoints/nope/shadows/iris:2", "no traffic policy"),
+                                     ("GET", "/endpoints/nope/rollout", "no rollout"),
+                                     ("POST", "/endpoints/nope/rollout/pause", "none on record"),
+                                     ("POST", "/endpoints/nope/rollout/promote", "none on record"),
+                                     ("POST", "/endpoints/nope/rollout/explode", "unknown rollout action"),
+                                     ("GET", "/endpoints/nope/traffic/extra", "no such route")]:
+            r = await client.request(method, path)
+            assert r.status_code == 404 and reason in r.json()["error"], (method, path, r.text)
+        r = await client.post("/endpoints/nope/rollout", json={"to": "iris:2"})
+        assert r.status_code == 404 and "set its policy first" in r.json()["error"]
+    assert sink.events == [] and await TargetState(store).traffic() == {}
+
+
+async def test_rollout_body_is_checked_like_the_cli(tmp_path: Path) -> None:
+    """Plans, steps, intervals and thresholds go through make_plan: the same reasons as `rollout start`."""
+    client, sink, _ = api(tmp_path)
+    async with client:
+        assert (await client.put("/endpoints/iris/traffic", json=routes(iris_1=100))).status_code == 200
+        for body, reason in [({"to": "iris:2", "plan": "yolo"}, "unknown plan 'yolo'"),
+                             ({"to": "iris:2", "steps": [10, 50]}, "the last step must be 100"),
+                             ({"to": "iris:2", "steps": [100]}, "at least two steps"),
+                             ({"to": "iris:2", "steps": [0, 100]}, "blue-green"),
+                             ({"to": "iris:2", "interval": "soon"}, "not a duration"),
+                             ({"to": "iris:2", "interval": -5}, "interval must be positive"),
+                             ({"to": "iris:2", "log_rate": 3}, "log rate"),
+                             ({"to": "iris"}, "expected MODEL:VERSION"),
+                             ({"plan": "fast"}, "malformed JSON body"),
+                             ({"to": "iris:2", "steps": "1,10,100"}, "malformed JSON body")]:
+            bad = await client.post("/endpoints/iris/rollout", json=body)
+            assert bad.status_code == 400 and reason in bad.json()["error"], (body, bad.text)
+        assert [type(e) for e in sink.events] == [TrafficPolicy]
+        ok = await client.post("/endpoints/iris/rollout", json={
+            "to": "iris:2", "plan": "blue-green", "interval": 45, "max_error_rate": 0.02,
+            "max_latency_p99_ms": 80, "min_agreement": 0.9})
+        assert ok.status_code == 202, ok.text
+    cmd = sink.events[1]
+    assert isinstance(cmd, RolloutStep) and cmd.command and cmd.command_id == ok.json()["command_id"]
+    assert cmd.plan is not None and cmd.plan.name == "blue-green" and cmd.plan.interval_s == 45.0
+    t = cmd.plan.thresholds
+    assert (t.max_error_rate, t.max_latency_p99_ms, t.min_agreement) == (0.02, 80.0, 0.9)
+
+
+async def test_promote_and_resume_reach_the_controller_and_status_shows_history(tmp_path: Path) -> None:
+    """pause → resume → promote (the canary takes 100 %): each answered; GET rollout is `rollout status --json`."""
+    client, sink, _ = api(tmp_path)
+    async with client:
+        await client.put("/endpoints/iris/traffic", json=routes(iris_1=100))
+        started = await client.post("/endpoints/iris/rollout", json={"to": "iris:2", "steps": [5, 50, 100]})
+        assert started.status_code == 202
+        for action in ("pause", "resume", "promote"):
+            r = await client.post(f"/endpoints/iris/rollout/{action}")
+            assert r.status_code == 202 and r.json()["action"] == action, r.text
+        status = (await client.get("/endpoints/iris/rollout")).json()
+    view = await sink.view("iris")
+    assert view.rollout is not None
+    assert status["rollout_id"] == started.json()["rollout_id"] and status["steps"] == [5.0, 50.0, 100.0]
+    assert [h["action"] for h in status["history"]] == ["start", "pause", "resume", "promote", "complete"]
+    assert status["phase"] == "completed" and status["weight"] == view.rollout.weight == 100.0
+    assert {"last_analysis", "next_analysis_at", "summary", "plan", "phase"} <= status.keys()
+    reasons = [e.reason for e in sink.events if isinstance(e, RolloutStep) and e.command]
+    assert reasons == ["started through the API", "pause through the API", "resume through the API",
+                       "promote through the API"]
+
+
+async def test_put_keeps_shadows_and_bumps_the_revision(tmp_path: Path) -> None:
+    """A new split keeps the endpoint's shadow relations; each write is revision + 1, in store and on the bus."""
+    client, sink, store = api(tmp_path)
+    async with client:
+        await client.post("/endpoints/iris/shadows", json={"primary": "iris:1", "shadow": "iris:3"})
+        await client.put("/endpoints/iris/traffic", json=routes(iris_1=100))
+        r = await client.put("/endpoints/iris/traffic", json={**routes(iris_1=50, iris_2=50), "sticky_key": None})
+        assert r.status_code == 200 and r.json()["revision"] == 3 and r.json()["sticky_key"] is None
+    stored = await TargetState(store).get_traffic("iris")
+    assert stored == sink.events[-1] and stored is not None
+    assert [(s.primary, s.shadow) for s in stored.shadows] == [("iris:1", "iris:3")]
+    assert [p.revision for p in sink.events if isinstance(p, TrafficPolicy)] == [1, 2, 3]
+
+
+async def test_shadow_body_forms(tmp_path: Path) -> None:
+    """`end` (what GET answers) or `until`, epoch or text; null means no end; criteria as structs or `where`."""
+    client, _sink, store = api(tmp_path)
+    async with client:
+        r = await client.post("/endpoints/wine/shadows", json={
+            "primary": "wine", "shadow": "wine:2", "start": 1_900_000_000, "end": 1_900_003_600,
+            "criteria": [{"field": "input:alcohol", "op": "ge", "value": 12}], "where": ["param:tier in gold,silver"]})
+        assert r.status_code == 201, r.text
+        r = await client.post("/endpoints/wine/shadows", json={"primary": "wine", "shadow": "wine:3", "until": None})
+        assert r.status_code == 201, r.text
+        r = await client.post("/endpoints/wine/shadows", json={"primary": "wine", "shadow": "wine:4", "end": "never"})
+        assert r.status_code == 201, r.text
+        for body, reason in [({"primary": "wine", "shadow": "wine:5", "end": "1d", "until": "2d"}, "not both"),
+                             ({"primary": "wine", "shadow": "wine:5", "start": 10, "end": 5}, "not after the start"),
+                             ({"primary": "wine", "shadow": "wine:5", "where": ["age>=18"]}, "FIELD OP VALUE"),
+                             ({"primary": "wine", "shadow": "wine:5", "sample_rate": 1.5}, "rate"),
+                             ({"primary": "wine", "shadow": "wine:5", "rate": 0.5}, "malformed JSON body")]:
+            bad = await client.post("/endpoints/wine/shadows", json=body)
+            assert bad.status_code == 400 and reason in bad.json()["error"], (body, bad.text)
+        listed = {s["shadow"]: s for s in (await client.get("/endpoints/wine/shadows")).json()["shadows"]}
+    first = listed["wine:2"]
+    assert (first["start"], first["end"]) == (1_900_000_000, 1_900_003_600)
+    assert first["criteria"] == [{"field": "input:alcohol", "op": "ge", "value": 12},
+                                 {"field": "param:tier", "op": "in", "value": ["gold", "silver"]}]
+    assert listed["wine:3"]["end"] is None and listed["wine:4"]["end"] is None
+    stored = await TargetState(store).get_traffic("wine")
+    assert stored is not None and stored.revision == 3 and len(stored.shadows) == 3
+
+
+async def test_shadow_delete_by_primary(tmp_path: Path) -> None:
+    """DELETE ?primary= removes one relation; without it, every primary the shadow follows."""
+    client, sink, store = api(tmp_path)
+    async with client:
+        for primary in ("iris:1", "iris:2"):
+            await client.post("/endpoints/iris/shadows", json={"primary": primary, "shadow": "iris:9"})
+        assert (await client.delete("/endpoints/iris/shadows/iris:9?primary=iris:7")).status_code == 404
+        one = await client.delete("/endpoints/iris/shadows/iris:9?primary=iris:1")
+        assert one.status_code == 200 and [s["primary"] for s in one.json()["shadows"]] == ["iris:2"]
+        await client.post("/endpoints/iris/shadows", json={"primary": "iris:1", "shadow": "iris:9"})
+        every = await client.delete("/endpoints/iris/shadows/iris:9")
+        assert every.status_code == 200 and every.json()["shadows"] == []
+    stored = await TargetState(store).get_traffic("iris")
+    assert stored is not None and stored.shadows == [] and stored == sink.events[-1]
+
+
+async def test_concurrent_edits_get_distinct_revisions(tmp_path: Path) -> None:
+    """Requests racing on one endpoint are serialized: every published policy has its own revision."""
+    store, sink = LocalStore(tmp_path / "store"), TopicSink()
+
+    async def slow_view(endpoint: str) -> EndpointView:
+        await asyncio.sleep(0)  # a real read yields here; without the lock every request reads revision 0
+        return await sink.view(endpoint)
+
+    app = DeploymentApi(ApiConfig(api_token=None, max_upload_bytes=1 << 20), store, sink, TrackingView(),
+                        endpoint_views=slow_view)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingest") as client:
+        answers = await asyncio.gather(
+            *(client.put("/endpoints/iris/traffic", json=routes(iris_1=100 - w, iris_2=w)) for w in range(0, 50, 10)),
+            *(client.post("/endpoints/iris/shadows", json={"primary": "iris", "shadow": f"iris:{n}"})
+              for n in (7, 8)))
+    assert all(a.status_code in (200, 201) for a in answers), [a.text for a in answers]
+    published = [p.revision for p in sink.events if isinstance(p, TrafficPolicy)]
+    assert sorted(published) == list(range(1, 8)) == published
+    stored = await TargetState(store).get_traffic("iris")
+    assert stored is not None and stored.revision == 7 and {s.shadow for s in stored.shadows} == {"iris:7", "iris:8"}
+
+
+class DownSink:
+    async def publish(self, event: Event, *, event_id: str | None = None) -> None:
+        raise KafkaConnectionError("Unable to bootstrap from [('127.0.0.1', 1)]")
+
+
+async def test_broker_unreachable_is_503_and_leaves_the_store_alone(tmp_path: Path) -> None:
+    """No broker: reads of the traffic topic and publishes answer 503 with a reason; nothing is half-written."""
+    store = LocalStore(tmp_path / "store")
+
+    async def no_topic(endpoint: str) -> EndpointView:
+        raise KafkaConnectionError("Unable to bootstrap from [('127.0.0.1', 1)]")
+
+    down = DeploymentApi(ApiConfig(api_token=None, max_upload_bytes=1 << 20), store, DownSink(), TrackingView(),
+                         endpoint_views=no_topic)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=down), base_url="http://ingest") as client:
+        for method, path, body, reason in [
+                ("PUT", "/endpoints/iris/traffic", routes(iris_1=100), "could not read the traffic topic"),
+                ("GET", "/endpoints/iris/rollout", None, "could not read the traffic topic"),
+                ("POST", "/endpoints/iris/rollout", {"to": "iris:2"}, "could not read the traffic topic"),
+                ("POST", "/endpoints/iris/rollout/abort", None, "could not read the traffic topic"),
+                ("POST", "/endpoints/iris/shadows", {"primary": "iris", "shadow": "iris:2"},
+                 "could not publish the traffic policy")]:
+            r = await client.request(method, path, json=body)
+            assert r.status_code == 503 and reason in r.json()["error"], (method, path, r.text)
+    assert await TargetState(store).traffic() == {}
+
+    sink = TopicSink()
+    sink.events.append(TrafficPolicy(endpoint="iris", routes=[], revision=1))
+    half = DeploymentApi(ApiConfig(api_token=None, max_upload_bytes=1 << 20), store, DownSink(), TrackingView(),
+                         endpoint_views=sink.view)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=half), base_url="http://ingest") as client:
+        r = await client.put("/endpoints/iris/traffic", json=routes(iris_1=100))
+        assert r.status_code == 503 and "could not publish the traffic policy" in r.json()["error"]
+        sink.events.append(RolloutStep(endpoint="iris", rollout_id="r1", action="start", canary="iris:2",
+                                       plan=make_plan("fast")))
+        r = await client.post("/endpoints/iris/rollout/pause")
+        assert r.status_code == 503 and "could not publish the rollout command" in r.json()["error"]
+    assert await TargetState(store).traffic() == {}
+
+
+async def test_every_endpoints_route_needs_the_token(tmp_path: Path) -> None:
+    """With MODELCD_API_TOKEN set, reads and commands alike answer 401 without it (or with a wrong one)."""
+    client, sink, _ = api(tmp_path, token="s3cret")
+    async with client:
+        for method, path in [("GET", "/endpoints"), ("GET", "/endpoints/iris/traffic"),
+                             ("GET", "/endpoints/iris/shadows"), ("POST", "/endpoints/iris/shadows"),
+                             ("DELETE", "/endpoints/iris/shadows/iris:2"), ("GET", "/endpoints/iris/rollout"),
+                             ("POST", "/endpoints/iris/rollout"), ("POST", "/endpoints/iris/rollout/abort")]:
+            for headers in ({}, {"authorization": "Bearer wrong"}):
+                r = await client.request(method, path, headers=headers)
+                assert r.status_code == 401 and "bearer token" in r.json()["error"], (method, path, headers)
+                assert r.headers["www-authenticate"].startswith("Bearer")
+    assert sink.events == []

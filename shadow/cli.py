@@ -88,9 +88,10 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
 async def _save(settings: Settings, targets: Any, policy: TrafficPolicy) -> None:
     from modelcd.events.bus import KafkaConfig, Publisher
 
-    await targets.put_traffic(policy)
+    # Bus first, then store, like `traffic set` and the API: a broker that refuses changes nothing.
     async with Publisher(KafkaConfig.from_settings(settings), source="cli") as pub:
         await pub.publish(policy)
+    await targets.put_traffic(policy)
 
 
 def _targets(settings: Settings) -> Any:

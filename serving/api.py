@@ -112,17 +112,6 @@ class ServingApp:
     # ------------------------------------------------------------------ inference
 
     async def _infer(self, scope: Scope, receive: Receive, send: Send, tail: str) -> None:
-        shadow = self.shadow
-        if shadow is None or not shadow.rules:
-            await self._answer(scope, receive, send, tail)
-            return
-        shadow.request_started()  # shadow work waits for a gap between primaries
-        try:
-            await self._answer(scope, receive, send, tail)
-        finally:
-            shadow.request_finished()
-
-    async def _answer(self, scope: Scope, receive: Receive, send: Send, tail: str) -> None:
         t0 = time.perf_counter()
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         header_length: int | None = None

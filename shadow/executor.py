@@ -10,10 +10,6 @@ Invariants:
   failed by shadowing. It only matches rules and enqueues; predictions run in worker tasks,
   which first run after the request handler yields (`offer_soon` defers even the matching
   with `loop.call_soon`);
-- a worker prefers to start a job while no primary request is in flight (`request_started` /
-  `request_finished`, called by the node's request handler): it waits up to `gap_wait_s` for
-  such a gap, so shadow work fills the gaps between primaries instead of competing with them
-  for the event loop, yet is never starved by a node that is never quite idle;
 - the queue is bounded: a job that finds it full is dropped (`dropped_full`); while paused,
   new jobs are dropped and queued ones are shed (`dropped_paused`); nothing waits without bound;
 - every job taken by a worker produces exactly one ShadowPrediction: with the shadow's outputs,
@@ -28,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -89,7 +84,6 @@ class ExecutorConfig:
     workers: int = 2
     timeout_s: float = 5.0
     probe_interval_s: float = 0.1
-    gap_wait_s: float = 0.01  # longest a job waits for a moment with no primary in flight
     drain_timeout_s: float = 5.0
     limits: PressureLimits = field(default_factory=PressureLimits)
 
@@ -129,9 +123,6 @@ class ShadowExecutor:
         self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=cfg.queue_size)
         self._closed = False
         self._stopping = asyncio.Event()
-        self._in_flight = 0  # primary requests being handled
-        self._idle = asyncio.Event()
-        self._idle.set()
         # counters (monotonic, Prometheus counters)
         self.offered = 0  # primary results offered
         self.matched = 0  # (request, shadow) pairs the rules selected
@@ -193,15 +184,6 @@ class ShadowExecutor:
         }
 
     # --- the request path ----------------------------------------------------------------------------
-
-    def request_started(self) -> None:
-        self._in_flight += 1
-        self._idle.clear()
-
-    def request_finished(self) -> None:
-        self._in_flight = max(0, self._in_flight - 1)
-        if self._in_flight == 0:
-            self._idle.set()
 
     def offer(self, primary: PrimaryResult) -> int:
         """Schedule the shadows of one answered request; returns how many shadows it matched.
@@ -265,7 +247,6 @@ class ShadowExecutor:
         """Stop taking work and drain (idempotent)."""
         self._closed = True
         self._stopping.set()
-        self._idle.set()  # workers waiting for a gap drain now
 
     async def _probe(self) -> None:
         loop = asyncio.get_running_loop()
@@ -318,9 +299,6 @@ class ShadowExecutor:
         while True:
             job = await self._queue.get()
             try:
-                if not self._closed and not self._idle.is_set():  # at stop, drain without waiting
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._idle.wait(), self.config.gap_wait_s)
                 event = await self._run(job)
                 self.completed += 1
                 await self._publish(event)

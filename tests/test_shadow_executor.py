@@ -161,39 +161,3 @@ async def test_pressure_pauses_sheds_and_resumes() -> None:
     assert ex.submitted == 21 and ex.dropped_paused + len(out) == 22  # every offer accounted for
     events = [e["event"] for e in logs]
     assert "shadowing paused" in events and "shadowing resumed" in events
-
-
-async def test_shadow_work_waits_for_a_gap_between_primaries() -> None:
-    """While a primary request is in flight no shadow prediction starts (up to gap_wait_s); the gap runs them."""
-    models, out = Models(), []
-    ex = ShadowExecutor(predict=models.predict, emit=out.append, node="n1",
-                        config=ExecutorConfig(limits=NO_PRESSURE, gap_wait_s=30.0))
-    ex.update_policy(policy("ok:1"))
-    async with running(ex):
-        ex.request_started()
-        ex.request_started()  # two primaries in flight
-        assert ex.offer(primary(1)) == 1
-        for _ in range(20):
-            await asyncio.sleep(0.005)
-        assert models.calls == [] and out == []
-        ex.request_finished()
-        await asyncio.sleep(0.02)
-        assert models.calls == []  # one still in flight
-        ex.request_finished()
-        await until(lambda: len(out) == 1)
-        assert out[0].request_id == "req-1"
-
-
-async def test_a_node_never_idle_does_not_starve_shadows() -> None:
-    """With primaries always in flight, a job still runs once it waited gap_wait_s."""
-    models, out = Models(), []
-    ex = ShadowExecutor(predict=models.predict, emit=out.append, node="n1",
-                        config=ExecutorConfig(limits=NO_PRESSURE, gap_wait_s=0.02))
-    ex.update_policy(policy("ok:1"))
-    async with running(ex):
-        ex.request_started()  # and never finished
-        for i in range(3):
-            ex.offer(primary(i))
-        await until(lambda: len(out) == 3)
-        ex.request_finished()
-

@@ -173,8 +173,17 @@ class Pipeline:
                     state = model_state_for(pkg.manifest, req, package_key=key, sha256=stored_sha, runtime=runtime,
                                             resources=report.resources(), now=time.time())
                     # Target first, then the event: the store is the truth a node reconciles against,
-                    # and a crash between the two is resumed by the redelivery.
-                    await self.targets.put_model(state)
+                    # and a crash between the two is resumed by the redelivery. A new name:version is
+                    # created only if still absent: the immutability check above ran before compile and
+                    # validation, and another instance may have deployed it since.
+                    if existing is not None or not await self.targets.create_model(state):
+                        current = await self.targets.get_model(state.name, state.version)
+                        again = decide_deploy(current, await self._source_sha(current), sha, req.deployment_id)
+                        if isinstance(again, Conflict):
+                            # Its archive names this name:version, so no other target can refer to it.
+                            await self.store.delete(key)
+                            raise VersionConflict(again.reason)
+                        await self.targets.put_model(state)
                     await self.sink.publish(state)
                     out["detail"] = f"{state.name}:{state.version} serving from {state.package_uri}"
             except DeploymentRejected:

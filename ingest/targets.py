@@ -37,6 +37,10 @@ class TargetState:
     async def put_model(self, state: ModelState) -> None:
         await self.store.put(model_key(state.name, state.version), _encoder.encode(state))
 
+    async def create_model(self, state: ModelState) -> bool:
+        """Write a name:version that does not exist yet; False if one appeared meanwhile (create-only)."""
+        return await self.store.put_if_absent(model_key(state.name, state.version), _encoder.encode(state))
+
     async def get_model(self, name: str, version: str) -> ModelState | None:
         try:
             return _model_decoder.decode(await self.store.get(model_key(name, version)))

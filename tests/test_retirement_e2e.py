@@ -20,17 +20,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer
 
 from modelcd.events.broker import EmbeddedBroker, free_port
-from modelcd.events.codec import DecodeError, decode
 from modelcd.events.schemas import (
     DeploymentCompleted,
-    Event,
     NodeStatus,
     RetirementDecision,
     RetirementWarning,
@@ -43,6 +40,7 @@ from modelcd.settings import Settings
 
 from ._ingest import running_ingest
 from ._serving import _iris, eventually, running_node
+from ._watch import BusWatcher
 
 EXPIRY_S = 8  # the owner-set expiry in both manifests: warned after 4 s unused, retired after 8 s
 WAIT = 60.0  # a bound for waiting on a shared machine, never a measurement
@@ -69,45 +67,8 @@ def short_lived_package(name: str, depth: int) -> BuiltPackage:
                          sample_inputs={"input": x[:5]})
 
 
-class BusWatcher:
-    """Every event of the retirement, deploy-request and health topics, from the beginning.
-
-    One consumer reads three topics, so only the order within a topic's partition is the order
-    of publishing; `stamps` keeps each event's record timestamp to compare across topics.
-    """
-
-    def __init__(self, broker: EmbeddedBroker) -> None:
-        self.events: list[Event] = []
-        self.stamps: dict[int, int] = {}  # id(event) -> record timestamp (ms, set by the producer)
-        self._consumer = AIOKafkaConsumer(RETIREMENT, DEPLOY_REQUESTS, HEALTH, bootstrap_servers=broker.bootstrap,
-                                          group_id=None, auto_offset_reset="earliest", metadata_max_age_ms=1000)
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Self:
-        await self._consumer.start()
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-        await self._consumer.stop()
-
-    async def _run(self) -> None:
-        async for r in self._consumer:
-            try:
-                event, _ = decode(r.topic, r.value, r.headers)
-            except DecodeError:
-                continue
-            self.events.append(event)
-            self.stamps[id(event)] = r.timestamp
-
-    def about(self, model: str, *kinds: type[Event]) -> list[Event]:
-        return [e for e in self.events if isinstance(e, kinds) and getattr(e, "model", None) == model]
-
-    def statuses(self) -> list[NodeStatus]:
-        return [e for e in self.events if isinstance(e, NodeStatus) and e.node == NODE]
+def statuses(bus: BusWatcher) -> list[NodeStatus]:
+    return [e for e in bus.events if isinstance(e, NodeStatus) and e.node == NODE]
 
 
 def lists(status: NodeStatus, key: str) -> bool:
@@ -118,7 +79,7 @@ def lists(status: NodeStatus, key: str) -> bool:
 async def test_unused_model_is_warned_retired_and_unloaded_through_the_whole_path(broker: EmbeddedBroker,
                                                                                  tmp_path: Path) -> None:
     settings = e2e_settings(broker, tmp_path)
-    async with BusWatcher(broker) as bus, running_ingest(settings) as ingest, \
+    async with BusWatcher(broker.bootstrap, RETIREMENT, DEPLOY_REQUESTS, HEALTH) as bus, running_ingest(settings) as ingest, \
             RetirementProcessor(settings) as proc, running_node(settings, node_id=NODE) as node, \
             httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.ingest_port}", timeout=30.0) as api:
 
@@ -147,15 +108,15 @@ async def test_unused_model_is_warned_retired_and_unloaded_through_the_whole_pat
             assert idle_state.expiry_seconds == EXPIRY_S and idle_state.owner == "e2e-owner"
             await eventually(lambda: 200 in answers, timeout=WAIT, what="busy:1 answering")
             await eventually(lambda: _eq(ready("idle"), 200), timeout=WAIT, what="idle:1 ready on the node")
-            await eventually(lambda: any(lists(s, "idle:1") for s in bus.statuses()), timeout=WAIT,
+            await eventually(lambda: any(lists(s, "idle:1") for s in statuses(bus)), timeout=WAIT,
                              what="a heartbeat listing idle:1")
-            listed_at = next(i for i, s in enumerate(bus.statuses()) if lists(s, "idle:1"))
+            listed_at = next(i for i, s in enumerate(statuses(bus)) if lists(s, "idle:1"))
 
             # Nothing more is done to "idle": the processor, ingest and the node take it from here.
             await ingest.wait_for(lambda: any(s.target == "retired" for s in ingest.states_of("idle")), timeout=WAIT)
             await eventually(lambda: _eq(ready("idle"), 404), timeout=WAIT, what="idle:1 unknown to the node")
             await eventually(lambda: any(not lists(s, "idle:1") and lists(s, "busy:1")
-                                         for s in bus.statuses()[listed_at + 1:]),
+                                         for s in statuses(bus)[listed_at + 1:]),
                              timeout=WAIT, what="a heartbeat without idle:1")
             served_before = answers.count(200)
             await eventually(lambda: answers.count(200) >= served_before + 5, timeout=WAIT,

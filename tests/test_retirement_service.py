@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer
 
 from modelcd.events import Publisher
 from modelcd.events.broker import EmbeddedBroker
-from modelcd.events.codec import DecodeError, decode
 from modelcd.events.schemas import (
-    Event,
     ModelState,
     RetirementDecision,
     RetirementWarning,
@@ -27,54 +23,14 @@ from modelcd.events.topics import DEPLOY_REQUESTS, RETIREMENT
 from modelcd.retirement.service import RetirementProcessor
 from modelcd.settings import Settings
 
+from ._watch import BusWatcher
+
 WAIT = 60.0  # generous: the machine is shared; nothing asserts on durations
 
 
 def settings_for(broker: EmbeddedBroker, home: Path) -> Settings:
     return Settings.from_env({}, kafka_bootstrap=broker.bootstrap, kafka_idempotence=False, home=home,
                              retirement_check_interval=0.5, retirement_warn_share=0.5)
-
-
-class Watcher:
-    """Reads the retirement and deploy-request topics from the beginning into `events`."""
-
-    def __init__(self, broker: EmbeddedBroker) -> None:
-        self.events: list[Event] = []
-        self._consumer = AIOKafkaConsumer(RETIREMENT, DEPLOY_REQUESTS, bootstrap_servers=broker.bootstrap,
-                                          group_id=None, auto_offset_reset="earliest")
-        self._task: asyncio.Task[None] | None = None
-        self._changed = asyncio.Event()
-
-    async def __aenter__(self) -> Watcher:
-        await self._consumer.start()
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-        await self._consumer.stop()
-
-    async def _run(self) -> None:
-        async for r in self._consumer:
-            try:
-                event, _ = decode(r.topic, r.value, r.headers)
-            except DecodeError:
-                continue
-            self.events.append(event)
-            self._changed.set()
-
-    async def wait_for(self, pred: Callable[[list[Event]], bool], timeout: float = WAIT) -> None:
-        async def loop() -> None:
-            while not pred(self.events):
-                self._changed.clear()
-                await self._changed.wait()
-        await asyncio.wait_for(loop(), timeout)
-
-    def of(self, model: str, kind: type[Event], action: str | None = None) -> list[Event]:
-        return [e for e in self.events if isinstance(e, kind) and getattr(e, "model") == model
-                and (action is None or getattr(e, "action", None) == action)]
 
 
 def state(name: str, expiry: int, **kw: object) -> ModelState:
@@ -91,7 +47,7 @@ def used(name: str) -> UsageReport:
 async def test_unused_retired_used_kept_cancel_and_protections(broker: EmbeddedBroker, tmp_path: Path) -> None:
     """Unused: one warning then retire + RetireRequested; used: nothing; use after warning cancels; protected: skip."""
     settings = settings_for(broker, tmp_path)
-    async with Watcher(broker) as watch, Publisher(broker.config, "test") as pub, \
+    async with BusWatcher(broker.bootstrap, RETIREMENT, DEPLOY_REQUESTS) as watch, Publisher(broker.config, "test") as pub, \
             RetirementProcessor(settings) as proc:
         for ev in [state("idle", 4), state("busy", 4), state("comeback", 8), state("pinned", 2, pinned=True),
                    state("routed", 2),
@@ -139,7 +95,7 @@ async def test_unused_retired_used_kept_cancel_and_protections(broker: EmbeddedB
 async def test_restart_between_warning_and_expiry(broker: EmbeddedBroker, tmp_path: Path) -> None:
     """A worker restarted after the warning does not warn again and still retires the model."""
     settings = settings_for(broker, tmp_path)
-    async with Watcher(broker) as watch, Publisher(broker.config, "test") as pub:
+    async with BusWatcher(broker.bootstrap, RETIREMENT, DEPLOY_REQUESTS) as watch, Publisher(broker.config, "test") as pub:
         async with RetirementProcessor(settings) as first:
             await pub.publish(state("idle", 8))
             await watch.wait_for(lambda _: bool(watch.of("idle", RetirementWarning)))

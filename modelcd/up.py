@@ -90,5 +90,5 @@ def _banner(settings: Settings, nodes: int) -> str:
     ]
     for i in range(nodes):
         lines.append(f"  serving node    http://{settings.serving_host}:{settings.serving_port + i}/v2")
-    lines.append("Ctrl-C to stop.")
+    lines.append("Try: modelcd demo && modelcd deploy demo-packages/iris-1.tar  (README: Walkthrough). Ctrl-C to stop.")
     return "\n".join(lines)

@@ -21,6 +21,8 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from modelcd.ingest.package import DATATYPES  # the one OIP datatype table, shared with packages
+
 from .errors import InvalidRequest
 
 # --------------------------------------------------------------------------- wire Structs
@@ -101,21 +103,6 @@ def error_body(reason: str) -> bytes:
 
 # --------------------------------------------------------------------------- datatypes
 
-DATATYPES: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-    "BYTES": np.dtype(object),
-}
 _BY_KIND: dict[tuple[str, int], str] = {
     (dt.kind, dt.itemsize): name for name, dt in DATATYPES.items() if name != "BYTES"
 }

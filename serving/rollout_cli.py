@@ -25,10 +25,9 @@ from modelcd.settings import Settings
 
 from .rollout import PLANS, Rollout, RolloutError, make_plan, parse_duration, parse_steps, split_ref, summary
 from .traffic_ops import (
-    EndpointView, TrafficError, check_routes, control_command, load_view, set_policy, start_command, status_dict,
+    TrafficError, check_routes, control_command, load_view, set_policy, start_command, status_dict,
 )
 
-__all__ = ["EndpointView", "load_view", "register"]
 
 SOURCE = "cli"
 

@@ -34,9 +34,9 @@ from modelcd.events.broker import EmbeddedBroker, free_port
 from modelcd.events.codec import decode
 from modelcd.events.schemas import DeploymentCompleted, DeploymentFailed, ModelState
 from modelcd.events.topics import DEPLOYMENTS, MODEL_STATE
-from modelcd.ingest.package import build_package
 from modelcd.ingest.service import run_ingest
 from modelcd.logs import configure
+from modelcd.runtimes.build import build_package
 from modelcd.settings import Settings
 
 STEPS = ["validate", "compile", "serving-validation", "publish"]

@@ -26,18 +26,17 @@ import time
 from datetime import date
 from pathlib import Path
 
-
 from modelcd.events.broker import EmbeddedBroker, free_port
 from modelcd.events.bus import Publisher, read_topic
 from modelcd.events.schemas import ModelState, RetirementDecision
 from modelcd.events.topics import MODEL_STATE, RETIREMENT
 from modelcd.ingest.service import run_ingest
-from modelcd.ingest.store import open_store, put_package
-from modelcd.ingest.targets import TargetState
 from modelcd.logs import configure
 from modelcd.retirement.service import RetirementProcessor
 from modelcd.serving.node import ServingNode
 from modelcd.settings import Settings
+from modelcd.store.blobs import open_store, put_package
+from modelcd.store.targets import TargetState
 
 HERE = Path(__file__).parent
 
@@ -46,7 +45,7 @@ def package(name: str) -> tuple[bytes, object]:
     from sklearn.datasets import load_iris
     from sklearn.tree import DecisionTreeClassifier
 
-    from modelcd.ingest.package import build_package
+    from modelcd.runtimes.build import build_package
 
     x, y = load_iris(return_X_y=True)
     built = build_package(DecisionTreeClassifier(max_depth=2).fit(x, y), name=name, version="1", owner="bench",

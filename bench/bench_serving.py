@@ -129,8 +129,8 @@ def floor_app(package: Path) -> Any:
     import msgspec
     import numpy as np
 
-    from modelcd.ingest.package import read_package
-    from modelcd.serving.runtimes import load_runtime
+    from modelcd.runtimes.flavors import load_runtime
+    from modelcd.store.package import read_package
 
     pkg = read_package(package.read_bytes())
     runtime = load_runtime(pkg.manifest, pkg.contents)
@@ -165,7 +165,7 @@ def run_floor(port: int, package: Path) -> None:
 def build_package(work: Path) -> Path:
     import numpy as np
 
-    from modelcd.ingest.package import build_package as build
+    from modelcd.runtimes.build import build_package as build
 
     ns: dict[str, Any] = {}
     exec(TRAIN, ns)  # noqa: S102 - our own constant: the same training code the MLServer venv runs
@@ -179,9 +179,9 @@ def build_package(work: Path) -> Path:
 async def deploy_modelcd(package: Path, bootstrap: str, store_url: str) -> None:
     from modelcd.events.bus import KafkaConfig, Publisher
     from modelcd.events.schemas import ModelState
-    from modelcd.ingest.package import read_package
-    from modelcd.ingest.store import open_store, put_package
-    from modelcd.ingest.targets import TargetState
+    from modelcd.store.blobs import open_store, put_package
+    from modelcd.store.package import read_package
+    from modelcd.store.targets import TargetState
 
     data = package.read_bytes()
     m = read_package(data).manifest

@@ -59,12 +59,11 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_serving import hey
 from modelcd.events.broker import EmbeddedBroker, free_port
 from modelcd.events.bus import Publisher
 from modelcd.events.schemas import Route, ShadowRelation, TrafficPolicy
-from modelcd.ingest.store import open_store
-
-from bench.bench_serving import hey
+from modelcd.store.blobs import open_store
 from tests._serving import _iris, deploy, infer_body, iris_package, set_traffic
 
 BODY = infer_body([[5.1, 3.5, 1.4, 0.2]])
@@ -232,8 +231,9 @@ async def run(args: argparse.Namespace) -> str:
             await deploy(store, pub, iris_package("iris", "1", depth=3))
             await deploy(store, pub, iris_package("iris", "2", depth=2))
             if args.heavy_trees:
-                from modelcd.ingest.package import build_package
                 from sklearn.ensemble import RandomForestClassifier
+
+                from modelcd.runtimes.build import build_package
 
                 x, y = _iris()
                 forest = RandomForestClassifier(n_estimators=args.heavy_trees, random_state=0).fit(x, y)

@@ -13,12 +13,10 @@ Routes:
     GET    /models                               every name:version in the target state
     GET    /models/{name}                        the versions of one model             -> 404 if none
     DELETE /models/{name}/versions/{version}     retire                                -> 202 / 404
-    GET    /endpoints                            every endpoint's traffic policy
-    GET|PUT /endpoints/{e}/traffic               its policy (PUT: 409 while a rollout drives it)
-    GET|POST /endpoints/{e}/shadows, DELETE .../shadows/{shadow}   shadow relations
-    GET|POST /endpoints/{e}/rollout, POST .../rollout/{pause|resume|abort|promote}   -> 202
-                                                 (bodies and refusals: endpoints_api.py)
     GET    /healthz                              liveness, no token needed
+    /{prefix}/...                                routes mounted by whoever starts the API (`routes`):
+                                                 `modelcd up` mounts /endpoints (traffic policies, shadow
+                                                 relations, rollouts: modelcd.rollout.api)
 
 Every error is `{"error": reason}` with a 4xx (503 when the store or broker is unreachable);
 a bearer token is required on every route but /healthz when `settings.api_token` is set; a body
@@ -34,7 +32,7 @@ import json
 import re
 import tarfile
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote
@@ -43,12 +41,11 @@ import msgspec
 
 from modelcd.events.schemas import DeployRequested, Event, ModelState, RetireRequested, new_id
 from modelcd.logs import get_logger
+from modelcd.store.blobs import Store, StoreError, StoreUnavailable
+from modelcd.store.targets import TargetState
 
-from .endpoints_api import EndpointRoutes, ViewLoader
 from .errors import ApiError
 from .policy import UPLOAD_PREFIX, parse_package_uri, upload_key
-from .store import Store, StoreError, StoreUnavailable
-from .targets import TargetState
 from .tracking import TrackingView
 
 log = get_logger("modelcd.ingest.api")
@@ -66,6 +63,20 @@ class EventSink(Protocol):
     """Where the API publishes requests: a `Publisher`, or a fake in tests."""
 
     async def publish(self, event: Event, *, event_id: str | None = None) -> None: ...
+
+
+Response = tuple[int, Any, list[tuple[bytes, bytes]]]
+
+
+class Routes(Protocol):
+    """A group of routes mounted under one path prefix (e.g. `/endpoints`), owned by another part."""
+
+    async def handle(self, method: str, parts: list[str], body: Callable[[], Awaitable[bytes]],
+                     query: dict[str, str]) -> Response: ...
+
+
+# Builds a mounted group from the API's own target state and event sink (so it shares their checks and bus).
+RoutesFactory = Callable[[TargetState, EventSink], Routes]
 
 
 class DeployBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -94,15 +105,15 @@ class DeploymentApi:
 
     def __init__(self, config: ApiConfig, store: Store, sink: EventSink, view: TrackingView,
                  *, health: Callable[[], dict[str, Any]] | None = None,
-                 endpoint_views: ViewLoader | None = None) -> None:
+                 routes: Mapping[str, RoutesFactory] | None = None) -> None:
         self.config = config
         self.store = store
         self.targets = TargetState(store)
         self.sink = sink
         self.view = view
         self._health = health or (lambda: {})
-        # /endpoints needs the traffic topic (rollout state); without a reader those routes answer 404.
-        self.endpoints = EndpointRoutes(self.targets, sink, endpoint_views) if endpoint_views else None
+        # Mounted groups (/endpoints from the rollout part); a prefix nobody mounted answers 404.
+        self.mounted: dict[str, Routes] = {prefix: make(self.targets, sink) for prefix, make in (routes or {}).items()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -158,10 +169,11 @@ class DeploymentApi:
             case ["models", name, "versions", version]:
                 ApiError.allow(method, "DELETE")
                 return await self._retire(name, version, query)
-            case ["endpoints", *rest] if self.endpoints is not None:
-                return await self.endpoints.handle(
+            case [prefix, *rest] if prefix in self.mounted:
+                return await self.mounted[prefix].handle(
                     method, rest, lambda: _read_body(scope, receive, self.config.max_upload_bytes), query)
-        raise ApiError(404, f"no route {scope['path']}; see /deployments, /models, /endpoints, /healthz")
+        known = ", ".join(["/deployments", "/models", *(f"/{p}" for p in self.mounted), "/healthz"])
+        raise ApiError(404, f"no route {scope['path']}; see {known}")
 
     def _authorize(self, scope: Scope) -> None:
         token = self.config.api_token

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import httpx
 
-from modelcd.cli import CliError
+from modelcd.errors import CliError
 from modelcd.runner import run_main
 from modelcd.settings import Settings
 
@@ -27,11 +29,19 @@ RETIRE_STEPS = ["accepted", "retire"]
 _MARKS = {"started": "…", "succeeded": "✓", "failed": "✗", "skipped": "-", "pending": " "}
 
 
-def register(sub: Any) -> None:
+# Views of other parts that some of these commands show, handed in by the shell (modelcd/cli.py), so that this
+# part imports neither the rollout part (the /endpoints routes) nor the retirement part (`models --expiring`).
+RoutesFor = Callable[[Settings], Mapping[str, Any]]
+Command = Callable[[argparse.Namespace, Settings], int]
+
+
+def register(sub: Any, *, routes: RoutesFor | None = None, expiring: Command | None = None) -> None:
+    """Add ingest's subcommands; `routes(settings)` is mounted on the API `modelcd ingest` serves, `expiring` is
+    what `models --expiring` shows."""
     p = sub.add_parser("ingest", help="run the ingest service: deployment API + deploy-request consumer",
                        description="Serve the deployment API on MODELCD_INGEST_HOST:MODELCD_INGEST_PORT and consume "
                                    "modelcd.deploy-requests (group modelcd-ingest) until Ctrl-C.")
-    p.set_defaults(func=cmd_ingest)
+    p.set_defaults(func=functools.partial(cmd_ingest, routes=routes))
 
     p = sub.add_parser("deploy", help="deploy a package (upload a file, or point at one) and follow its progress",
                        description="Upload PACKAGE (or ask ingest to fetch --uri) through the deployment API, then "
@@ -55,7 +65,7 @@ def register(sub: Any) -> None:
     p.add_argument("name", nargs="?", help="only this model's versions")
     p.add_argument("--expiring", action="store_true",
                    help="order serving models by time to auto-retirement instead (same as `modelcd expiring`)")
-    p.set_defaults(func=cmd_models)
+    p.set_defaults(func=functools.partial(cmd_models, expiring=expiring))
 
     p = sub.add_parser("retire", help="retire a model version (its nodes unload it)")
     p.add_argument("name")
@@ -69,12 +79,12 @@ def register(sub: Any) -> None:
 # --- the service ---------------------------------------------------------------------------------
 
 
-def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
+def cmd_ingest(args: argparse.Namespace, settings: Settings, *, routes: RoutesFor | None = None) -> int:
     from .service import run_ingest
 
     async def main(stop: asyncio.Event) -> int:
         try:
-            await run_ingest(settings, stop=stop, ready=asyncio.Event())
+            await run_ingest(settings, stop=stop, ready=asyncio.Event(), routes=routes(settings) if routes else None)
         except OSError as exc:
             raise CliError(str(exc)) from None
         return 0
@@ -259,11 +269,11 @@ def cmd_deployments(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if view["status"] == "failed" else 0
 
 
-def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+def cmd_models(args: argparse.Namespace, settings: Settings, *, expiring: Command | None = None) -> int:
     if args.expiring:
-        from modelcd.retirement.cli import cmd_expiring
-
-        return cmd_expiring(args, settings)
+        if expiring is None:
+            raise CliError("`models --expiring` needs the retirement part; run `modelcd expiring`")
+        return expiring(args, settings)
     with _client(settings) as client:
         if args.name:
             models = _call(client, "GET", f"/models/{args.name}")["versions"]

@@ -34,27 +34,42 @@ from aiokafka.errors import KafkaError
 
 from modelcd.events.codec import Envelope
 from modelcd.events.schemas import (
-    DeploymentCompleted, DeploymentFailed, DeploymentProgress, DeployRequested, Event, ModelState,
+    DeploymentCompleted,
+    DeploymentFailed,
+    DeploymentProgress,
+    DeployRequested,
+    Event,
+    ModelState,
     RetireRequested,
 )
 from modelcd.events.schemas.deployments import Step, StepStatus
 from modelcd.logs import get_logger
+from modelcd.runtimes.compile import compile_package
 from modelcd.settings import Settings
+from modelcd.store.blobs import Store, StoreError, StoreNotFound, StoreUnavailable, package_key, put_package
+from modelcd.store.package import Package, PackageError, read_package
+from modelcd.store.targets import TargetState
 
 from .api import EventSink
-from .compile import compile_package
-from .errors import (
-    DeploymentRejected, PackageUnavailable, UnknownModel, ValidationFailed, VersionConflict,
-)
-from .package import Package, PackageError, read_package
+from .errors import DeploymentRejected, PackageUnavailable, UnknownModel, ValidationFailed, VersionConflict
 from .policy import (
-    UPLOAD_PREFIX, Conflict, DeploymentRecord, Noop, Proceed, Resume, check_requested_sha,
-    check_serving_needs, decide_deploy, model_state_for, parse_package_uri, record_decoder, record_encoder,
-    record_key, retired_state,
+    UPLOAD_PREFIX,
+    Conflict,
+    DeploymentRecord,
+    Noop,
+    Proceed,
+    Resume,
+    check_requested_sha,
+    check_serving_needs,
+    decide_deploy,
+    model_state_for,
+    parse_package_uri,
+    record_decoder,
+    record_encoder,
+    record_key,
+    retired_state,
 )
 from .sandbox import Sandbox
-from .store import Store, StoreError, StoreNotFound, StoreUnavailable, package_key, put_package
-from .targets import TargetState
 
 log = get_logger("modelcd.ingest.pipeline")
 

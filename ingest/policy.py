@@ -22,9 +22,9 @@ from urllib.parse import unquote, urlsplit
 import msgspec
 
 from modelcd.events.schemas import DeployRequested, ModelState, Resources
+from modelcd.store.package import Manifest
 
 from .errors import ValidationFailed
-from .package import Manifest
 
 UPLOAD_PREFIX = "uploads/"
 RECORD_PREFIX = "deployments/"

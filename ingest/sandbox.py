@@ -252,8 +252,8 @@ def _child(path: str, memory: int) -> int:
 
     import importlib
 
-    from modelcd.ingest.package import PackageError, read_package
-    from modelcd.serving.runtimes import ModelRuntimeError, load_runtime, outputs_match
+    from modelcd.runtimes.flavors import ModelRuntimeError, load_runtime, outputs_match
+    from modelcd.store.package import PackageError, read_package
 
     if path == "-":
         # The libraries nearly every package needs (scikit-learn, and ONNX Runtime it compiles to);

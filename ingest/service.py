@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import socket
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -28,13 +28,12 @@ import uvicorn
 from modelcd.events.bus import Consumer, KafkaConfig, Publisher, ensure_topics
 from modelcd.events.topics import DEPLOY_REQUESTS
 from modelcd.logs import get_logger
-from modelcd.serving.traffic_ops import load_view
 from modelcd.settings import Settings
+from modelcd.store.blobs import open_store
 
-from .api import ApiConfig, DeploymentApi
+from .api import ApiConfig, DeploymentApi, RoutesFactory
 from .pipeline import Pipeline
 from .sandbox import Sandbox
-from .store import open_store
 from .tracking import TrackingView, run_tracker
 
 log = get_logger("modelcd.ingest")
@@ -76,8 +75,12 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def run_ingest(settings: Settings, *, stop: asyncio.Event, ready: asyncio.Event) -> None:
-    """Run the ingest service until `stop` is set; raises if a part of it fails."""
+async def run_ingest(settings: Settings, *, stop: asyncio.Event, ready: asyncio.Event,
+                     routes: Mapping[str, RoutesFactory] | None = None) -> None:
+    """Run the ingest service until `stop` is set; raises if a part of it fails.
+
+    `routes` are mounted on the deployment API beside its own (`modelcd up` mounts `/endpoints`).
+    """
     cfg = KafkaConfig.from_settings(settings)
     instance = f"ingest@{socket.gethostname()}:{settings.ingest_port}"
     await ensure_topics(cfg)
@@ -103,7 +106,7 @@ async def run_ingest(settings: Settings, *, stop: asyncio.Event, ready: asyncio.
                     "deployments": pipeline.counters.copy()}
 
         api = DeploymentApi(ApiConfig(settings.api_token, settings.max_upload_bytes), store, publisher, view,
-                            health=health, endpoint_views=functools.partial(load_view, cfg))
+                            health=health, routes=routes)
         server = _Server(uvicorn.Config(api, lifespan="off", log_config=None, access_log=False,
                                         timeout_graceful_shutdown=int(HTTP_DRAIN_S)))
         async with asyncio.TaskGroup() as tg:

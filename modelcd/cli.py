@@ -1,39 +1,31 @@
-"""The `modelcd` command.
+"""The `modelcd` command: a thin shell.
 
-Each component adds its own subcommands through a `register(subparsers)` in its
-`cli.py` (ingest, serving, shadow, retirement); this module holds the shared ones:
-`up`, `broker`, `schemas`, `config`, `package`.
+Each part adds its own subcommands through a `register(subparsers)` in its `cli.py`
+(ingest, serving, shadow, rollout, retirement, and the demo); this module holds the shared
+ones (`up`, `broker`, `schemas`, `topics`, `replay`, `config`, `package`) and is the one place
+that puts parts together: the node `modelcd serve` runs gets the shadow executor, the API
+`modelcd ingest` serves gets the rollout part's `/endpoints` routes, and `models --expiring`
+shows retirement's view. No part's CLI imports another part's CLI.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from modelcd import __version__
+from modelcd.errors import CliError
 from modelcd.logs import configure, get_logger
 from modelcd.runner import run_main
 from modelcd.settings import Settings, SettingsError
 
 log = get_logger("modelcd.cli")
-
-COMPONENT_CLIS = ["modelcd.ingest.cli", "modelcd.serving.cli", "modelcd.serving.rollout_cli", "modelcd.shadow.cli",
-                  "modelcd.retirement.cli", "modelcd.demo"]
-
-
-class CliError(Exception):
-    """An error the user can fix: printed without a traceback, exit code 2 (or `code`)."""
-
-    def __init__(self, message: str, code: int = 2) -> None:
-        super().__init__(message)
-        self.code = code
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -95,9 +87,27 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("archive", type=Path)
     i.set_defaults(func=cmd_package_inspect)
 
-    for mod in COMPONENT_CLIS:
-        importlib.import_module(mod).register(sub)
+    register_parts(sub)
     return parser
+
+
+def register_parts(sub: Any) -> None:
+    """Each part's subcommands, with what one part's command needs from another handed in here."""
+    from modelcd import demo
+    from modelcd.ingest import cli as ingest_cli
+    from modelcd.retirement import cli as retirement_cli
+    from modelcd.rollout import cli as rollout_cli
+    from modelcd.rollout.api import api_routes
+    from modelcd.serving import cli as serving_cli
+    from modelcd.shadow import cli as shadow_cli
+    from modelcd.shadow.node import attach
+
+    ingest_cli.register(sub, routes=api_routes, expiring=retirement_cli.cmd_expiring)
+    serving_cli.register(sub, shadow=attach)
+    rollout_cli.register(sub)
+    shadow_cli.register(sub)
+    retirement_cli.register(sub)
+    demo.register(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -234,7 +244,8 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_package_build(args: argparse.Namespace, settings: Settings) -> int:
-    from modelcd.ingest.package import PackageError, build_from_spec
+    from modelcd.runtimes.build import build_from_spec
+    from modelcd.store.package import PackageError
 
     if not args.spec.is_file():
         raise CliError(f"spec file not found: {args.spec}")
@@ -253,7 +264,7 @@ def cmd_package_inspect(args: argparse.Namespace, settings: Settings) -> int:
 
     import msgspec
 
-    from modelcd.ingest.package import PackageError, read_package
+    from modelcd.store.package import PackageError, read_package
 
     if not args.archive.is_file():
         raise CliError(f"archive not found: {args.archive}")

@@ -58,7 +58,7 @@ def train(model: DemoModel) -> tuple[Any, Any]:
 
 
 def build_demo(out: Path, *, owner: str = "demo", expiry: str = "30d") -> list[Path]:
-    from modelcd.ingest.package import build_package
+    from modelcd.runtimes.build import build_package
 
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -85,8 +85,8 @@ def register(sub: Any) -> None:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from modelcd.cli import CliError
-    from modelcd.ingest.package import PackageError
+    from modelcd.errors import CliError
+    from modelcd.store.package import PackageError
 
     try:
         import sklearn  # noqa: F401

@@ -1,6 +1,6 @@
 """Retirement's subcommands: `modelcd retirement` (run the processor), `modelcd expiring`, `modelcd gc`.
 
-`modelcd models` belongs to ingest; `modelcd models --expiring` calls `cmd_expiring` here.
+`modelcd models` belongs to ingest; the shell hands it `cmd_expiring` for `modelcd models --expiring`.
 """
 
 from __future__ import annotations
@@ -104,9 +104,9 @@ def _ago(seconds: float) -> str:
 def cmd_expiring(args: argparse.Namespace, settings: Settings) -> int:
     from modelcd.events.bus import KafkaConfig, read_topic
     from modelcd.events.topics import USAGE
-    from modelcd.ingest.store import open_store
-    from modelcd.ingest.targets import TargetState
     from modelcd.runner import run_main
+    from modelcd.store.blobs import open_store
+    from modelcd.store.targets import TargetState
 
     async def run(stop: asyncio.Event) -> int:
         async with open_store(settings.resolved_store_url, endpoint_url=settings.s3_endpoint_url) as store:
@@ -133,8 +133,8 @@ def cmd_expiring(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_gc(args: argparse.Namespace, settings: Settings) -> int:
-    from modelcd.ingest.store import open_store
     from modelcd.runner import run_main
+    from modelcd.store.blobs import open_store
 
     from .gc import run_gc
 

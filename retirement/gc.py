@@ -19,7 +19,7 @@ from modelcd.events.schemas import ModelState
 from modelcd.logs import get_logger
 
 if TYPE_CHECKING:
-    from modelcd.ingest.store import Store
+    from modelcd.store.blobs import Store
 
 log = get_logger("modelcd.retirement.gc")
 
@@ -65,7 +65,7 @@ def plan_gc(targets: Iterable[ModelState], package_keys: Iterable[str], now: flo
 
 async def run_gc(store: Store, *, now: float, retention: float, dry_run: bool) -> list[GcItem]:
     """Plan against `store` (an ingest Store) and delete unless `dry_run`; returns the plan."""
-    from modelcd.ingest.targets import TargetState
+    from modelcd.store.targets import TargetState
 
     targets = await TargetState(store).models()
     keys = await store.list("packages/")

@@ -1,6 +1,6 @@
 """The deployment API's `/endpoints` routes: traffic policies, shadow relations and rollouts.
 
-The same checks as `modelcd traffic|shadow|rollout` (serving/traffic_ops.py, shadow/relations.py):
+The same checks as `modelcd traffic|shadow|rollout` (rollout/traffic_ops.py, shadow/relations.py):
 the CLI and the API refuse the same requests with the same reasons. Policies are published to the
 bus, then written to the store's target state (what nodes reconcile against); rollout actions are
 commands the rollout controller answers on the traffic topic.
@@ -21,11 +21,15 @@ increase, ...), 404 for an endpoint with nothing on record, 409 when a rollout i
 (`"force": true` overrides it for PUT traffic), 503 when the traffic topic cannot be read or
 written. Edits of one policy are serialized within the process, so two concurrent requests
 never both publish revision N+1 (two API processes still race, as two CLI users do).
+
+The deployment API (ingest) mounts these routes without importing this part: whoever starts it
+passes `api_routes(settings)` (`modelcd up`, `modelcd ingest`), a `RoutesFactory` per prefix.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -33,15 +37,16 @@ from typing import Any, Protocol
 import msgspec
 from aiokafka.errors import KafkaError
 
+from modelcd.events.bus import KafkaConfig
 from modelcd.events.schemas import Criterion, Event, Route, TrafficPolicy
-from modelcd.serving.rollout import RolloutError, make_plan, parse_duration
-from modelcd.serving.traffic_ops import (
-    EndpointView, TrafficError, control_command, set_policy, start_command, status_dict,
-)
+from modelcd.ingest.api import RoutesFactory
+from modelcd.ingest.errors import ApiError
+from modelcd.settings import Settings
 from modelcd.shadow.relations import RelationError, add_relation, make_relation, remove_relation
+from modelcd.store.targets import TargetState
 
-from .errors import ApiError
-from .targets import TargetState
+from .machine import RolloutError, make_plan, parse_duration
+from .traffic_ops import EndpointView, TrafficError, control_command, load_view, set_policy, start_command, status_dict
 
 Response = tuple[int, Any, list[tuple[bytes, bytes]]]
 ViewLoader = Callable[[str], Awaitable[EndpointView]]
@@ -231,3 +236,17 @@ class EndpointRoutes:
         return 202, {"endpoint": endpoint, "rollout_id": cmd.rollout_id, "command_id": cmd.command_id,
                      "status_url": f"/endpoints/{endpoint}/rollout"}, []
 
+
+
+def endpoint_routes(load_view: ViewLoader) -> RoutesFactory:
+    """The `/endpoints` routes for a deployment API, reading endpoint views with `load_view`."""
+
+    def factory(targets: TargetState, sink: Any) -> EndpointRoutes:
+        return EndpointRoutes(targets, sink, load_view)
+
+    return factory
+
+
+def api_routes(settings: Settings) -> dict[str, RoutesFactory]:
+    """What `modelcd up` and `modelcd ingest` mount on the deployment API: `/endpoints`, reading the traffic topic."""
+    return {"endpoints": endpoint_routes(functools.partial(load_view, KafkaConfig.from_settings(settings)))}

@@ -17,17 +17,14 @@ from typing import Any
 
 import msgspec
 
-from modelcd.cli import CliError
+from modelcd.errors import CliError
 from modelcd.events.bus import KafkaConfig, Publisher
-from modelcd.events.schemas import Route, RolloutStep, TrafficPolicy
+from modelcd.events.schemas import RolloutStep, Route, TrafficPolicy
 from modelcd.runner import run_main
 from modelcd.settings import Settings
 
-from .rollout import PLANS, Rollout, RolloutError, make_plan, parse_duration, parse_steps, split_ref, summary
-from .traffic_ops import (
-    TrafficError, check_routes, control_command, load_view, set_policy, start_command, status_dict,
-)
-
+from .machine import PLANS, Rollout, RolloutError, make_plan, parse_duration, parse_steps, split_ref, summary
+from .traffic_ops import TrafficError, check_routes, control_command, load_view, set_policy, start_command, status_dict
 
 SOURCE = "cli"
 
@@ -92,7 +89,7 @@ def register(sub: Any) -> None:
 
 
 def cmd_rollout_controller(args: argparse.Namespace, settings: Settings) -> int:
-    from .rollout_service import run_controller
+    from .service import run_controller
 
     async def run(stop: asyncio.Event) -> int:
         await run_controller(settings, stop=stop, ready=asyncio.Event())
@@ -174,8 +171,8 @@ def cmd_traffic_set(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _write_store(settings: Settings, policy: TrafficPolicy) -> None:
-    from modelcd.ingest.store import open_store
-    from modelcd.ingest.targets import TargetState
+    from modelcd.store.blobs import open_store
+    from modelcd.store.targets import TargetState
 
     async with open_store(settings.resolved_store_url, endpoint_url=settings.s3_endpoint_url) as store:
         await TargetState(store).put_traffic(policy)

@@ -32,15 +32,29 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from modelcd.events.bus import KafkaConfig, Publisher, partitions_of, read_topic
 from modelcd.events.codec import DecodeError, decode
 from modelcd.events.schemas import (
-    Event, PredictionLog, RolloutStep, ShadowPrediction, TrafficPolicy, UsageReport, new_id,
+    Event,
+    PredictionLog,
+    RolloutStep,
+    ShadowPrediction,
+    TrafficPolicy,
+    UsageReport,
+    new_id,
 )
 from modelcd.events.topics import PREDICTIONS, SHADOW_PREDICTIONS, TRAFFIC, USAGE
 from modelcd.logs import get_logger
 from modelcd.settings import Settings
 
 from .analysis import Analysis, ArmWindow, analyze, extract_values
-from .rollout import (
-    Rollout, RolloutError, apply, due, on_analysis, on_command, pending_commands, policy_for, same_traffic,
+from .machine import (
+    Rollout,
+    RolloutError,
+    apply,
+    due,
+    on_analysis,
+    on_command,
+    pending_commands,
+    policy_for,
+    same_traffic,
 )
 
 log = get_logger("modelcd.rollout")
@@ -366,8 +380,8 @@ async def run_controller(settings: Settings, *, stop: asyncio.Event, ready: asyn
     async with contextlib.AsyncExitStack() as stack:
         targets: TrafficSink | None = None
         try:
-            from modelcd.ingest.store import open_store
-            from modelcd.ingest.targets import TargetState
+            from modelcd.store.blobs import open_store
+            from modelcd.store.targets import TargetState
         except ImportError:  # pragma: no cover - the store ships with ingest
             log.warning("no store available: traffic policies go to the bus only")
         else:

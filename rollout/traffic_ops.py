@@ -14,10 +14,10 @@ from typing import Any, Literal
 import msgspec
 
 from modelcd.events.bus import KafkaConfig, read_topic
-from modelcd.events.schemas import Route, RolloutPlan, RolloutStep, TrafficPolicy, new_id
+from modelcd.events.schemas import RolloutPlan, RolloutStep, Route, TrafficPolicy, new_id
 from modelcd.events.topics import TRAFFIC
 
-from .rollout import Rollout, RolloutError, apply, split_ref, summary
+from .machine import Rollout, RolloutError, apply, split_ref, summary
 
 Kind = Literal["invalid", "conflict", "not_found"]
 

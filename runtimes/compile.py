@@ -21,8 +21,8 @@ from typing import Any, Final
 
 import msgspec
 
-from modelcd.ingest.package import BuiltPackage, Package, PackageError, assemble_package
-from modelcd.serving.runtimes import ModelRuntimeError, create_runtime, outputs_match
+from modelcd.runtimes.flavors import ModelRuntimeError, create_runtime, outputs_match
+from modelcd.store.package import BuiltPackage, Package, PackageError, assemble_package
 
 __all__ = ["COMPILED_FROM_LABEL", "CompileResult", "compile_package"]
 

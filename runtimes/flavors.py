@@ -47,12 +47,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol, runtime_checka
 import numpy as np
 import numpy.typing as npt
 
-from modelcd.ingest.package import DATATYPES, TensorSpec
+from modelcd.store.package import DATATYPES, TensorSpec
 
 if TYPE_CHECKING:
     from types import ModuleType
 
-    from modelcd.ingest.package import Manifest
+    from modelcd.store.package import Manifest
 
 __all__ = [
     "DEFAULT_TRUSTED_TYPES",

@@ -27,9 +27,9 @@ from typing import Any
 from modelcd import __version__
 from modelcd.events.schemas import PredictionLog
 from modelcd.logs import get_logger
-from modelcd.shadow.executor import PrimaryResult, ShadowExecutor
 
 from .errors import InvalidRequest, ModelNotFound, ModelUnavailable, PredictTimeout, ServingError
+from .hooks import PrimaryResult, ShadowHook
 from .metrics import NodeMetrics
 from .openapi import OPENAPI
 from .protocol import ServerMetadata, decode_request, encode, encode_response, error_body, tensors_to_log
@@ -62,7 +62,7 @@ class NodeState:
 
 class ServingApp:
     def __init__(self, registry: Registry, telemetry: Telemetry, metrics: NodeMetrics, state: NodeState, *,
-                 node: str, max_body: int, log_rate: float, shadow: ShadowExecutor | None = None) -> None:
+                 node: str, max_body: int, log_rate: float, shadow: ShadowHook | None = None) -> None:
         self.registry = registry
         self.telemetry = telemetry
         self.metrics = metrics

@@ -19,9 +19,9 @@ import os
 import secrets
 from pathlib import Path
 
-from modelcd.ingest.package import Package, read_package
-from modelcd.ingest.store import Store, get_package
 from modelcd.logs import get_logger
+from modelcd.store.blobs import Store, get_package
+from modelcd.store.package import Package, read_package
 
 log = get_logger("modelcd.serving.cache")
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import sys
 from typing import Any
 
 from modelcd.settings import Settings
 
+from .hooks import ShadowFactory
 
-def register(sub: Any) -> None:
+
+def register(sub: Any, *, shadow: ShadowFactory | None = None) -> None:
+    """Add `modelcd serve`; the node it runs gets `shadow` (the shell passes modelcd.shadow.node.attach)."""
     p = sub.add_parser(
         "serve", help="run one serving node (Open Inference Protocol on HTTP) until Ctrl-C",
         description="Start a serving node: it reads the target state from the broker and the store, loads what "
@@ -18,16 +22,16 @@ def register(sub: Any) -> None:
                     "SIGTERM (not ready → finish in-flight requests → flush telemetry → exit).")
     p.add_argument("--port", type=int, help="port to listen on (default MODELCD_SERVING_PORT)")
     p.add_argument("--node-id", help="name of this node in health events (default MODELCD_NODE_ID, else host:port)")
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=functools.partial(cmd_serve, shadow=shadow))
 
 
-def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+def cmd_serve(args: argparse.Namespace, settings: Settings, *, shadow: ShadowFactory | None = None) -> int:
     from modelcd.runner import run_main
 
     from .node import ServingNode
 
     async def main(stop: asyncio.Event) -> int:
-        node = ServingNode(settings, port=args.port, node_id=args.node_id)
+        node = ServingNode(settings, port=args.port, node_id=args.node_id, shadow=shadow)
         ready = asyncio.Event()
         task = asyncio.create_task(node.run(stop=stop, ready=ready))
         waiter = asyncio.ensure_future(ready.wait())

@@ -22,7 +22,7 @@ import gc
 import re
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -33,17 +33,17 @@ from modelcd.events import topics
 from modelcd.events.bus import KafkaConfig, Publisher, ensure_topics, partitions_of
 from modelcd.events.codec import DecodeError, decode
 from modelcd.events.schemas import ModelState, NodeStatus, TrafficPolicy
-from modelcd.ingest.store import Store, open_store
-from modelcd.ingest.targets import TargetState
 from modelcd.logs import get_logger
 from modelcd.settings import Settings
-from modelcd.shadow.executor import ShadowExecutor
-from modelcd.shadow.node import ShadowCollector, build_executor
+from modelcd.store.blobs import Store, open_store
+from modelcd.store.targets import TargetState
 
 from .api import NodeState, ServingApp
 from .budget import ESTIMATE_FACTOR, Candidate, estimate_size, hot_set
 from .cache import PackageCache
+from .hooks import NodeHooks, ShadowFactory, ShadowHook
 from .metrics import NodeMetrics, StateCollector
+from .protocol import tensors_to_log
 from .registry import Registry, RuntimeLoader, default_loader
 from .telemetry import Telemetry
 
@@ -64,7 +64,8 @@ class ServingNode:
     """One node. `port` is known once `run` has bound it (port 0 picks a free one)."""
 
     def __init__(self, settings: Settings, *, port: int | None = None, node_id: str | None = None,
-                 loader: RuntimeLoader = default_loader, store: Store | None = None) -> None:
+                 loader: RuntimeLoader = default_loader, store: Store | None = None,
+                 shadow: ShadowFactory | None = None) -> None:
         self.settings = settings
         self.port = settings.serving_port if port is None else port
         self.node_id = node_id or settings.node_id or f"{socket.gethostname()}:{self.port}"
@@ -74,7 +75,8 @@ class ServingNode:
         self.metrics = NodeMetrics()
         self.registry: Registry | None = None
         self.telemetry: Telemetry | None = None
-        self.shadow: ShadowExecutor | None = None
+        self._shadow_factory = shadow  # None: this node runs no shadows (modelcd up / serve pass shadow.node.attach)
+        self.shadow: ShadowHook | None = None
         self._loads: set[asyncio.Task[None]] = set()
 
     @property
@@ -95,8 +97,12 @@ class ServingNode:
             registry = self.registry = Registry(s, node=self.node_id, cache=cache, metrics=self.metrics,
                                                 telemetry=telemetry, loader=self.loader)
             self.metrics.add_collector(StateCollector(self._gauges))
-            shadow = self.shadow = build_executor(s, registry, telemetry, self.node_id)
-            self.metrics.add_collector(ShadowCollector(shadow))
+            shadow = None
+            if self._shadow_factory is not None:
+                shadow, collector = self._shadow_factory(self._hooks(registry, telemetry))
+                self.shadow = shadow
+                if collector is not None:
+                    self.metrics.add_collector(collector)
             targets = TargetState(store)
             sock = self._bind()
             app = ServingApp(registry, telemetry, self.metrics, self.state, node=self.node_id,
@@ -110,7 +116,7 @@ class ServingNode:
                     registry.start(lambda coro: self._spawn(tg, coro))
                     server_task = tg.create_task(server.serve(sockets=[sock]), name="http")
                     publisher_task = tg.create_task(telemetry.run(), name="telemetry")
-                    shadow_task = tg.create_task(shadow.run(), name="shadow")
+                    shadow_tasks = [tg.create_task(shadow.run(), name="shadow")] if shadow is not None else []
                     caught_up = asyncio.Event()
                     background = [tg.create_task(self._follow(cfg, caught_up), name="state-follower")]
                     if await _first(caught_up.wait(), stop.wait()) and not stop.is_set():
@@ -134,7 +140,7 @@ class ServingNode:
                         log.info("serving node ready", node=self.node_id, url=self.url,
                                  loaded=len(registry.loaded_keys()), known=len(registry.entries))
                     await stop.wait()
-                    await self._drain(server, server_task, publisher_task, [shadow_task, *background])
+                    await self._drain(server, server_task, publisher_task, [*shadow_tasks, *background])
             finally:
                 registry.close()
 
@@ -204,6 +210,29 @@ class ServingNode:
                         caught_up.set()
         finally:
             await consumer.stop()
+
+    def _hooks(self, registry: Registry, telemetry: Telemetry) -> NodeHooks:
+        """What this node lends its shadow executor: its own predict path, signatures, telemetry buffer."""
+        import numpy as np
+
+        async def predict(model: str, version: str, inputs: Mapping[str, Any]) -> tuple[Any, float]:
+            entry, _ = registry.resolve(model, version)
+            loaded = entry.loaded or await registry.acquire(entry)
+            arrays = {k: v if isinstance(v, np.ndarray) else np.asarray(v) for k, v in inputs.items()}
+            first = next(iter(arrays.values()), None)
+            rows = int(first.shape[0]) if first is not None and first.ndim else 1
+            t0 = time.perf_counter()
+            outputs = await registry.predict(entry, loaded, arrays, rows)
+            return outputs, (time.perf_counter() - t0) * 1000.0
+
+        def input_names(model: str, version: str) -> list[str] | None:
+            entry = registry.entries.get(f"{model}:{version}")
+            if entry is None or entry.loaded is None:
+                return None  # not loaded yet: its signature is unknown, it gets the request's inputs
+            return [spec.name for spec in entry.loaded.manifest.inputs]
+
+        return NodeHooks(node_id=self.node_id, settings=self.settings, predict=predict, input_names=input_names,
+                         emit=telemetry.offer, convert=tensors_to_log)
 
     async def _reconcile(self, targets: TargetState, cache: PackageCache) -> None:
         assert self.registry is not None
@@ -324,6 +353,7 @@ async def _first(*aws: Any) -> bool:
 
 
 async def run_node(settings: Settings, *, stop: asyncio.Event, ready: asyncio.Event, port: int | None = None,
-                   node_id: str | None = None, loader: RuntimeLoader = default_loader) -> None:
+                   node_id: str | None = None, loader: RuntimeLoader = default_loader,
+                   shadow: ShadowFactory | None = None) -> None:
     """Run one serving node until `stop` is set (the shape `modelcd up` and `modelcd serve` start)."""
-    await ServingNode(settings, port=port, node_id=node_id, loader=loader).run(stop=stop, ready=ready)
+    await ServingNode(settings, port=port, node_id=node_id, loader=loader, shadow=shadow).run(stop=stop, ready=ready)

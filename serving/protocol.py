@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from modelcd.ingest.package import DATATYPES  # the one OIP datatype table, shared with packages
+from modelcd.store.package import DATATYPES  # the one OIP datatype table, shared with packages
 
 from .errors import InvalidRequest
 

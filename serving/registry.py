@@ -30,9 +30,9 @@ from typing import Any, Literal
 import numpy as np
 
 from modelcd.events.schemas import LoadedModel, ModelHealth, ModelState, Route, TrafficPolicy
-from modelcd.ingest.package import Manifest, Package, Samples
 from modelcd.logs import get_logger
 from modelcd.settings import Settings
+from modelcd.store.package import Manifest, Package, Samples
 
 from .budget import Resident, estimate_size, plan_eviction
 from .cache import PackageCache
@@ -56,13 +56,13 @@ MAX_INLINE_ROWS = 1 << 16
 
 
 def default_loader(pkg: Package) -> Any:
-    from .runtimes import load_runtime
+    from modelcd.runtimes.flavors import load_runtime
 
     return load_runtime(pkg.manifest, pkg.contents)
 
 
 def _outputs_match(expected: Mapping[str, Any], actual: Mapping[str, Any], tolerance: float) -> str | None:
-    from .runtimes import outputs_match
+    from modelcd.runtimes.flavors import outputs_match
 
     return outputs_match(expected, actual, tolerance)
 
@@ -558,7 +558,7 @@ def _reason(exc: BaseException) -> str:
 
 
 def _predict_error(entry: ModelEntry, exc: Exception) -> Exception:
-    from .runtimes import InvalidInputError
+    from modelcd.runtimes.flavors import InvalidInputError
 
     if isinstance(exc, InvalidInputError):
         return InvalidRequest(str(exc))

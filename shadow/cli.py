@@ -66,7 +66,7 @@ def register(sub: Any) -> None:
 
 
 def _fail(message: str) -> Exception:
-    from modelcd.cli import CliError
+    from modelcd.errors import CliError
 
     return CliError(message)
 
@@ -95,13 +95,13 @@ async def _save(settings: Settings, targets: Any, policy: TrafficPolicy) -> None
 
 
 def _targets(settings: Settings) -> Any:
-    from modelcd.ingest.store import open_store
+    from modelcd.store.blobs import open_store
 
     return open_store(settings.resolved_store_url, endpoint_url=settings.s3_endpoint_url)
 
 
 def cmd_add(args: argparse.Namespace, settings: Settings) -> int:
-    from modelcd.ingest.targets import TargetState
+    from modelcd.store.targets import TargetState
 
     now = time.time()
     try:
@@ -128,7 +128,7 @@ def cmd_add(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_remove(args: argparse.Namespace, settings: Settings) -> int:
-    from modelcd.ingest.targets import TargetState
+    from modelcd.store.targets import TargetState
 
     async def run(stop: asyncio.Event) -> int:
         now = time.time()
@@ -156,7 +156,7 @@ def cmd_remove(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
-    from modelcd.ingest.targets import TargetState
+    from modelcd.store.targets import TargetState
 
     async def run(stop: asyncio.Event) -> int:
         now = time.time()

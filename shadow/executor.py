@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 from modelcd.events.schemas import ShadowPrediction, TrafficPolicy
 from modelcd.logs import get_logger
+from modelcd.serving.hooks import PrimaryResult
 
 from .criteria import RequestView, ShadowRules, ShadowTarget
 from .features import FeatureFetcher
@@ -53,22 +54,6 @@ class ShadowPredict(Protocol):
 # Publishes one ShadowPrediction; returning False (a full buffer) counts it as not published.
 Emit = Callable[[ShadowPrediction], Awaitable[bool | None] | bool | None]
 Needs = Callable[[str, str], Sequence[str] | None]
-
-
-@dataclass(frozen=True, slots=True)
-class PrimaryResult:
-    """What the node hands over once the primary answered."""
-
-    request_id: str
-    model: str
-    version: str
-    inputs: Mapping[str, Any]  # name -> value (the request's inputs plus features looked up for the primary)
-    outputs: Any  # JSON-ready dict, or raw (numpy arrays) converted by the executor's `convert` off the request path
-    latency_ms: float
-    headers: Mapping[str, str] | Sequence[tuple[bytes, bytes]] = field(default_factory=dict)  # or ASGI's pairs
-    params: Mapping[str, Any] = field(default_factory=dict)
-    entity: str | None = None  # feature-store entity id, when the request names one
-    at: float | None = None  # when the primary answered (epoch seconds); None: now
 
 
 @dataclass(frozen=True, slots=True)

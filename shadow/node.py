@@ -1,24 +1,24 @@
-"""The adapter between a serving node and its ShadowExecutor: the one module that knows both.
+"""The shadow side of the node's hooks: `attach` is the `ShadowFactory` a serving node is given.
 
-`build_executor(settings, registry, telemetry, node_id)` returns an executor whose `predict`
-runs a shadow exactly as the node runs any model (registry resolve -> acquire -> predict:
-inline or in the pool, with the node's prediction timeout), whose `emit` is the node's bounded
-telemetry buffer, and whose `convert` turns numpy outputs into the JSON the prediction log uses.
-`ShadowCollector` exposes the executor's counters and gauges on the node's /metrics.
+`attach(hooks)` builds the executor from what the node lends (modelcd.serving.hooks): `predict`
+runs a shadow exactly as the node runs any model (registry resolve -> acquire -> predict, with
+the node's prediction timeout), `emit` is the node's bounded telemetry buffer, `convert` turns
+numpy outputs into the JSON the prediction log uses, `input_names` tells which features a shadow
+needs. `ShadowCollector` exposes the executor's counters and gauges on the node's /metrics.
 
-The serving package imports this module (see shadow/__init__.py for the five wiring points);
-this module imports serving's registry and protocol lazily, so shadow's pure parts never need
-serving's dependencies.
+This module knows only the hooks' interface, never the node's registry or protocol modules; the
+node knows only `ShadowHook`. `modelcd up` / `modelcd serve` pass `attach` to the node.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from modelcd.serving.hooks import NodeHooks
 
 from .executor import ExecutorConfig, ShadowExecutor
 from .features import FeatureFetcher, RedisFeatureStore
@@ -37,33 +37,19 @@ _COUNTERS = {
 }
 
 
-def build_executor(settings: Any, registry: Any, telemetry: Any, node_id: str) -> ShadowExecutor:
-    """The node's executor (not started: run `executor.run()` in the node's TaskGroup)."""
-    import numpy as np
+def attach(hooks: NodeHooks) -> tuple[ShadowExecutor, ShadowCollector]:
+    """The node's executor (not started: the node runs `executor.run()` in its TaskGroup) and its collector.
 
-    from modelcd.serving.protocol import tensors_to_log
-
-    async def predict(model: str, version: str, inputs: Mapping[str, Any]) -> tuple[Any, float]:
-        entry, _ = registry.resolve(model, version)
-        loaded = entry.loaded or await registry.acquire(entry)
-        arrays = {k: v if isinstance(v, np.ndarray) else np.asarray(v) for k, v in inputs.items()}
-        first = next(iter(arrays.values()), None)
-        rows = int(first.shape[0]) if first is not None and first.ndim else 1
-        t0 = time.perf_counter()
-        outputs = await registry.predict(entry, loaded, arrays, rows)
-        return outputs, (time.perf_counter() - t0) * 1000.0
-
-    def needs(model: str, version: str) -> list[str] | None:
-        entry = registry.entries.get(f"{model}:{version}")
-        if entry is None or entry.loaded is None:
-            return None  # not loaded yet: its signature is unknown, it gets the request's inputs
-        return [spec.name for spec in entry.loaded.manifest.inputs]
-
+    This is the `ShadowFactory` (modelcd.serving.hooks) that `modelcd up` and `modelcd serve` hand a node.
+    """
+    settings = hooks.settings
     features = None
-    if getattr(settings, "feature_store_url", None):
+    if settings.feature_store_url:
         features = FeatureFetcher(RedisFeatureStore.from_url(settings.feature_store_url))
-    return ShadowExecutor(predict=predict, emit=telemetry.offer, node=node_id, config=ExecutorConfig.from_settings(settings),
-                          features=features, needs=needs, convert=tensors_to_log)
+    executor = ShadowExecutor(predict=hooks.predict, emit=hooks.emit, node=hooks.node_id,
+                              config=ExecutorConfig.from_settings(settings), features=features,
+                              needs=hooks.input_names, convert=hooks.convert)
+    return executor, ShadowCollector(executor)
 
 
 class ShadowCollector(Collector):

@@ -13,7 +13,7 @@ import msgspec
 
 from modelcd.events.schemas import ModelState, TrafficPolicy
 
-from .store import Store, StoreNotFound
+from .blobs import Store, StoreNotFound
 
 _model_decoder = msgspec.json.Decoder(ModelState)
 _traffic_decoder = msgspec.json.Decoder(TrafficPolicy)

@@ -23,9 +23,11 @@ from modelcd.events.bus import KafkaConfig
 from modelcd.events.codec import decode
 from modelcd.events.schemas import DeploymentCompleted, DeploymentFailed, Event, ModelState
 from modelcd.events.topics import DEPLOYMENTS, MODEL_STATE
-from modelcd.ingest.package import BuiltPackage, Manifest, TensorSpec, assemble_package, build_package, encode_samples
 from modelcd.ingest.service import run_ingest
+from modelcd.rollout.api import api_routes
+from modelcd.runtimes.build import build_package
 from modelcd.settings import Settings
+from modelcd.store.package import BuiltPackage, Manifest, TensorSpec, assemble_package, encode_samples
 
 FULL_SEQUENCE = [
     ("accepted", "succeeded"),
@@ -194,7 +196,7 @@ async def running_ingest(settings: Settings) -> AsyncIterator[Watcher]:
     stop, ready = asyncio.Event(), asyncio.Event()
     watcher = Watcher(KafkaConfig(bootstrap=settings.bootstrap, partitions=settings.topic_partitions))
     async with asyncio.TaskGroup() as tg:
-        service = tg.create_task(run_ingest(settings, stop=stop, ready=ready))
+        service = tg.create_task(run_ingest(settings, stop=stop, ready=ready, routes=api_routes(settings)))
         async with asyncio.timeout(60):
             waiter = asyncio.ensure_future(ready.wait())
             await asyncio.wait({service, waiter}, return_when=asyncio.FIRST_COMPLETED)

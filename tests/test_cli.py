@@ -99,7 +99,7 @@ async def test_replay_state_prints_last_write_per_key(broker: EmbeddedBroker) ->
 def test_demo_builds_packages_that_read_back(tmp_path: Path) -> None:
     """`modelcd demo` writes one valid package per demo model, each verified on its own samples."""
     from modelcd.demo import DEMO_MODELS
-    from modelcd.ingest.package import read_package
+    from modelcd.store.package import read_package
 
     proc = subprocess.run([*MODELCD, "demo", "--out", str(tmp_path / "pk"), "--expiry", "2h"], capture_output=True,
                           text=True, env=clean_env())

@@ -10,9 +10,10 @@ from sklearn.linear_model import LinearRegression, LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
-from modelcd.ingest.compile import COMPILED_FROM_LABEL, CompileResult, compile_package
-from modelcd.ingest.package import BuiltPackage, Package, build_package, read_package
-from modelcd.serving.runtimes import load_runtime, outputs_match
+from modelcd.runtimes.build import build_package
+from modelcd.runtimes.compile import COMPILED_FROM_LABEL, CompileResult, compile_package
+from modelcd.runtimes.flavors import load_runtime, outputs_match
+from modelcd.store.package import BuiltPackage, Package, read_package
 
 IRIS_X, IRIS_Y = load_iris(return_X_y=True)
 DIAB_X, DIAB_Y = load_diabetes(return_X_y=True)

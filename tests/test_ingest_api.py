@@ -9,9 +9,9 @@ import pytest
 
 from modelcd.events.schemas import DeployRequested, Event, ModelState, RetireRequested
 from modelcd.ingest.api import ApiConfig, DeploymentApi
-from modelcd.ingest.store import LocalStore
-from modelcd.ingest.targets import TargetState
 from modelcd.ingest.tracking import TrackingView
+from modelcd.store.blobs import LocalStore
+from modelcd.store.targets import TargetState
 
 
 class FakeSink:

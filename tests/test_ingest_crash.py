@@ -15,7 +15,7 @@ import pytest
 from modelcd.events import Publisher
 from modelcd.events.broker import EmbeddedBroker, free_port
 from modelcd.events.schemas import DeploymentCompleted, DeployRequested
-from modelcd.ingest.package import build_package
+from modelcd.runtimes.build import build_package
 
 from ._ingest import Watcher
 

@@ -15,8 +15,8 @@ from aiokafka import AIOKafkaProducer
 
 from modelcd.events.broker import EmbeddedBroker, free_port
 from modelcd.events.schemas import DeploymentCompleted, DeployRequested
-from modelcd.ingest.store import open_store
-from modelcd.ingest.targets import TargetState
+from modelcd.store.blobs import open_store
+from modelcd.store.targets import TargetState
 
 from ._ingest import FULL_SEQUENCE, iris_package, running_ingest, settings_for, with_tampered_member
 

@@ -20,11 +20,12 @@ from modelcd.events.broker import EmbeddedBroker
 from modelcd.events.bus import Publisher
 from modelcd.events.schemas import Event, RolloutStep, TrafficPolicy
 from modelcd.ingest.api import ApiConfig, DeploymentApi
-from modelcd.ingest.store import LocalStore
-from modelcd.ingest.targets import TargetState
 from modelcd.ingest.tracking import TrackingView
-from modelcd.serving.rollout import make_plan, on_command
-from modelcd.serving.traffic_ops import EndpointView, load_view
+from modelcd.rollout.api import endpoint_routes
+from modelcd.rollout.machine import make_plan, on_command
+from modelcd.rollout.traffic_ops import EndpointView, load_view
+from modelcd.store.blobs import LocalStore
+from modelcd.store.targets import TargetState
 
 
 class TopicSink:
@@ -46,7 +47,7 @@ class TopicSink:
 def api(tmp_path: Path, token: str | None = None) -> tuple[httpx.AsyncClient, TopicSink, LocalStore]:
     store, sink = LocalStore(tmp_path / "store"), TopicSink()
     app = DeploymentApi(ApiConfig(api_token=token, max_upload_bytes=1 << 20), store, sink, TrackingView(),
-                        endpoint_views=sink.view)
+                        routes={"endpoints": endpoint_routes(sink.view)})
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingest"), sink, store
 
 
@@ -173,7 +174,7 @@ async def test_policy_set_through_the_api_is_what_the_cli_reads(broker: Embedded
     store = LocalStore(tmp_path / "store")
     async with Publisher(broker.config, "api") as pub:
         app = DeploymentApi(ApiConfig(api_token=None, max_upload_bytes=1 << 20), store, pub, TrackingView(),
-                            endpoint_views=functools.partial(load_view, broker.config))
+                            routes={"endpoints": endpoint_routes(functools.partial(load_view, broker.config))})
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingest") as client:
             r = await client.put("/endpoints/wine/traffic", json=routes(wine_1=70, wine_2=30))
             assert r.status_code == 200, r.text
@@ -323,7 +324,7 @@ async def test_concurrent_edits_get_distinct_revisions(tmp_path: Path) -> None:
         return await sink.view(endpoint)
 
     app = DeploymentApi(ApiConfig(api_token=None, max_upload_bytes=1 << 20), store, sink, TrackingView(),
-                        endpoint_views=slow_view)
+                        routes={"endpoints": endpoint_routes(slow_view)})
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingest") as client:
         answers = await asyncio.gather(
             *(client.put("/endpoints/iris/traffic", json=routes(iris_1=100 - w, iris_2=w)) for w in range(0, 50, 10)),
@@ -349,7 +350,7 @@ async def test_broker_unreachable_is_503_and_leaves_the_store_alone(tmp_path: Pa
         raise KafkaConnectionError("Unable to bootstrap from [('127.0.0.1', 1)]")
 
     down = DeploymentApi(ApiConfig(api_token=None, max_upload_bytes=1 << 20), store, DownSink(), TrackingView(),
-                         endpoint_views=no_topic)
+                         routes={"endpoints": endpoint_routes(no_topic)})
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=down), base_url="http://ingest") as client:
         for method, path, body, reason in [
                 ("PUT", "/endpoints/iris/traffic", routes(iris_1=100), "could not read the traffic topic"),
@@ -365,7 +366,7 @@ async def test_broker_unreachable_is_503_and_leaves_the_store_alone(tmp_path: Pa
     sink = TopicSink()
     sink.events.append(TrafficPolicy(endpoint="iris", routes=[], revision=1))
     half = DeploymentApi(ApiConfig(api_token=None, max_upload_bytes=1 << 20), store, DownSink(), TrackingView(),
-                         endpoint_views=sink.view)
+                         routes={"endpoints": endpoint_routes(sink.view)})
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=half), base_url="http://ingest") as client:
         r = await client.put("/endpoints/iris/traffic", json=routes(iris_1=100))
         assert r.status_code == 503 and "could not publish the traffic policy" in r.json()["error"]

@@ -13,14 +13,23 @@ import pytest
 from modelcd.events import Publisher
 from modelcd.events.broker import EmbeddedBroker, free_port
 from modelcd.events.schemas import DeploymentCompleted, DeploymentFailed, DeployRequested, RetireRequested
-from modelcd.ingest.package import read_package
-from modelcd.ingest.store import LocalStore, get_package
-from modelcd.ingest.targets import TargetState
-from modelcd.serving.runtimes import load_runtime, outputs_match
+from modelcd.runtimes.flavors import load_runtime, outputs_match
+from modelcd.store.blobs import LocalStore, get_package
+from modelcd.store.package import read_package
+from modelcd.store.targets import TargetState
 
 from ._ingest import (
-    FULL_SEQUENCE, Watcher, endless_loop_onnx, iris_package, members_of, onnx_package, running_ingest, settings_for,
-    tar_of, with_tampered_member, without_manifest_item,
+    FULL_SEQUENCE,
+    Watcher,
+    endless_loop_onnx,
+    iris_package,
+    members_of,
+    onnx_package,
+    running_ingest,
+    settings_for,
+    tar_of,
+    with_tampered_member,
+    without_manifest_item,
 )
 
 

@@ -13,9 +13,9 @@ import msgspec
 from modelcd.events.schemas import DeploymentCompleted, DeploymentFailed, DeployRequested, Event, ModelState
 from modelcd.ingest.pipeline import Pipeline
 from modelcd.ingest.sandbox import Sandbox, SandboxReport
-from modelcd.ingest.store import LocalStore
-from modelcd.ingest.targets import TargetState
 from modelcd.settings import Settings
+from modelcd.store.blobs import LocalStore
+from modelcd.store.targets import TargetState
 
 from ._ingest import iris_package, sha
 

@@ -19,23 +19,9 @@ import skops.io as sio
 from sklearn.datasets import load_diabetes, load_iris
 from sklearn.linear_model import LinearRegression, LogisticRegression
 
-from modelcd.ingest.package import (
-    BuiltPackage,
-    PackageError,
-    TensorSpec,
-    build_from_spec,
-    build_package,
-    extract_package,
-    parse_duration,
-    read_package,
-)
-from modelcd.serving.runtimes import (
-    InvalidInputError,
-    MissingExtraError,
-    ModelLoadError,
-    load_runtime,
-    outputs_match,
-)
+from modelcd.runtimes.build import build_from_spec, build_package
+from modelcd.runtimes.flavors import InvalidInputError, MissingExtraError, ModelLoadError, load_runtime, outputs_match
+from modelcd.store.package import BuiltPackage, PackageError, TensorSpec, extract_package, parse_duration, read_package
 
 IRIS_X, IRIS_Y = load_iris(return_X_y=True)
 DIAB_X, DIAB_Y = load_diabetes(return_X_y=True)

@@ -34,9 +34,10 @@ from modelcd.events.schemas import (
     RetireRequested,
 )
 from modelcd.events.topics import DEPLOY_REQUESTS, HEALTH, RETIREMENT
-from modelcd.ingest.package import BuiltPackage, build_package
 from modelcd.retirement.service import RetirementProcessor
+from modelcd.runtimes.build import build_package
 from modelcd.settings import Settings
+from modelcd.store.package import BuiltPackage
 
 from ._ingest import running_ingest
 from ._serving import _iris, eventually, running_node

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 from modelcd.events.schemas import ModelState, Route, TrafficPolicy, UsageReport
-from modelcd.ingest.store import LocalStore, package_key
-from modelcd.ingest.targets import TargetState
 from modelcd.retirement.cli import expiring
 from modelcd.retirement.gc import plan_gc, run_gc
+from modelcd.store.blobs import LocalStore, package_key
+from modelcd.store.targets import TargetState
 
 NOW = 10_000_000.0
 DAY = 86400.0

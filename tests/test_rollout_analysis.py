@@ -8,9 +8,18 @@ import random
 import pytest
 
 from modelcd.events.schemas import AnalysisThresholds
-from modelcd.serving.analysis import (
-    ArmWindow, Status, Verdict, analyze, extract_values, kolmogorov_sf, ks_2samp, label_overlap, quantile,
-    quantile_interval, wilson_interval,
+from modelcd.rollout.analysis import (
+    ArmWindow,
+    Status,
+    Verdict,
+    analyze,
+    extract_values,
+    kolmogorov_sf,
+    ks_2samp,
+    label_overlap,
+    quantile,
+    quantile_interval,
+    wilson_interval,
 )
 
 T = AnalysisThresholds(min_requests=50, min_latency_samples=50, min_divergence_samples=200,

@@ -14,12 +14,18 @@ import pytest
 from modelcd.events.broker import EmbeddedBroker
 from modelcd.events.bus import KafkaConfig, Publisher, read_topic
 from modelcd.events.schemas import (
-    PredictionLog, RolloutPlan, RolloutStep, Route, ShadowPrediction, TrafficPolicy, new_id,
+    PredictionLog,
+    RolloutPlan,
+    RolloutStep,
+    Route,
+    ShadowPrediction,
+    TrafficPolicy,
+    new_id,
 )
 from modelcd.events.topics import TRAFFIC
-from modelcd.serving.rollout import Phase, make_plan
-from modelcd.serving.rollout_cli import _send
-from modelcd.serving.rollout_service import RolloutController
+from modelcd.rollout.cli import _send
+from modelcd.rollout.machine import Phase, make_plan
+from modelcd.rollout.service import RolloutController
 
 WAIT = 30.0  # seconds: an upper bound on every wait, never a performance threshold
 

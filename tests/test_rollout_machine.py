@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import pytest
 
-from modelcd.events.schemas import Route, RolloutStep, TrafficPolicy
-from modelcd.serving.analysis import Analysis, Check, Status, Verdict
-from modelcd.serving.rollout import (
-    PLANS, Phase, Rollout, RolloutError, apply, fold, make_plan, on_analysis, on_command, parse_duration,
-    parse_steps, pending_commands, policy_for, same_traffic,
+from modelcd.events.schemas import RolloutStep, Route, TrafficPolicy
+from modelcd.rollout.analysis import Analysis, Check, Status, Verdict
+from modelcd.rollout.machine import (
+    PLANS,
+    Phase,
+    Rollout,
+    RolloutError,
+    apply,
+    fold,
+    make_plan,
+    on_analysis,
+    on_command,
+    parse_duration,
+    parse_steps,
+    pending_commands,
+    policy_for,
+    same_traffic,
 )
 
 POLICY = TrafficPolicy(endpoint="iris", routes=[Route(model="iris", version="1", weight=100.0)], sticky_key="user")

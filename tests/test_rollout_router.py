@@ -6,7 +6,7 @@ import random
 from collections import Counter
 
 from modelcd.events.schemas import Route, TrafficPolicy
-from modelcd.serving.rollout import Rollout, make_plan, policy_for
+from modelcd.rollout.machine import Rollout, make_plan, policy_for
 from modelcd.serving.router import CompiledPolicy, compile_policy
 
 KEYS = [f"user-{i}" for i in range(20_000)]

@@ -12,9 +12,9 @@ import pytest
 
 from modelcd.events.broker import EmbeddedBroker
 from modelcd.events.bus import Publisher, read_topic
-from modelcd.ingest.package import assemble_package, read_package
-from modelcd.ingest.store import open_store
 from modelcd.serving.registry import default_loader
+from modelcd.store.blobs import open_store
+from modelcd.store.package import assemble_package, read_package
 
 from ._serving import MB, deploy, eventually, infer_body, iris_package, node_settings, running_node
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from modelcd.events.broker import EmbeddedBroker
 from modelcd.events.bus import Publisher
-from modelcd.ingest.store import open_store
+from modelcd.store.blobs import open_store
 
 from ._serving import deploy, eventually, iris_package, node_settings, retire, running_node
 
@@ -93,8 +93,9 @@ async def test_restart_comes_back_to_exactly_the_target_state(broker: EmbeddedBr
         # and retire b in the store only (its event lost too).
         await retire(store, pub, a)
         await deploy(store, None, iris_package("c", "1"), publish=False)
-        from modelcd.ingest.targets import TargetState
         import msgspec
+
+        from modelcd.store.targets import TargetState
         b = await TargetState(store).get_model("b", "1")
         assert b is not None
         await TargetState(store).put_model(msgspec.structs.replace(b, target="retired", at=b.at + 1))

@@ -10,10 +10,18 @@ import numpy as np
 from modelcd.events.broker import EmbeddedBroker
 from modelcd.events.bus import Publisher, read_topic
 from modelcd.events.schemas import Route, TrafficPolicy
-from modelcd.ingest.store import open_store
+from modelcd.store.blobs import open_store
 
 from ._serving import (
-    MB, deploy, eventually, infer_body, iris_package, iris_rows, node_settings, running_node, set_traffic,
+    MB,
+    deploy,
+    eventually,
+    infer_body,
+    iris_package,
+    iris_rows,
+    node_settings,
+    running_node,
+    set_traffic,
 )
 
 

@@ -11,9 +11,8 @@ from modelcd.events.broker import EmbeddedBroker
 from modelcd.events.bus import read_state
 from modelcd.events.schemas import TrafficPolicy
 from modelcd.events.topics import TRAFFIC
-from modelcd.ingest.store import open_store
-from modelcd.ingest.targets import TargetState
-
+from modelcd.store.blobs import open_store
+from modelcd.store.targets import TargetState
 
 ENTRY = "import sys; from modelcd.cli import main; sys.exit(main())"
 

@@ -13,12 +13,10 @@ from structlog.testing import capture_logs
 from modelcd.events.broker import EmbeddedBroker
 from modelcd.events.bus import Publisher
 from modelcd.events.codec import decode
-from modelcd.events.schemas import (
-    Criterion, PredictionLog, Route, ShadowPrediction, ShadowRelation, TrafficPolicy,
-)
+from modelcd.events.schemas import Criterion, PredictionLog, Route, ShadowPrediction, ShadowRelation, TrafficPolicy
 from modelcd.events.topics import PREDICTIONS, SHADOW_PREDICTIONS
-from modelcd.ingest.store import open_store
 from modelcd.serving.registry import default_loader
+from modelcd.store.blobs import open_store
 
 from ._serving import deploy, eventually, infer_body, iris_package, iris_rows, node_settings, running_node, set_traffic
 

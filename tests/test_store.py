@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from modelcd.ingest.store import (
+from modelcd.store.blobs import (
     LocalStore,
     S3Store,
     Store,

@@ -97,13 +97,12 @@ def register_parts(sub: Any) -> None:
     from modelcd.ingest import cli as ingest_cli
     from modelcd.retirement import cli as retirement_cli
     from modelcd.rollout import cli as rollout_cli
-    from modelcd.rollout.api import api_routes
     from modelcd.serving import cli as serving_cli
     from modelcd.shadow import cli as shadow_cli
-    from modelcd.shadow.node import attach
+    from modelcd.wiring import api_routes, node_shadow
 
     ingest_cli.register(sub, routes=api_routes, expiring=retirement_cli.cmd_expiring)
-    serving_cli.register(sub, shadow=attach)
+    serving_cli.register(sub, shadow=node_shadow())
     rollout_cli.register(sub)
     shadow_cli.register(sub)
     retirement_cli.register(sub)

@@ -28,16 +28,15 @@ def components(settings: Settings, nodes: int) -> list[tuple[str, ServiceFn, dic
     """(name, run function, extra kwargs) of every service `up` starts, in start order."""
     from modelcd.ingest.service import run_ingest
     from modelcd.retirement.service import run_retirement
-    from modelcd.rollout.api import api_routes
     from modelcd.rollout.service import run_controller
     from modelcd.serving.node import run_node
     from modelcd.shadow.comparison import run_comparison
-    from modelcd.shadow.node import attach
+    from modelcd.wiring import api_routes, node_shadow
 
     out: list[tuple[str, ServiceFn, dict[str, Any]]] = [("ingest", run_ingest, {"routes": api_routes(settings)})]
     for i in range(nodes):
         port = settings.serving_port + i
-        out.append((f"serving-{i}", run_node, {"port": port, "node_id": f"node-{i}", "shadow": attach}))
+        out.append((f"serving-{i}", run_node, {"port": port, "node_id": f"node-{i}", "shadow": node_shadow()}))
     out += [
         ("shadow-comparison", run_comparison, {}),
         ("rollout-controller", run_controller, {}),

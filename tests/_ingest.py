@@ -24,10 +24,10 @@ from modelcd.events.codec import decode
 from modelcd.events.schemas import DeploymentCompleted, DeploymentFailed, Event, ModelState
 from modelcd.events.topics import DEPLOYMENTS, MODEL_STATE
 from modelcd.ingest.service import run_ingest
-from modelcd.rollout.api import api_routes
 from modelcd.runtimes.build import build_package
 from modelcd.settings import Settings
 from modelcd.store.package import BuiltPackage, Manifest, TensorSpec, assemble_package, encode_samples
+from modelcd.wiring import api_routes
 
 FULL_SEQUENCE = [
     ("accepted", "succeeded"),

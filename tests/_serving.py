@@ -23,10 +23,10 @@ from modelcd.runtimes.build import build_package
 from modelcd.serving.node import ServingNode
 from modelcd.serving.registry import RuntimeLoader, default_loader
 from modelcd.settings import Settings
-from modelcd.shadow.node import attach
 from modelcd.store.blobs import Store, put_package
 from modelcd.store.package import BuiltPackage
 from modelcd.store.targets import TargetState
+from modelcd.wiring import node_shadow
 
 MB = 1 << 20
 
@@ -133,7 +133,7 @@ class RunningNode:
 async def running_node(settings: Settings, *, loader: RuntimeLoader = default_loader, node_id: str = "test-node",
                        ready_timeout: float = 60.0) -> AsyncIterator[RunningNode]:
     """A node on a free port, ready; stopped (drained) on exit. Its failure fails the test."""
-    node = ServingNode(settings, port=0, node_id=node_id, loader=loader, shadow=attach)  # as `modelcd up` wires it
+    node = ServingNode(settings, port=0, node_id=node_id, loader=loader, shadow=node_shadow())  # as `modelcd up` wires it
     stop, ready = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(node.run(stop=stop, ready=ready))
     waiter = asyncio.ensure_future(ready.wait())

@@ -18,6 +18,7 @@ from pathlib import Path
 from aiokafka.admin import AIOKafkaAdminClient
 
 from modelcd.logs import get_logger
+from modelcd.runner import preexec_die_with_parent
 
 from .bus import KafkaConfig, ensure_topics
 
@@ -51,6 +52,30 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+async def answers_metadata(host: str, port: int) -> bool:
+    """True once a broker at host:port answers a metadata request; raises what the client raised."""
+    if not port_in_use(port, host):
+        return False
+    admin = AIOKafkaAdminClient(bootstrap_servers=f"{host}:{port}", request_timeout_ms=2000)
+    try:
+        await admin.start()
+        await admin.list_topics()
+        return True
+    finally:
+        await admin.close()
+
+
+def looks_like_broker(pid: int, port: int) -> bool:
+    """Whether live process `pid` is a Tansu broker listening on `port` (its command line says so)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return (len(argv) > 2 and "tansu" in Path(argv[0].decode(errors="replace")).name and argv[1] == b"broker"
+            and any(a.endswith(f":{port}".encode()) for a in argv))
+
+
 class EmbeddedBroker:
     """Start with `async with EmbeddedBroker(port=...) as broker:`; `broker.bootstrap` is its address."""
 
@@ -72,13 +97,18 @@ class EmbeddedBroker:
     def config(self) -> KafkaConfig:
         return KafkaConfig(bootstrap=self.bootstrap, idempotence=False, partitions=self.partitions)
 
+    def command(self) -> list[str]:
+        """The broker's command line (`modelcd up` runs it as a supervised child)."""
+        url = f"tcp://{self.host}:{self.port}"
+        return [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                "--storage-engine", self.storage]
+
     async def start(self, *, create_topics: bool = True, timeout: float = 30.0) -> None:
         if port_in_use(self.port, self.host):
             raise BrokerError(
                 f"port {self.port} is already in use: stop what listens there, or choose another port "
                 f"(MODELCD_BROKER_PORT / --port), or point MODELCD_KAFKA_BOOTSTRAP at a running Kafka")
-        binary = tansu_binary()
-        url = f"tcp://{self.host}:{self.port}"
+        argv = self.command()
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "warn")
         out = subprocess.DEVNULL
@@ -86,11 +116,9 @@ class EmbeddedBroker:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             out = open(self.log_file, "ab")  # noqa: SIM115 - closed in stop()
             self._log_handle = out
-        self._proc = subprocess.Popen(
-            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", self.storage],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )
+        # Its own session (a terminal's Ctrl-C goes to us, and we stop it in order), but it dies with us.
+        self._proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                      preexec_fn=preexec_die_with_parent())
         try:
             await self._wait_ready(timeout)
             if create_topics:
@@ -107,16 +135,11 @@ class EmbeddedBroker:
             if self._proc is not None and self._proc.poll() is not None:
                 raise BrokerError(f"the embedded broker exited at start with code {self._proc.returncode}"
                                   + (f"; see {self.log_file}" if self.log_file else ""))
-            if port_in_use(self.port, self.host):
-                admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=2000)
-                try:
-                    await admin.start()
-                    await admin.list_topics()  # a metadata request answered: ready
+            try:
+                if await answers_metadata(self.host, self.port):
                     return
-                except Exception as exc:  # not ready yet
-                    last = exc
-                finally:
-                    await admin.close()
+            except Exception as exc:  # not ready yet
+                last = exc
             await asyncio.sleep(0.1)
         raise BrokerError(f"the embedded broker did not answer metadata requests within {timeout:.0f}s: {last}")
 

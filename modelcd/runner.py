@@ -4,13 +4,22 @@ Every long-lived service has the shape
 `async def run(settings, *, stop: asyncio.Event, ready: asyncio.Event) -> None`:
 it sets `ready` once it serves, returns after draining once `stop` is set, and
 raises if it fails. A second signal cancels whatever is still draining.
+
+Also the process-tree helpers every part that starts a child uses (`modelcd up`'s supervisor,
+ingest's sandbox, serving's model workers): `die_with_parent()` / `preexec_die_with_parent()`
+ask the kernel to SIGKILL a child when its parent dies, however the parent dies (SIGKILL,
+segfault), so no child outlives the process that started it; `proc_start_time()` tells a live
+process from a recycled pid.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import os
 import signal
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from modelcd.logs import get_logger
 
@@ -59,3 +68,68 @@ def run_main(main: Callable[[asyncio.Event], Awaitable[int | None]]) -> int:
     except ImportError:  # pragma: no cover
         result = asyncio.run(wrapper())
     return int(result or 0)
+
+
+# --- process tree ------------------------------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1
+_prctl: Any = None
+
+
+def _load_prctl() -> Any:
+    global _prctl
+    if _prctl is None:
+        try:
+            _prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):  # pragma: no cover - not Linux
+            _prctl = False
+    return _prctl
+
+
+def die_with_parent(sig: int = signal.SIGKILL, *, parent: int | None = None) -> bool:
+    """Have the kernel send `sig` to this process when its parent dies (Linux; False elsewhere).
+
+    The signal is tied to the parent *thread* that forked us, and survives `exec`, so a child
+    started from an event loop's thread by `Popen(preexec_fn=preexec_die_with_parent())` gets it
+    even as a native binary. `parent`: the pid we expect as parent; if it already died between
+    fork and this call (we were reparented), exit now instead of living on as an orphan.
+    """
+    prctl = _load_prctl()
+    if not prctl:  # pragma: no cover
+        return False
+    prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
+    return True
+
+
+def preexec_die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None]:
+    """A `preexec_fn` for `subprocess.Popen`: the child dies with the process that starts it.
+
+    Call it in the parent (it captures the parent's pid and loads prctl before the fork, so the
+    child runs no import and takes no lock between fork and exec).
+    """
+    parent = os.getpid()
+    _load_prctl()
+
+    def preexec() -> None:
+        die_with_parent(sig, parent=parent)
+
+    return preexec
+
+
+def proc_start_time(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot, /proc/PID/stat field 22), None if gone.
+
+    A pid plus its start time names one process for good: a pid recorded in a file may have been
+    reused by an unrelated process since, the pair cannot.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2:].split()
+    if fields[0] == b"Z":  # a zombie is dead, only not yet reaped
+        return None
+    return int(fields[19])

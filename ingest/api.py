@@ -12,7 +12,10 @@ Routes:
                                                  poll that answers once the view moved past REV
     GET    /models                               every name:version in the target state
     GET    /models/{name}                        the versions of one model             -> 404 if none
-    DELETE /models/{name}/versions/{version}     retire                                -> 202 / 404
+    DELETE /models/{name}/versions/{version}[?force=true]
+                                                 retire                                -> 202 / 404 / 409
+                                                 (409 while an endpoint, rollout or shadow uses it:
+                                                 the store's safety check, `modelcd.store.safety`)
     GET    /healthz                              liveness, no token needed
     /{prefix}/...                                routes mounted by whoever starts the API (`routes`):
                                                  `modelcd up` mounts /endpoints (traffic policies, shadow
@@ -32,7 +35,7 @@ import json
 import re
 import tarfile
 import time
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote
@@ -42,6 +45,7 @@ import msgspec
 from modelcd.events.schemas import DeployRequested, Event, ModelState, RetireRequested, new_id
 from modelcd.logs import get_logger
 from modelcd.store.blobs import Store, StoreError, StoreUnavailable
+from modelcd.store.safety import Unsafe, World, check_retire, world
 from modelcd.store.targets import TargetState
 
 from .errors import ApiError
@@ -77,6 +81,23 @@ class Routes(Protocol):
 
 # Builds a mounted group from the API's own target state and event sink (so it shares their checks and bus).
 RoutesFactory = Callable[[TargetState, EventSink], Routes]
+# Reads `modelcd.traffic` (policies and rollout facts, in order) for the safety check's rollouts in progress.
+TrafficReader = Callable[[], Awaitable[Sequence[object]]]
+
+
+async def retire_world(targets: TargetState, traffic: TrafficReader | None) -> World:
+    """What the safety check needs to judge a retire: the target state, the policies, the rollouts in progress.
+
+    The store's policies are the source of truth; the traffic topic (when a reader is given and
+    answers) adds the rollouts in progress and any policy newer than the store's.
+    """
+    events: Sequence[object] = ()
+    if traffic is not None:
+        try:
+            events = await traffic()
+        except Exception as exc:  # the store's policies still protect every model routed or shadowed
+            log.warning("could not read the traffic topic for the safety check", reason=str(exc))
+    return world(await targets.models(), await targets.traffic(), events)
 
 
 class DeployBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -105,8 +126,9 @@ class DeploymentApi:
 
     def __init__(self, config: ApiConfig, store: Store, sink: EventSink, view: TrackingView,
                  *, health: Callable[[], dict[str, Any]] | None = None,
-                 routes: Mapping[str, RoutesFactory] | None = None) -> None:
+                 routes: Mapping[str, RoutesFactory] | None = None, traffic: TrafficReader | None = None) -> None:
         self.config = config
+        self.traffic = traffic
         self.store = store
         self.targets = TargetState(store)
         self.sink = sink
@@ -281,8 +303,16 @@ class DeploymentApi:
                       query: dict[str, str]) -> tuple[int, Any, list[tuple[bytes, bytes]]]:
         if await self.targets.get_model(name, version) is None:
             raise ApiError(404, f"no model {name}:{version} in the target state; GET /models lists them")
-        event = RetireRequested(model=name, version=version, reason=query.get("reason", "retired through the API"),
-                                requested_by="api")
+        force = query.get("force", "").lower() in ("1", "true", "yes")
+        try:
+            broken = check_retire(f"{name}:{version}", await retire_world(self.targets, self.traffic), force=force,
+                                  force_hint="?force=true (`modelcd retire --force`)")
+        except Unsafe as exc:
+            raise ApiError(409, str(exc)) from None
+        reason = query.get("reason", "retired through the API")
+        if broken:
+            reason += " (forced: " + "; ".join(f"it {u.what}" for u in broken) + ")"
+        event = RetireRequested(model=name, version=version, reason=reason, requested_by="api", force=force)
         self.view.requested(event.deployment_id, name)
         try:
             await self.sink.publish(event)

@@ -71,6 +71,9 @@ def register(sub: Any, *, routes: RoutesFor | None = None, expiring: Command | N
     p.add_argument("name")
     p.add_argument("version")
     p.add_argument("--reason", default="retired from the CLI")
+    p.add_argument("--force", action="store_true",
+                   help="retire it even while an endpoint routes to it, a rollout moves it or a relation shadows it: "
+                        "every request that reaches it then fails (503) until the policy changes")
     p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
                    help="follow the retirement to its end (default)")
     p.set_defaults(func=cmd_retire)
@@ -149,8 +152,8 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_retire(args: argparse.Namespace, settings: Settings) -> int:
     with _client(settings) as client:
-        accepted = _call(client, "DELETE", f"/models/{args.name}/versions/{args.version}",
-                         params={"reason": args.reason})
+        params = {"reason": args.reason, **({"force": "true"} if args.force else {})}
+        accepted = _call(client, "DELETE", f"/models/{args.name}/versions/{args.version}", params=params)
         print(f"retirement {accepted['deployment_id']} accepted", file=sys.stderr if args.wait else sys.stdout)
         if not args.wait:
             return 0

@@ -10,7 +10,9 @@
     │   │                         on a conversion failure, so this is rare)
     │   ├── ServingValidationFailed  the sandbox refused it: load error, wrong outputs, crash,
     │   │                         time or memory limit
-    │   └── UnknownModel          a retire request names a model:version that is not in the store
+    │   ├── UnknownModel          a retire request names a model:version that is not in the store
+    │   └── ModelInUse            a retire refused by the store's safety check (an endpoint, a
+    │                             rollout or a shadow still uses the model; `force` overrides)
     └── ApiError                  an HTTP request the API refuses: `status` (4xx) and `reason`
 
 Transient failures of the store (`StoreUnavailable`) or the broker are not ingest errors:
@@ -63,6 +65,12 @@ class ServingValidationFailed(DeploymentRejected):
 
 
 class UnknownModel(DeploymentRejected):
+    step: Step = "retire"
+
+
+class ModelInUse(DeploymentRejected):
+    """A retire refused by the store's safety check: an endpoint, rollout or shadow still uses the model."""
+
     step: Step = "retire"
 
 

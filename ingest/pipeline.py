@@ -50,8 +50,10 @@ from modelcd.store.blobs import Store, StoreError, StoreNotFound, StoreUnavailab
 from modelcd.store.package import Package, PackageError, read_package
 from modelcd.store.targets import TargetState
 
-from .api import EventSink
-from .errors import DeploymentRejected, PackageUnavailable, UnknownModel, ValidationFailed, VersionConflict
+from modelcd.store.safety import Unsafe, check_retire
+
+from .api import EventSink, TrafficReader, retire_world
+from .errors import DeploymentRejected, ModelInUse, PackageUnavailable, UnknownModel, ValidationFailed, VersionConflict
 from .policy import (
     UPLOAD_PREFIX,
     Conflict,
@@ -115,8 +117,9 @@ class Pipeline:
     """Turns deploy and retire requests into validated, published model states."""
 
     def __init__(self, settings: Settings, store: Store, sink: EventSink, sandbox: Sandbox, *,
-                 instance: str = "ingest") -> None:
+                 instance: str = "ingest", traffic: TrafficReader | None = None) -> None:
         self.settings = settings
+        self.traffic = traffic  # the traffic topic, for the rollouts in progress the safety check protects
         self.store = store
         self.targets = TargetState(store)
         self.sink = sink
@@ -289,6 +292,14 @@ class Pipeline:
                     raise UnknownModel(f"no model {req.model}:{req.version} in the target state; "
                                        "`modelcd models` lists the deployed ones")
                 noop = existing.target == "retired"
+                if not noop:
+                    # The same check the API made, again here: the auto-retirement processor publishes
+                    # straight to the topic, and the traffic may have changed since the API answered.
+                    try:
+                        check_retire(f"{req.model}:{req.version}", await retire_world(self.targets, self.traffic),
+                                     force=req.force, force_hint="modelcd retire --force")
+                    except Unsafe as exc:
+                        raise ModelInUse(str(exc)) from None
                 state = existing if noop else retired_state(existing, req.reason, time.time())
                 if not noop:
                     await self.targets.put_model(state)

@@ -25,8 +25,8 @@ from typing import Any
 
 import uvicorn
 
-from modelcd.events.bus import Consumer, KafkaConfig, Publisher, ensure_topics
-from modelcd.events.topics import DEPLOY_REQUESTS
+from modelcd.events.bus import Consumer, KafkaConfig, Publisher, ensure_topics, read_topic
+from modelcd.events.topics import DEPLOY_REQUESTS, TRAFFIC
 from modelcd.logs import get_logger
 from modelcd.settings import Settings
 from modelcd.store.blobs import open_store
@@ -94,7 +94,10 @@ async def run_ingest(settings: Settings, *, stop: asyncio.Event, ready: asyncio.
         sandbox = Sandbox.from_settings(settings)
         sandbox.prestart()
         stack.push_async_callback(sandbox.close)  # its warm spare child
-        pipeline = Pipeline(settings, store, publisher, sandbox, instance=instance)
+        async def traffic() -> list[object]:  # the safety check's rollouts in progress
+            return [event for event, _env, _record in await read_topic(cfg, TRAFFIC)]
+
+        pipeline = Pipeline(settings, store, publisher, sandbox, instance=instance, traffic=traffic)
         consumer = Consumer(cfg, [DEPLOY_REQUESTS], GROUP_ID, pipeline.handle)
         tracker_ready = asyncio.Event()
 
@@ -106,7 +109,7 @@ async def run_ingest(settings: Settings, *, stop: asyncio.Event, ready: asyncio.
                     "deployments": pipeline.counters.copy()}
 
         api = DeploymentApi(ApiConfig(settings.api_token, settings.max_upload_bytes), store, publisher, view,
-                            health=health, routes=routes)
+                            health=health, routes=routes, traffic=traffic)
         server = _Server(uvicorn.Config(api, lifespan="off", log_config=None, access_log=False,
                                         timeout_graceful_shutdown=int(HTTP_DRAIN_S)))
         async with asyncio.TaskGroup() as tg:

@@ -26,10 +26,7 @@ from dataclasses import dataclass
 import msgspec
 
 from modelcd.events.schemas import ModelState, RolloutStep, TrafficPolicy, UsageReport
-
-# Rollout actions after which the rollout no longer protects its models.
-ROLLOUT_ENDED = frozenset({"complete", "abort", "rollback"})
-
+from modelcd.store.safety import ROLLOUT_ENDED, endpoint_uses
 
 class Record(msgspec.Struct, frozen=True, kw_only=True):
     """What the processor knows about one `name:version` (a faust table value)."""
@@ -210,22 +207,15 @@ def on_traffic(view: EndpointView | None, event: TrafficPolicy | RolloutStep) ->
 
 
 def endpoint_protections(view: EndpointView | None) -> dict[str, list[str]]:
-    """{"name:version" (or "name:*" for a bare model name): reasons} this endpoint protects."""
-    out: dict[str, set[str]] = {}
+    """{"name:version" (or "name:*" for a bare model name): reasons} this endpoint protects.
+
+    The same check as a retire by hand (`modelcd.store.safety.endpoint_uses`), so the processor
+    keeps exactly what `modelcd retire` refuses to retire, with the same words.
+    """
     if view is None:
         return {}
-    for model, weight in view.weights.items():
-        if weight > 0:
-            out.setdefault(model, set()).add(f"serves {weight:g}% of endpoint {view.endpoint}")
-    # A shadow under evaluation takes no traffic of its own, so it looks unused: its relation protects
-    # it (shadow predictions are not usage) until the relation is removed from the policy.
-    for model, primaries in view.shadows.items():
-        out.setdefault(model, set()).add(f"shadows {', '.join(primaries)} on endpoint {view.endpoint}")
-    for rid, models in view.rollouts.items():
-        for model in models:
-            key = model if ":" in model else f"{model}:*"
-            out.setdefault(key, set()).add(f"rollout {rid} in progress on endpoint {view.endpoint}")
-    return {k: sorted(v) for k, v in out.items()}
+    uses = endpoint_uses(view.endpoint, view.weights, view.shadows, view.rollouts)
+    return {k: sorted({u.what for u in v}) for k, v in uses.items()}
 
 
 def changed_protections(before: Mapping[str, list[str]], after: Mapping[str, list[str]]) -> dict[str, list[str]]:

@@ -8,6 +8,7 @@ commands the rollout controller answers on the traffic topic.
     GET    /endpoints                               every endpoint's policy
     GET    /endpoints/{e}/traffic                   its policy                             -> 404 if none
     PUT    /endpoints/{e}/traffic                   {"routes": [{"model", "version", "weight"}], "sticky_key", "force"}
+    DELETE /endpoints/{e}                           the endpoint's policy and shadows go   -> 200 / 404 / 409
     GET    /endpoints/{e}/shadows                   its shadow relations                   -> 404 if no policy
     POST   /endpoints/{e}/shadows                   {"primary", "shadow", "sample_rate", "start", "end" (or
                                                     "until"), "where", "criteria"}         -> 201 with the policy
@@ -18,8 +19,9 @@ commands the rollout controller answers on the traffic topic.
 
 Refusals: 400 for a bad body (weights not adding to 100, unknown plan, steps that do not
 increase, ...), 404 for an endpoint with nothing on record, 409 when a rollout is in the way
-(`"force": true` overrides it for PUT traffic), 503 when the traffic topic cannot be read or
-written. Edits of one policy are serialized within the process, so two concurrent requests
+(`"force": true` overrides it for PUT traffic) or a route, canary or shadow names a version that
+is not deployed and serving (the store's safety check, `modelcd.store.safety`, as the CLI), 503
+when the traffic topic cannot be read or written. Edits of one policy are serialized within the process, so two concurrent requests
 never both publish revision N+1 (two API processes still race, as two CLI users do).
 
 The deployment API (ingest) mounts these routes without importing this part: whoever starts it
@@ -43,10 +45,20 @@ from modelcd.ingest.api import RoutesFactory
 from modelcd.ingest.errors import ApiError
 from modelcd.settings import Settings
 from modelcd.shadow.relations import RelationError, add_relation, make_relation, remove_relation
+from modelcd.store.safety import World
 from modelcd.store.targets import TargetState
 
 from .machine import RolloutError, make_plan, parse_duration
-from .traffic_ops import EndpointView, TrafficError, control_command, load_view, set_policy, start_command, status_dict
+from .traffic_ops import (
+    EndpointView,
+    TrafficError,
+    control_command,
+    delete_policy,
+    load_view,
+    set_policy,
+    start_command,
+    status_dict,
+)
 
 Response = tuple[int, Any, list[tuple[bytes, bytes]]]
 ViewLoader = Callable[[str], Awaitable[EndpointView]]
@@ -102,7 +114,7 @@ def _decode(body: bytes, kind: type[msgspec.Struct], example: str) -> Any:
 
 
 def _refused(exc: TrafficError | RolloutError | RelationError) -> ApiError:
-    return ApiError(_STATUS[exc.kind] if isinstance(exc, TrafficError) else 400, str(exc))
+    return ApiError(_STATUS[exc.kind] if isinstance(exc, TrafficError | RelationError) else 400, str(exc))
 
 
 class EndpointRoutes:
@@ -122,6 +134,15 @@ class EndpointRoutes:
                 policies = await self.targets.traffic()
                 return 200, {"endpoints": [msgspec.to_builtins(p) for _, p in sorted(policies.items())
                                            if not p.deleted]}, []
+            case [endpoint]:
+                ApiError.allow(method, "DELETE")
+                async with self._edit:
+                    try:
+                        policy = delete_policy(await self.load_view(endpoint), reason="deleted through the API")
+                    except TrafficError as exc:
+                        raise _refused(exc) from None
+                    await self._save(policy)
+                return 200, msgspec.to_builtins(policy), []
             case [endpoint, "traffic"]:
                 ApiError.allow(method, "GET", "PUT")
                 if method == "GET":
@@ -130,8 +151,8 @@ class EndpointRoutes:
                                                         '"weight": 100}]}')
                 async with self._edit:
                     try:
-                        policy = set_policy(await self.load_view(endpoint), req.routes, sticky_key=req.sticky_key,
-                                            force=req.force, reason="set through the API")
+                        policy = set_policy(await self.load_view(endpoint), req.routes, world=await self._world(),
+                                            sticky_key=req.sticky_key, force=req.force, reason="set through the API")
                     except TrafficError as exc:
                         raise _refused(exc) from None
                     await self._save(policy)
@@ -176,6 +197,10 @@ class EndpointRoutes:
         except (KafkaError, OSError) as exc:
             raise ApiError(503, f"could not read the traffic topic from Kafka, retry later: {exc}") from exc
 
+    async def _world(self) -> World:
+        """What the safety check needs of the target state: which versions serve."""
+        return World(models={f"{m.name}:{m.version}": m for m in await self.targets.models()})
+
     async def _publish(self, event: Event, what: str) -> None:
         try:
             await self.sink.publish(event)
@@ -204,7 +229,8 @@ class EndpointRoutes:
         try:
             relation = make_relation(req.primary, req.shadow, now=now, sample_rate=req.sample_rate, start=req.start,
                                      end=end, where=req.where, criteria=req.criteria)
-            policy = add_relation(await self.targets.get_traffic(endpoint), endpoint, relation, now=now)
+            policy = add_relation(await self.targets.get_traffic(endpoint), endpoint, relation, now=now,
+                                  world=await self._world())
         except RelationError as exc:
             raise _refused(exc) from None
         await self._save(policy)
@@ -229,7 +255,8 @@ class EndpointRoutes:
                              max_error_rate=req.max_error_rate, max_latency_p50_ms=req.max_latency_p50_ms,
                              max_latency_p99_ms=req.max_latency_p99_ms, min_agreement=req.min_agreement,
                              output=req.output)
-            cmd = start_command(await self.load_view(endpoint), req.to, plan, reason="started through the API")
+            cmd = start_command(await self.load_view(endpoint), req.to, plan, world=await self._world(),
+                                reason="started through the API")
         except (TrafficError, RolloutError) as exc:
             raise _refused(exc) from None
         await self._publish(cmd, "rollout command")

@@ -22,9 +22,19 @@ from modelcd.events.bus import KafkaConfig, Publisher
 from modelcd.events.schemas import RolloutStep, Route, TrafficPolicy
 from modelcd.runner import run_main
 from modelcd.settings import Settings
+from modelcd.store.safety import World
 
 from .machine import PLANS, Rollout, RolloutError, make_plan, parse_duration, parse_steps, split_ref, summary
-from .traffic_ops import TrafficError, check_routes, control_command, load_view, set_policy, start_command, status_dict
+from .traffic_ops import (
+    TrafficError,
+    check_routes,
+    control_command,
+    delete_policy,
+    load_view,
+    set_policy,
+    start_command,
+    status_dict,
+)
 
 SOURCE = "cli"
 
@@ -40,8 +50,17 @@ def register(sub: Any) -> None:
     s.add_argument("routes", nargs="+", metavar="MODEL:VERSION=WEIGHT")
     s.add_argument("--sticky-key", default="x-modelcd-key",
                    help="request header (or parameter) that pins a caller to a model (default x-modelcd-key)")
-    s.add_argument("--force", action="store_true", help="set it even while a rollout drives this endpoint")
+    s.add_argument("--force", action="store_true",
+                   help="set it even while a rollout drives this endpoint: the rollout's next step sets its own "
+                        "weights again (abort it instead to keep yours); versions that do not serve are refused "
+                        "even then")
     s.set_defaults(func=cmd_traffic_set)
+    s = tsub.add_parser("delete", help="delete an endpoint's policy (its routes and shadows); refused while a "
+                                       "rollout drives it",
+                        description="Publish a tombstone for ENDPOINT: nodes stop routing it (requests to it get "
+                                    "404) and its shadow relations end. The models stay deployed.")
+    s.add_argument("endpoint")
+    s.set_defaults(func=cmd_traffic_delete)
     s = tsub.add_parser("show", help="print an endpoint's current policy (and its rollout, if any)")
     s.add_argument("endpoint")
     s.add_argument("--json", action="store_true")
@@ -158,7 +177,8 @@ def cmd_traffic_set(args: argparse.Namespace, settings: Settings) -> int:
     async def run(stop: asyncio.Event) -> int:
         view = await load_view(cfg, args.endpoint)
         try:
-            policy = set_policy(view, routes, sticky_key=args.sticky_key, force=args.force)
+            policy = set_policy(view, routes, world=await _world(settings), sticky_key=args.sticky_key,
+                                force=args.force)
         except TrafficError as exc:
             raise CliError(f"{exc}" + (" (--force)" if exc.kind == "conflict" else "")) from None
         async with Publisher(cfg, SOURCE) as pub:
@@ -168,6 +188,33 @@ def cmd_traffic_set(args: argparse.Namespace, settings: Settings) -> int:
         return 0
 
     return run_main(run)
+
+
+def cmd_traffic_delete(args: argparse.Namespace, settings: Settings) -> int:
+    cfg = KafkaConfig.from_settings(settings)
+
+    async def run(stop: asyncio.Event) -> int:
+        try:
+            policy = delete_policy(await load_view(cfg, args.endpoint), reason="deleted from the CLI")
+        except TrafficError as exc:
+            raise CliError(str(exc)) from None
+        async with Publisher(cfg, SOURCE) as pub:
+            await pub.publish(policy)
+        await _write_store(settings, policy)
+        print(f"endpoint {args.endpoint} deleted (revision {policy.revision}); its models stay deployed")
+        return 0
+
+    return run_main(run)
+
+
+async def _world(settings: Settings) -> World:
+    """What the safety check needs of the store's target state: which versions serve."""
+    from modelcd.store.blobs import open_store
+    from modelcd.store.targets import TargetState
+
+    async with open_store(settings.resolved_store_url, endpoint_url=settings.s3_endpoint_url) as store:
+        models = await TargetState(store).models()
+    return World(models={f"{m.name}:{m.version}": m for m in models})
 
 
 async def _write_store(settings: Settings, policy: TrafficPolicy) -> None:
@@ -227,7 +274,7 @@ def cmd_rollout_start(args: argparse.Namespace, settings: Settings) -> int:
     async def run(stop: asyncio.Event) -> int:
         view = await load_view(cfg, args.endpoint)
         try:
-            cmd = start_command(view, args.to, plan, reason="started from the CLI")
+            cmd = start_command(view, args.to, plan, world=await _world(settings), reason="started from the CLI")
         except TrafficError as exc:
             raise CliError(str(exc)) from None
         return await _send(cfg, cmd, args.wait)

@@ -4,6 +4,10 @@ Each function takes what the traffic topic says about an endpoint (an `EndpointV
 operator's request, checks it, and returns the event to publish; none does I/O, so the CLI
 (`modelcd traffic|rollout`) and the HTTP API (`/endpoints/...`) refuse the same things with the
 same reasons. `TrafficError.kind` says which HTTP status a refusal maps to.
+
+Every operation that changes what serves passes the store's safety check (`modelcd.store.safety`)
+with the `World` the caller read: the versions a policy names must be deployed and serving, and an
+endpoint a rollout drives is not deleted.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import msgspec
 from modelcd.events.bus import KafkaConfig, read_topic
 from modelcd.events.schemas import RolloutPlan, RolloutStep, Route, TrafficPolicy, new_id
 from modelcd.events.topics import TRAFFIC
+from modelcd.store.safety import ActiveRollout, Unsafe, World, check_endpoint_delete, check_serving
 
 from .machine import Rollout, RolloutError, apply, split_ref, summary
 
@@ -71,10 +76,22 @@ def check_routes(routes: Sequence[Route]) -> None:
         raise TrafficError(f"weights add up to {total:g}, not 100")
 
 
-def set_policy(view: EndpointView, routes: Sequence[Route], *, sticky_key: str | None,
+def _safe(exc: Unsafe) -> TrafficError:
+    return TrafficError(str(exc), exc.kind)
+
+
+def set_policy(view: EndpointView, routes: Sequence[Route], *, world: World, sticky_key: str | None,
                force: bool = False, reason: str = "set by operator") -> TrafficPolicy:
-    """The endpoint's next policy: new routes, its shadows kept, the revision bumped."""
+    """The endpoint's next policy: new routes (each deployed and serving), its shadows kept, the revision bumped.
+
+    `force` overrides only a rollout in progress (whose next step will set the weights again); a
+    route to a version that does not serve is never accepted: every request it gets would fail.
+    """
     check_routes(routes)
+    try:
+        check_serving([f"{x.model}:{x.version}" for x in routes], world, role="route")
+    except Unsafe as exc:
+        raise _safe(exc) from None
     r = view.rollout
     if r is not None and r.active and not force:
         raise TrafficError(f"rollout {r.rollout_id} drives {view.endpoint!r}: abort it first "
@@ -85,12 +102,17 @@ def set_policy(view: EndpointView, routes: Sequence[Route], *, sticky_key: str |
                          reason=reason)
 
 
-def start_command(view: EndpointView, canary: str, plan: RolloutPlan, *, reason: str) -> RolloutStep:
-    """The command that asks the controller to start rolling `canary` out on the endpoint."""
+def start_command(view: EndpointView, canary: str, plan: RolloutPlan, *, world: World,
+                  reason: str) -> RolloutStep:
+    """The command that asks the controller to start rolling `canary` (deployed and serving) out on the endpoint."""
     try:
         split_ref(canary)
     except RolloutError as exc:
         raise TrafficError(str(exc)) from None
+    try:
+        check_serving([canary], world, role="canary")
+    except Unsafe as exc:
+        raise _safe(exc) from None
     r = view.rollout
     if r is not None and r.active:
         raise TrafficError(f"{view.endpoint!r} already has rollout {r.rollout_id} ({r.phase}): abort it first",
@@ -100,6 +122,21 @@ def start_command(view: EndpointView, canary: str, plan: RolloutPlan, *, reason:
                            f"(modelcd traffic set {view.endpoint} MODEL:VERSION=100)", "not_found")
     return RolloutStep(endpoint=view.endpoint, rollout_id=new_id(), action="start", canary=canary, plan=plan,
                        command=True, command_id=new_id(), reason=reason)
+
+
+def delete_policy(view: EndpointView, *, reason: str = "deleted by operator") -> TrafficPolicy:
+    """The endpoint's tombstone (`deleted=True`): its routes and shadows go; refused while a rollout drives it."""
+    r = view.rollout
+    rollouts = {view.endpoint: ActiveRollout(endpoint=view.endpoint, rollout_id=r.rollout_id, canary=r.canary,
+                                             baseline=r.baseline, models=frozenset({r.canary, r.baseline}))
+                } if r is not None and r.active else {}
+    try:
+        policy = check_endpoint_delete(view.endpoint, World(policies={view.endpoint: view.policy}
+                                                            if view.policy else {}, rollouts=rollouts))
+    except Unsafe as exc:
+        raise _safe(exc) from None
+    return TrafficPolicy(endpoint=view.endpoint, routes=[], sticky_key=policy.sticky_key, shadows=[],
+                         revision=policy.revision + 1, deleted=True, reason=reason)
 
 
 def control_command(view: EndpointView, action: str, *, reason: str) -> RolloutStep:

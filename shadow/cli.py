@@ -101,6 +101,7 @@ def _targets(settings: Settings) -> Any:
 
 
 def cmd_add(args: argparse.Namespace, settings: Settings) -> int:
+    from modelcd.store.safety import World
     from modelcd.store.targets import TargetState
 
     now = time.time()
@@ -114,8 +115,9 @@ def cmd_add(args: argparse.Namespace, settings: Settings) -> int:
     async def run(stop: asyncio.Event) -> int:
         async with _targets(settings) as store:
             targets = TargetState(store)
+            world = World(models={f"{m.name}:{m.version}": m for m in await targets.models()})
             try:
-                policy = add_relation(await targets.get_traffic(endpoint), endpoint, relation, now=now)
+                policy = add_relation(await targets.get_traffic(endpoint), endpoint, relation, now=now, world=world)
             except RelationError as exc:
                 raise _fail(str(exc)) from None
             await _save(settings, targets, policy)

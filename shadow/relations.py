@@ -1,7 +1,9 @@
 """Editing the shadow relations of a TrafficPolicy, and parsing what a user types: pure.
 
 Used by `modelcd shadow add|remove` and the deployment API's `/endpoints/{e}/shadows`: every edit returns a
-new policy with `revision + 1`, so the last write per endpoint wins on the traffic topic.
+new policy with `revision + 1`, so the last write per endpoint wins on the traffic topic. A relation
+added passes the store's safety check (`modelcd.store.safety.check_serving`): its shadow, and its
+primary, are deployed and serving.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from datetime import UTC, datetime
 import msgspec
 
 from modelcd.events.schemas import Criterion, ShadowRelation, TrafficPolicy
+from modelcd.store.safety import Unsafe, World, check_serving
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$", re.IGNORECASE)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -23,7 +26,14 @@ _OPS = {"=": "eq", "!=": "ne", ">": "gt", ">=": "ge", "<": "lt", "<=": "le", "in
 
 
 class RelationError(ValueError):
-    """What the user typed cannot be a shadow relation; the message says what to type instead."""
+    """What the user typed cannot be a shadow relation; the message says what to type instead.
+
+    `kind` maps to an HTTP status as rollout's TrafficError does: "invalid" (400), "conflict" (409:
+    a version named does not serve)."""
+
+    def __init__(self, message: str, kind: str = "invalid") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def parse_time(text: str, now: float) -> float | None:
@@ -102,13 +112,21 @@ def make_relation(primary: str, shadow: str, *, now: float, sample_rate: float =
 
 
 def add_relation(policy: TrafficPolicy | None, endpoint: str, relation: ShadowRelation, *,
-                 now: float) -> TrafficPolicy:
-    """The policy with `relation` added (replacing one with the same primary and shadow)."""
+                 now: float, world: World) -> TrafficPolicy:
+    """The policy with `relation` added (replacing one with the same primary and shadow).
+
+    Its shadow must be deployed and serving (else every shadowed request logs an error), and so must
+    its primary (a name: one of its versions)."""
     check_refs(relation.primary, relation.shadow)
     if not 0.0 < relation.sample_rate <= 1.0:
         raise RelationError(f"rate {relation.sample_rate}: expected a share in (0, 1], e.g. 0.1 for 10 %")
     if relation.end is not None and relation.end <= relation.start:
         raise RelationError("the end time is not after the start time")
+    try:
+        check_serving([relation.shadow], world, role="shadow")
+        check_serving([relation.primary], world, role="primary")
+    except Unsafe as exc:
+        raise RelationError(str(exc), exc.kind) from None
     if policy is None or policy.deleted:
         policy = TrafficPolicy(endpoint=endpoint)
     kept = [r for r in policy.shadows if (r.primary, r.shadow) != (relation.primary, relation.shadow)]

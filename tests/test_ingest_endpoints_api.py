@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 from aiokafka.errors import KafkaConnectionError
 
 from modelcd.events.broker import EmbeddedBroker
 from modelcd.events.bus import Publisher
-from modelcd.events.schemas import Event, RolloutStep, TrafficPolicy
+from modelcd.events.schemas import Event, ModelState, RolloutStep, TrafficPolicy
 from modelcd.ingest.api import ApiConfig, DeploymentApi
 from modelcd.ingest.tracking import TrackingView
 from modelcd.rollout.api import endpoint_routes
@@ -44,8 +45,22 @@ class TopicSink:
         return EndpointView(endpoint, self.events)
 
 
-def api(tmp_path: Path, token: str | None = None) -> tuple[httpx.AsyncClient, TopicSink, LocalStore]:
-    store, sink = LocalStore(tmp_path / "store"), TopicSink()
+SERVING = ("iris:1", "iris:2", "iris:3", "iris:7", "iris:8", "iris:9", "wine:1", "wine:2", "wine:3", "wine:4")
+
+
+def seeded(root: Path, refs: tuple[str, ...] = SERVING) -> LocalStore:
+    """A local store whose target state serves `refs` (what a deployment writes), as the safety check reads it."""
+    for ref in refs:
+        name, version = ref.split(":")
+        path = root / "targets" / "models" / name / f"{version}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(msgspec.json.encode(ModelState(name=name, version=version, target="serving")))
+    return LocalStore(root)
+
+
+def api(tmp_path: Path, token: str | None = None,
+        serving: tuple[str, ...] = SERVING) -> tuple[httpx.AsyncClient, TopicSink, LocalStore]:
+    store, sink = seeded(tmp_path / "store", serving), TopicSink()
     app = DeploymentApi(ApiConfig(api_token=token, max_upload_bytes=1 << 20), store, sink, TrackingView(),
                         routes={"endpoints": endpoint_routes(sink.view)})
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingest"), sink, store
@@ -171,7 +186,7 @@ async def test_endpoints_need_the_token(tmp_path: Path) -> None:
 
 async def test_policy_set_through_the_api_is_what_the_cli_reads(broker: EmbeddedBroker, tmp_path: Path) -> None:
     """Real broker: the API publishes; `modelcd traffic show`'s reader (load_view on the topic) sees it."""
-    store = LocalStore(tmp_path / "store")
+    store = seeded(tmp_path / "store")
     async with Publisher(broker.config, "api") as pub:
         app = DeploymentApi(ApiConfig(api_token=None, max_upload_bytes=1 << 20), store, pub, TrackingView(),
                             routes={"endpoints": endpoint_routes(functools.partial(load_view, broker.config))})
@@ -317,7 +332,7 @@ async def test_shadow_delete_by_primary(tmp_path: Path) -> None:
 
 async def test_concurrent_edits_get_distinct_revisions(tmp_path: Path) -> None:
     """Requests racing on one endpoint are serialized: every published policy has its own revision."""
-    store, sink = LocalStore(tmp_path / "store"), TopicSink()
+    store, sink = seeded(tmp_path / "store"), TopicSink()
 
     async def slow_view(endpoint: str) -> EndpointView:
         await asyncio.sleep(0)  # a real read yields here; without the lock every request reads revision 0
@@ -344,7 +359,7 @@ class DownSink:
 
 async def test_broker_unreachable_is_503_and_leaves_the_store_alone(tmp_path: Path) -> None:
     """No broker: reads of the traffic topic and publishes answer 503 with a reason; nothing is half-written."""
-    store = LocalStore(tmp_path / "store")
+    store = seeded(tmp_path / "store")
 
     async def no_topic(endpoint: str) -> EndpointView:
         raise KafkaConnectionError("Unable to bootstrap from [('127.0.0.1', 1)]")
@@ -390,3 +405,69 @@ async def test_every_endpoints_route_needs_the_token(tmp_path: Path) -> None:
                 assert r.status_code == 401 and "bearer token" in r.json()["error"], (method, path, headers)
                 assert r.headers["www-authenticate"].startswith("Bearer")
     assert sink.events == []
+
+
+async def test_versions_that_do_not_serve_are_refused_everywhere(tmp_path: Path) -> None:
+    """traffic set / rollout start / shadow add naming iris:9 (never deployed) are 409s naming what serves."""
+    client, sink, store = api(tmp_path, serving=("iris:1", "iris:2"))
+    async with client:
+        r = await client.put("/endpoints/test/traffic", json=routes(iris_9=100))
+        assert r.status_code == 409 and "route iris:9 is not deployed (serving versions of iris: 1, 2)" in r.text
+        assert (await client.put("/endpoints/iris/traffic", json=routes(iris_1=100))).status_code == 200
+        r = await client.post("/endpoints/iris/rollout", json={"to": "iris:9"})
+        assert r.status_code == 409 and "canary iris:9 is not deployed" in r.text
+        r = await client.post("/endpoints/iris/shadows", json={"primary": "iris", "shadow": "iris:9"})
+        assert r.status_code == 409 and "shadow iris:9 is not deployed" in r.text
+        r = await client.post("/endpoints/iris/shadows", json={"primary": "wine", "shadow": "iris:2"})
+        assert r.status_code == 409 and "primary wine has no serving version" in r.text
+    assert [type(e) for e in sink.events] == [TrafficPolicy]  # only the valid policy went out
+    assert set(await TargetState(store).traffic()) == {"iris"}
+
+
+async def test_endpoint_delete_is_refused_while_a_rollout_drives_it(tmp_path: Path) -> None:
+    """DELETE /endpoints/{e}: 404 unknown, 409 naming the rollout while one runs, then a tombstone after abort."""
+    client, sink, store = api(tmp_path)
+    async with client:
+        assert (await client.delete("/endpoints/iris")).status_code == 404
+        await client.put("/endpoints/iris/traffic", json=routes(iris_1=100))
+        started = (await client.post("/endpoints/iris/rollout", json={"to": "iris:2"})).json()
+        busy = await client.delete("/endpoints/iris")
+        assert busy.status_code == 409
+        assert f"rollout {started['rollout_id']} drives endpoint iris" in busy.text and "rollout abort iris" in busy.text
+        await client.post("/endpoints/iris/rollout/abort")
+        gone = await client.delete("/endpoints/iris")
+        assert gone.status_code == 200 and gone.json()["deleted"] is True
+        assert (await client.get("/endpoints/iris/traffic")).status_code == 404
+    stored = await TargetState(store).get_traffic("iris")
+    assert stored is not None and stored.deleted and stored == sink.events[-1]
+
+
+async def test_retire_through_the_api_is_refused_while_in_use(tmp_path: Path) -> None:
+    """DELETE /models/...: 409 naming the endpoint, rollout or shadow and what resolves it; ?force=true retires."""
+    store, sink = seeded(tmp_path / "store"), TopicSink()
+
+    async def traffic() -> list[object]:
+        return list(sink.events)
+
+    app = DeploymentApi(ApiConfig(api_token=None, max_upload_bytes=1 << 20), store, sink, TrackingView(),
+                        routes={"endpoints": endpoint_routes(sink.view)}, traffic=traffic)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingest") as client:
+        await client.put("/endpoints/winep/traffic", json=routes(wine_1=100))
+        await client.post("/endpoints/winep/shadows", json={"primary": "wine:1", "shadow": "wine:3"})
+        await client.put("/endpoints/iris/traffic", json=routes(iris_1=100))
+        await client.post("/endpoints/iris/rollout", json={"to": "iris:2"})
+        for ref, said in [("wine/versions/1", ["serves 100% of endpoint winep", "modelcd traffic set winep"]),
+                          ("wine/versions/3", ["shadows wine:1 on endpoint winep",
+                                               "modelcd shadow remove wine:1 wine:3 --endpoint winep"]),
+                          ("iris/versions/2", ["in progress on endpoint iris", "modelcd rollout abort iris"])]:
+            r = await client.delete(f"/models/{ref}")
+            assert r.status_code == 409, r.text
+            assert all(s in r.json()["error"] for s in said) and "?force=true" in r.json()["error"], r.text
+        assert not [e for e in sink.events if type(e).__name__ == "RetireRequested"]
+        free = await client.delete("/models/wine/versions/2")
+        assert free.status_code == 202
+        forced = await client.delete("/models/wine/versions/1?force=true")
+        assert forced.status_code == 202
+    retires = [e for e in sink.events if type(e).__name__ == "RetireRequested"]
+    assert [(e.version, e.force) for e in retires] == [("2", False), ("1", True)]  # type: ignore[attr-defined]
+    assert "forced: it serves 100% of endpoint winep" in retires[1].reason  # type: ignore[attr-defined]

@@ -14,6 +14,7 @@ import pytest
 from modelcd.events.broker import EmbeddedBroker
 from modelcd.events.bus import KafkaConfig, Publisher, read_topic
 from modelcd.events.schemas import (
+    ModelState,
     PredictionLog,
     RolloutPlan,
     RolloutStep,
@@ -26,6 +27,8 @@ from modelcd.events.topics import TRAFFIC
 from modelcd.rollout.cli import _send
 from modelcd.rollout.machine import Phase, make_plan
 from modelcd.rollout.service import RolloutController
+from modelcd.store.blobs import open_store
+from modelcd.store.targets import TargetState
 
 WAIT = 30.0  # seconds: an upper bound on every wait, never a performance threshold
 
@@ -241,6 +244,9 @@ async def test_operator_pause_resume_promote_and_abort(broker: EmbeddedBroker, t
     cfg, sink = broker.config, Sink()
     env = {**os.environ, "MODELCD_KAFKA_BOOTSTRAP": broker.bootstrap, "MODELCD_KAFKA_IDEMPOTENCE": "false",
            "MODELCD_STORE_URL": str(tmp_path / "store"), "MODELCD_LOG_LEVEL": "warning"}
+    async with open_store(str(tmp_path / "store")) as store:  # deployed: policies name serving versions only
+        for version in "123":
+            await TargetState(store).put_model(ModelState(name="iris", version=version, target="serving"))
     out = await cli(env, "traffic", "set", "iris", "iris:1=100", "--sticky-key", "user")
     assert "iris:1" in out and "100%" in out
     assert (tmp_path / "store" / "targets" / "traffic" / "iris.json").exists()

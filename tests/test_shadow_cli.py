@@ -9,7 +9,7 @@ from pathlib import Path
 
 from modelcd.events.broker import EmbeddedBroker
 from modelcd.events.bus import read_state
-from modelcd.events.schemas import TrafficPolicy
+from modelcd.events.schemas import ModelState, TrafficPolicy
 from modelcd.events.topics import TRAFFIC
 from modelcd.store.blobs import open_store
 from modelcd.store.targets import TargetState
@@ -31,6 +31,8 @@ async def test_add_list_remove_round_trip(broker: EmbeddedBroker, tmp_path: Path
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELCD_")}
     env.update(MODELCD_KAFKA_BOOTSTRAP=broker.bootstrap, MODELCD_KAFKA_IDEMPOTENCE="off",
                MODELCD_STORE_URL=str(tmp_path / "store"), MODELCD_LOG_FORMAT="json")
+    async with open_store(str(tmp_path / "store")) as store:  # deployed: a shadow must serve (store.safety)
+        await TargetState(store).put_model(ModelState(name="iris", version="2", target="serving"))
     code, out, err = await modelcd(env, "shadow", "add", "iris", "iris:2", "--rate", "0.1", "--until", "14d",
                                    "--where", "header:x-country=DE", "--where", "input:sepal_length>=5")
     assert code == 0, err

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 from aiokafka import TopicPartition
 
-from modelcd.events.schemas import Criterion, ShadowPrediction, ShadowRelation, TrafficPolicy
+from modelcd.events.schemas import Criterion, ModelState, ShadowPrediction, ShadowRelation, TrafficPolicy
 from modelcd.shadow.comparison import Window, Windows
 from modelcd.shadow.criteria import (
     CriterionError, RequestView, ShadowRules, compile_criterion, log_primary, sample,
 )
 from modelcd.shadow.pressure import Pressure, PressureLimits, State
 from modelcd.shadow.relations import RelationError, add_relation, parse_time, parse_where, remove_relation
+from modelcd.store.safety import World
 
 T0 = 1_699_999_980.0  # a multiple of 60: windows start at T0
 
@@ -121,14 +122,17 @@ def test_policy_update_replaces_and_deletion_removes() -> None:
 def test_relation_edits_and_parsing() -> None:
     """add/remove bump the revision and replace same-pair relations; user input is parsed or explained."""
     rel = ShadowRelation(primary="iris", shadow="iris:2", sample_rate=0.5)
-    p1 = add_relation(None, "iris", rel, now=T0)
-    p2 = add_relation(p1, "iris", ShadowRelation(primary="iris", shadow="iris:2", sample_rate=0.2), now=T0)
+    w = World(models={f"iris:{v}": ModelState(name="iris", version=v, target="serving") for v in "12"})
+    p1 = add_relation(None, "iris", rel, now=T0, world=w)
+    p2 = add_relation(p1, "iris", ShadowRelation(primary="iris", shadow="iris:2", sample_rate=0.2), now=T0, world=w)
     assert p2.revision == 2 and [s.sample_rate for s in p2.shadows] == [0.2]
     p3 = remove_relation(p2, "iris", "iris:2", now=T0)
     assert p3 is not None and p3.shadows == [] and p3.revision == 3
     assert remove_relation(p3, "iris", "iris:2", now=T0) is None
     with pytest.raises(RelationError, match="name:version"):
-        add_relation(None, "iris", ShadowRelation(primary="iris", shadow="iris2"), now=T0)
+        add_relation(None, "iris", ShadowRelation(primary="iris", shadow="iris2"), now=T0, world=w)
+    with pytest.raises(RelationError, match=r"shadow iris:9 is not deployed \(serving versions of iris: 1, 2\)"):
+        add_relation(None, "iris", ShadowRelation(primary="iris", shadow="iris:9"), now=T0, world=w)
     assert parse_time("14d", T0) == T0 + 14 * 86400 and parse_time("never", T0) is None
     assert parse_time("2030-01-01", T0) == 1893456000.0
     assert parse_where("input:age>=18") == Criterion(field="input:age", op="ge", value=18)

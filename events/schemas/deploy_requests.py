@@ -40,6 +40,9 @@ class RetireRequested(Event, frozen=True, kw_only=True, tag="modelcd.retire.requ
     reason: str = ""
     requested_by: str = ""
     requested_at: float = msgspec.field(default_factory=now)
+    # Retire even while an endpoint routes to it, a rollout moves it or a relation shadows it (the
+    # requests that reach it then fail); without it ingest refuses a model in use (store.safety).
+    force: bool = False
 
     def key(self) -> str:
         return self.model

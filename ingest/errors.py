@@ -16,7 +16,8 @@
     └── ApiError                  an HTTP request the API refuses: `status` (4xx) and `reason`
 
 Transient failures of the store (`StoreUnavailable`) or the broker are not ingest errors:
-they propagate, the consumer does not commit, and the request is handled again.
+the pipeline runs the request again with backoff, and past MODELCD_DEPLOY_RETRY_TIME ends
+the deployment failed with the last error as its reason.
 """
 
 from __future__ import annotations

@@ -14,8 +14,10 @@ request is handled again from the start):
 - the record is written last; a request whose record exists is skipped;
 - a staged upload (`uploads/<id>.tar`) is deleted once the deployment ended, either way.
 
-Bad input never raises out of `handle`: it becomes DeploymentFailed with the reason. Transient
-store/broker failures do raise, so the consumer retries the request.
+Every request ends: bad input becomes DeploymentFailed with the reason at once; a transient
+store/broker/source failure runs the request again with backoff (it is idempotent, see above)
+for up to MODELCD_DEPLOY_RETRY_TIME, each attempt bounded by MODELCD_DEPLOY_TIMEOUT, then it
+becomes DeploymentFailed naming the last error. Only a cancellation escapes `handle`.
 """
 
 from __future__ import annotations
@@ -53,7 +55,15 @@ from modelcd.store.targets import TargetState
 from modelcd.store.safety import Unsafe, check_retire
 
 from .api import EventSink, TrafficReader, retire_world
-from .errors import DeploymentRejected, ModelInUse, PackageUnavailable, UnknownModel, ValidationFailed, VersionConflict
+from .errors import (
+    DeploymentRejected,
+    IngestError,
+    ModelInUse,
+    PackageUnavailable,
+    UnknownModel,
+    ValidationFailed,
+    VersionConflict,
+)
 from .policy import (
     UPLOAD_PREFIX,
     Conflict,
@@ -74,6 +84,22 @@ from .policy import (
 from .sandbox import Sandbox
 
 log = get_logger("modelcd.ingest.pipeline")
+
+RETRY_FIRST_DELAY_S = 0.5
+RETRY_MAX_DELAY_S = 15.0
+GIVE_UP_WRITE_S = 10.0  # each last write of a failed deployment, so a hung store cannot hold the request
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether the same request may succeed later: the store, the broker or the network failed."""
+    if isinstance(exc, StoreError | IngestError):
+        return exc.retriable
+    return isinstance(exc, KafkaError | OSError | TimeoutError)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if type(exc).__name__ in text else f"{type(exc).__name__}: {text}"
 
 
 @dataclass
@@ -125,26 +151,95 @@ class Pipeline:
         self.sink = sink
         self.sandbox = sandbox
         self.instance = instance
-        self.counters: dict[str, int] = {"completed": 0, "noop": 0, "failed": 0, "resumed": 0, "skipped": 0}
+        self.counters: dict[str, int] = {"completed": 0, "noop": 0, "failed": 0, "resumed": 0, "skipped": 0,
+                                         "retried": 0}
 
     async def handle(self, event: Event, env: Envelope) -> None:
-        """The consumer's handler: one request, start to end."""
+        """The consumer's handler: one request, start to end; it always ends the deployment.
+
+        A transient failure (store, broker, package source unreachable, `retriable` errors) runs the
+        request again with exponential backoff for up to `deploy_retry_time` seconds, each attempt
+        bounded by `deploy_timeout`; then the deployment fails with the last error as its reason. So
+        `handle` returns for every request (the consumer commits it), and only a cancellation (the
+        service stopping) leaves a request unfinished, to be handled again after the restart.
+        """
         match event:
-            case DeployRequested():
+            case DeployRequested() | RetireRequested():
                 with structlog.contextvars.bound_contextvars(deployment_id=event.deployment_id):
-                    await self.deploy(event)
-            case RetireRequested():
-                with structlog.contextvars.bound_contextvars(deployment_id=event.deployment_id):
-                    await self.retire(event)
+                    await self._until_ended(event)
             case _:
                 log.warning("ignored event", event_type=env.type)
 
+    async def _until_ended(self, req: DeployRequested | RetireRequested) -> None:
+        started = time.monotonic()
+        delay = RETRY_FIRST_DELAY_S
+        attempt = 0
+        while True:
+            attempt += 1
+            run = _Run(self.sink, req.deployment_id, model=req.model,
+                       version=req.version if isinstance(req, RetireRequested) else "")
+            try:
+                async with asyncio.timeout(self.settings.deploy_timeout):
+                    if isinstance(req, DeployRequested):
+                        await self.deploy(req, run)
+                    else:
+                        await self.retire(req, run)
+                return
+            except TimeoutError:
+                await self._give_up(req, run, f"took longer than {self.settings.deploy_timeout:g} s in step "
+                                              f"{run.step_now} (MODELCD_DEPLOY_TIMEOUT); deploy again, or raise "
+                                              "the limit for large models")
+                return
+            except Exception as exc:
+                if not _transient(exc):
+                    raise  # a bug in the give-up path itself; the consumer logs it
+                elapsed = time.monotonic() - started
+                if elapsed + delay > self.settings.deploy_retry_time:
+                    await self._give_up(req, run, (
+                        f"gave up after {attempt} attempts over {elapsed:.0f} s (MODELCD_DEPLOY_RETRY_TIME): "
+                        f"{_describe(exc)}; check that the store, the broker and the package location are "
+                        "reachable, then deploy again"))
+                    return
+                self.counters["retried"] += 1
+                log.warning("transient failure; retrying the request", attempt=attempt, step=run.step_now,
+                            retry_in_s=round(delay, 2), error=_describe(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_DELAY_S)
+
+    async def _give_up(self, req: DeployRequested | RetireRequested, run: _Run, reason: str) -> None:
+        """End the deployment failed with `reason`, as far as the store and broker let us.
+
+        Each write is tried on its own: with the broker down the record still lands in the store
+        (which the API answers from), with the store down the event still reaches the tracker.
+        """
+        step = run.step_now
+        kind: Any = "retire" if isinstance(req, RetireRequested) else "deploy"
+        writes = [
+            ("step", run.emit(step, "failed", reason)),
+            ("event", self.sink.publish(DeploymentFailed(deployment_id=req.deployment_id, model=run.model,
+                                                         version=run.version, step=step, reason=reason))),
+            ("record", self._record(DeploymentRecord(
+                deployment_id=req.deployment_id, kind=kind, status="failed", model=run.model, version=run.version,
+                failed_step=step, reason=reason, timings_ms=dict(run.timings_ms), requested_at=req.requested_at,
+                finished_at=time.time()))),
+        ]
+        if isinstance(req, DeployRequested):
+            writes.append(("upload", self._drop_upload(req)))
+        for what, write in writes:
+            try:
+                async with asyncio.timeout(GIVE_UP_WRITE_S):
+                    await write
+            except Exception as exc:  # noqa: BLE001 - the others are still worth trying
+                log.error("could not write the failed deployment", what=what, error=_describe(exc))
+        self.counters["failed"] += 1
+        log.warning("deployment failed", step=step, reason=reason, model=run.model, version=run.version)
+
     # --- deploy ------------------------------------------------------------------------------------
 
-    async def deploy(self, req: DeployRequested) -> None:
+    async def deploy(self, req: DeployRequested, run: _Run | None = None) -> None:
         if await self._finished(req.deployment_id):
             return
-        run = _Run(self.sink, req.deployment_id, model=req.model)
+        run = run or _Run(self.sink, req.deployment_id, model=req.model)
         started = time.perf_counter()
         sha = ""
         await run.emit("accepted", "succeeded", f"picked up by {self.instance}")
@@ -279,10 +374,10 @@ class Pipeline:
 
     # --- retire ------------------------------------------------------------------------------------
 
-    async def retire(self, req: RetireRequested) -> None:
+    async def retire(self, req: RetireRequested, run: _Run | None = None) -> None:
         if await self._finished(req.deployment_id):
             return
-        run = _Run(self.sink, req.deployment_id, model=req.model, version=req.version)
+        run = run or _Run(self.sink, req.deployment_id, model=req.model, version=req.version)
         started = time.perf_counter()
         await run.emit("accepted", "succeeded", f"picked up by {self.instance}")
         try:
@@ -402,7 +497,7 @@ def _read_file(path: Path, limit: int) -> bytes:
 
 async def _read_s3(bucket: str, key: str, endpoint_url: str | None, limit: int) -> bytes:
     import aioboto3
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 
     session = aioboto3.Session()
     try:
@@ -425,6 +520,11 @@ async def _read_s3(bucket: str, key: str, endpoint_url: str | None, limit: int) 
         if status >= 500:
             raise StoreUnavailable(f"S3 unavailable for s3://{bucket}/{key}: {code}") from exc
         raise PackageUnavailable(f"cannot read s3://{bucket}/{key}: {code}") from None
+    except (NoCredentialsError, PartialCredentialsError):
+        # Waiting does not bring credentials: fail now, saying what to set.
+        raise PackageUnavailable(f"ingest has no AWS credentials to read s3://{bucket}/{key}: give the ingest "
+                                 "process AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile or role), "
+                                 "or upload the package instead") from None
     except BotoCoreError as exc:
         raise StoreUnavailable(f"S3 unreachable for s3://{bucket}/{key}: {exc}") from exc
 

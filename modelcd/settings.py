@@ -71,6 +71,14 @@ class Settings:
     max_package_bytes: int = _doc(
         "Largest unpacked size of a package (all its files together, bytes or 2GiB); bounds gzip bombs.", 2 * 1024**3)
     validation_timeout: float = _doc("Seconds a package may take in serving validation before it is killed.", 60.0)
+    deploy_retry_time: float = _doc(
+        "Seconds ingest keeps retrying a deployment whose store, broker or package source fails transiently "
+        "(with backoff), before the deployment fails with the last error as its reason.", 120.0)
+    deploy_timeout: float = _doc(
+        "Seconds one attempt at a deployment may take, every step included, before the deployment fails.", 900.0)
+    upload_retention: float = _doc(
+        "Seconds a staged upload (store uploads/) whose deployment never ended is kept before `modelcd gc` "
+        "deletes it.", 24 * 3600.0)
     validation_memory: int = _doc("Address-space limit of the serving-validation sandbox (bytes or 2GiB).", 4 * 1024**3)
     validation_warm: bool = _doc("Keep the next serving-validation process started, its libraries imported (about "
                                  "200 MB idle), so a deployment does not wait ~1 s for an interpreter.", True)

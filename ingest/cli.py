@@ -23,6 +23,7 @@ import httpx
 from modelcd.errors import CliError
 from modelcd.runner import run_main
 from modelcd.settings import Settings
+from modelcd.units import UnitError, parse_duration, positive_duration_arg
 
 DEPLOY_STEPS = ["accepted", "validate", "compile", "serving-validation", "publish"]
 RETIRE_STEPS = ["accepted", "retire"]
@@ -33,6 +34,17 @@ _MARKS = {"started": "…", "succeeded": "✓", "failed": "✗", "skipped": "-",
 # part imports neither the rollout part (the /endpoints routes) nor the retirement part (`models --expiring`).
 RoutesFor = Callable[[Settings], Mapping[str, Any]]
 Command = Callable[[argparse.Namespace, Settings], int]
+
+
+def _expiry_arg(text: str) -> int:
+    """argparse type of `deploy --expiry`: a positive duration (7d, 12h, 3600), in whole seconds."""
+    try:
+        seconds = parse_duration(text, positive=True)
+    except UnitError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds < 1:
+        raise argparse.ArgumentTypeError(f"not an expiry period: {text!r} (at least one second, e.g. 7d)")
+    return int(seconds)
 
 
 def register(sub: Any, *, routes: RoutesFor | None = None, expiring: Command | None = None) -> None:
@@ -51,10 +63,12 @@ def register(sub: Any, *, routes: RoutesFor | None = None, expiring: Command | N
     src.add_argument("--uri", help="package location ingest fetches: s3://bucket/key, file:///abs/path.tar, "
                                    "store:<key>")
     p.add_argument("--owner", help="override the manifest's owner")
-    p.add_argument("--expiry", type=int, metavar="SECONDS", help="override the manifest's expiry period")
+    p.add_argument("--expiry", type=_expiry_arg, metavar="DURATION",
+                   help="override the manifest's expiry period (e.g. 7d, 12h, or seconds)")
     p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
                    help="follow the deployment to its end (default); --no-wait prints the id and returns")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds to follow before giving up (default 600)")
+    p.add_argument("--timeout", type=positive_duration_arg, default=600.0,
+                   help="how long to follow before giving up (e.g. 10m; default 600 s)")
     p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("deployments", help="show one deployment: each step with status and duration")

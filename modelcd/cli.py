@@ -2,7 +2,8 @@
 
 Each part adds its own subcommands through a `register(subparsers)` in its `cli.py`
 (ingest, serving, shadow, rollout, retirement, and the demo); this module holds the shared
-ones (`up`, `broker`, `schemas`, `topics`, `replay`, `config`, `package`) and is the one place
+ones (`up`, `broker`, `schemas`, `topics`, `config`, `package`; the ops commands `replay`, `tail`,
+`logs`, `state` live in modelcd/ops.py) and is the one place
 that puts parts together: the node `modelcd serve` runs gets the shadow executor, the API
 `modelcd ingest` serves gets the rollout part's `/endpoints` routes, and `models --expiring`
 shows retirement's view. No part's CLI imports another part's CLI.
@@ -19,7 +20,7 @@ from typing import Any
 
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
-from modelcd import __version__
+from modelcd import __version__, ops
 from modelcd.errors import CliError
 from modelcd.logs import configure, get_logger
 from modelcd.runner import run_main
@@ -63,19 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_schemas_export)
     e = ssub.add_parser("list", help="list topics and the event types each carries")
     e.set_defaults(func=cmd_schemas_list)
+    e = ssub.add_parser("docs", help="write docs/events.md: every topic, key, field (type, unit, meaning), "
+                                     "an example record with its headers")
+    e.add_argument("--out", type=Path, help="file to write (default: print)")
+    e.set_defaults(func=cmd_schemas_docs)
 
     p = sub.add_parser("topics", help="create or list modelcd's topics on the configured Kafka")
     tsub = p.add_subparsers(dest="topics_command", metavar="ACTION", required=True)
     t = tsub.add_parser("create", help="create the topics that do not exist yet (partitions: MODELCD_TOPIC_PARTITIONS)")
     t.set_defaults(func=cmd_topics_create)
-
-    p = sub.add_parser("replay", help="print a topic's events as JSON lines, from the beginning or since a time",
-                       description="Read a topic from the beginning (filtering by record time with --since, which "
-                                   "works even on brokers that cannot seek by time) and print one JSON event per line.")
-    p.add_argument("topic", help="topic name, e.g. modelcd.model-state")
-    p.add_argument("--since", type=float, help="only records at or after this many seconds ago")
-    p.add_argument("--state", action="store_true", help="only the last event per key (state topics)")
-    p.set_defaults(func=cmd_replay)
+    ops.register_topics_list(tsub)
 
     p = sub.add_parser("config", help="list every MODELCD_* setting with its default and current value")
     p.add_argument("--markdown", action="store_true", help="print the table the README carries")
@@ -93,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("archive", type=Path)
     i.set_defaults(func=cmd_package_inspect)
 
+    ops.register(sub)
     register_parts(sub)
     return parser
 
@@ -132,10 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KafkaConnectionError:
         print(f"modelcd: cannot reach Kafka at {settings.bootstrap}: is `modelcd up` (or the broker) running, "
               "and MODELCD_KAFKA_BOOTSTRAP / MODELCD_BROKER_PORT right?", file=sys.stderr)
-        return 3
+        return 2
     except KafkaError as exc:
         print(f"modelcd: Kafka error at {settings.bootstrap}: {exc}", file=sys.stderr)
-        return 3
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `modelcd ... | head`
@@ -180,33 +179,6 @@ def cmd_topics_create(args: argparse.Namespace, settings: Settings) -> int:
     return run_main(run)
 
 
-def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
-    import time
-
-    from modelcd.events.bus import KafkaConfig, read_topic
-    from modelcd.events.codec import to_json
-    from modelcd.events.schemas import TOPIC_EVENTS
-
-    if args.topic not in TOPIC_EVENTS:
-        raise CliError(f"unknown topic {args.topic!r}; modelcd's topics: {', '.join(TOPIC_EVENTS)}")
-
-    async def run(stop: asyncio.Event) -> int:
-        since = time.time() - args.since if args.since is not None else None
-        records = await read_topic(KafkaConfig.from_settings(settings), args.topic, since=since)
-        if args.state:
-            last = {}
-            for event, env, record in records:
-                last[record.key] = (event, env, record)
-            records = list(last.values())
-        out = sys.stdout.buffer
-        for event, _env, _record in records:
-            out.write(to_json(event) + b"\n")
-        out.flush()
-        return 0
-
-    return run_main(run)
-
-
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from modelcd.up import run_up
 
@@ -240,6 +212,18 @@ def cmd_schemas_export(args: argparse.Namespace, settings: Settings) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for path in export(out):
         print(path)
+    return 0
+
+
+def cmd_schemas_docs(args: argparse.Namespace, settings: Settings) -> int:
+    from modelcd.events.docs import render_markdown
+
+    text = render_markdown()
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        args.out.write_text(text, encoding="utf-8")
+        print(args.out)
     return 0
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from modelcd import units
+
 PREFIX = "MODELCD_"
 
 
@@ -27,21 +29,12 @@ def _doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
     return field(default=default, metadata={"doc": text}, **kw)
 
 
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2,
-               "mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3}
-
-
 def parse_size(text: str) -> int:
-    """'512MiB' / '2g' / '1048576' -> bytes."""
-    raw = text.strip().lower().replace(" ", "")
-    num = raw.rstrip("kmgib")
-    unit = raw[len(num):]
-    if unit not in _SIZE_UNITS or not num:
-        raise SettingsError(f"not a size: {text!r} (use e.g. 512MiB, 2GiB or a number of bytes)")
+    """'512MiB' / '2g' / '1048576' -> bytes (the grammar of modelcd.units)."""
     try:
-        return int(float(num) * _SIZE_UNITS[unit])
-    except ValueError:
-        raise SettingsError(f"not a size: {text!r} (use e.g. 512MiB, 2GiB or a number of bytes)") from None
+        return units.parse_size(text)
+    except units.UnitError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,7 +151,7 @@ class Settings:
         for f in dataclasses.fields(cls):
             name = PREFIX + f.name.upper()
             if name in env and env[name] != "":
-                values[f.name] = _convert(name, env[name], hints[f.name])
+                values[f.name] = _convert(name, env[name], hints[f.name], f.metadata.get("doc", ""))
         values.update(overrides)
         return cls(**values)
 
@@ -172,8 +165,20 @@ class Settings:
         return rows
 
 
-def _convert(name: str, raw: str, hint: Any) -> Any:
+def _kind(hint: Any) -> str:
+    """What a value of this type looks like, in words (never `<class 'int'>`)."""
     text = str(hint)
+    for token, words in (("bool", "true or false"), ("int", "a whole number, e.g. 3"),
+                         ("float", "a number, e.g. 2.5"), ("Path", "a path")):
+        if token in text:
+            return words
+    return "text"
+
+
+def _convert(name: str, raw: str, hint: Any, doc: str = "") -> Any:
+    text = str(hint)
+    # A setting documented in seconds takes any duration (`7d`, `90s`, `1h30m`, or plain seconds).
+    seconds = doc.startswith("Seconds")
     try:
         if "bool" in text:
             low = raw.strip().lower()
@@ -184,14 +189,16 @@ def _convert(name: str, raw: str, hint: Any) -> Any:
             raise SettingsError(f"{raw!r}: expected true or false")
         if name.endswith(("_BUDGET", "_BYTES", "_MEMORY")):
             return parse_size(raw)
+        if seconds and "float" in text:
+            return units.parse_duration(raw)
         if "int" in text:
             return int(raw)
         if "float" in text:
             return float(raw)
         if "Path" in text:
             return Path(raw)
-    except SettingsError as exc:
+    except (SettingsError, units.UnitError) as exc:
         raise SettingsError(f"{name}: {exc}") from None
     except ValueError:
-        raise SettingsError(f"{name}={raw!r}: expected {text.replace('| None', '').strip()}") from None
+        raise SettingsError(f"{name}={raw!r}: expected {_kind(hint)}") from None
     return raw

@@ -15,6 +15,7 @@ from typing import Any
 
 from modelcd.events.schemas import ModelState, TrafficPolicy, UsageReport
 from modelcd.settings import Settings
+from modelcd.units import duration_arg
 
 from . import policy
 
@@ -35,7 +36,8 @@ def register(sub: Any) -> None:
                        description="Delete packages that only retired models refer to, once retired for "
                                    "MODELCD_GC_RETENTION seconds (or --retention). --dry-run deletes nothing.")
     p.add_argument("--dry-run", action="store_true", help="print what would be deleted, delete nothing")
-    p.add_argument("--retention", type=float, help="seconds a retired package is kept (default MODELCD_GC_RETENTION)")
+    p.add_argument("--retention", type=duration_arg,
+                   help="how long a retired package is kept, e.g. 1h, 7d (default MODELCD_GC_RETENTION)")
     p.set_defaults(func=cmd_gc)
 
 

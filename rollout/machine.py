@@ -25,7 +25,6 @@ Transitions (phase after the fact):
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from modelcd import units
 from modelcd.events.schemas import (
     AnalysisThresholds, Route, RolloutPlan, RolloutStep, ShadowRelation, TrafficPolicy, new_id,
 )
@@ -60,16 +60,12 @@ PLANS: dict[str, RolloutPlan] = {
     "blue-green": RolloutPlan(name="blue-green", steps=[0.0, 100.0], interval_s=600.0, shadow_first=True),
 }
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-
-
 def parse_duration(text: str) -> float:
-    """'10m' / '90s' / '1.5h' / '500ms' / '30' (seconds) → seconds."""
-    m = _DURATION.match(text)
-    if not m:
-        raise RolloutError(f"not a duration: {text!r} (use e.g. 30s, 10m, 1h)")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+    """'10m' / '90s' / '1.5h' / '500ms' / '30' (seconds) → seconds (the grammar of modelcd.units)."""
+    try:
+        return units.parse_duration(text)
+    except units.UnitError as exc:
+        raise RolloutError(str(exc)) from None
 
 
 def parse_steps(text: str) -> list[float]:

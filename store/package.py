@@ -43,6 +43,8 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from modelcd import units
+
 __all__ = [
     "DATATYPES",
     "FLAVORS",
@@ -302,29 +304,18 @@ def _infer_specs(arrays: Mapping[str, npt.NDArray[Any]]) -> list[TensorSpec]:
 # Durations
 
 
-_DURATION_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_DURATION_RE: Final = re.compile(r"(\d+)\s*([smhdw])")
-
-
 def parse_duration(value: str | int) -> int:
-    """Seconds in a duration: an int, "3600", "3600s", "90m", "12h", "30d", "2w" or a sum like "1d12h"; > 0."""
-    hint = "use a positive whole number of seconds or a number with a unit s, m, h, d or w, e.g. '30d', '12h'"
+    """Whole seconds in a positive duration: an int, "3600", "90m", "12h", "30d", "2w", "1d12h" (modelcd.units)."""
+    hint = "use seconds or a number with a unit s, m, h, d or w, e.g. '30d', '12h', '1d12h'"
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise PackageError(f"invalid duration {value!r}: {hint}")
-    if isinstance(value, int):
-        seconds = value
-    else:
-        text = value.strip().lower()
-        if text.isdigit():
-            seconds = int(text)
-        else:
-            parts = _DURATION_RE.findall(text)
-            if not parts or _DURATION_RE.sub("", text).strip():
-                raise PackageError(f"invalid duration {value!r}: {hint}")
-            seconds = sum(int(n) * _DURATION_UNITS[u] for n, u in parts)
-    if seconds <= 0:
-        raise PackageError(f"invalid duration {value!r}: must be positive; {hint}")
-    return seconds
+    try:
+        seconds = units.parse_duration(value, positive=True)
+    except units.UnitError:
+        raise PackageError(f"invalid duration {value!r}: must be a positive duration; {hint}") from None
+    if seconds < 1 or not seconds.is_integer():
+        raise PackageError(f"invalid duration {value!r}: must be a whole number of seconds; {hint}")
+    return int(seconds)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -497,14 +497,14 @@ def test_spec_errors_are_named(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("text", "seconds"), [
     ("30d", 30 * 86400), ("12h", 43200), ("3600s", 3600), ("3600", 3600), (90, 90), ("90m", 5400),
-    ("2w", 14 * 86400), ("1d12h", 129600), (" 5 m ", 300),
+    ("2w", 14 * 86400), ("1d12h", 129600), (" 5 m ", 300), ("1.5h", 5400),
 ])
 def test_parse_duration(text: str | int, seconds: int) -> None:
     """parse_duration accepts seconds and unit suffixes s/m/h/d/w, also summed."""
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "30x", "d30", "1.5h", "0s", "0", -5, "30 days", True])
+@pytest.mark.parametrize("text", ["", "30x", "d30", "1.5s", "0s", "0", -5, "30 days", True])
 def test_parse_duration_errors(text: str | int) -> None:
     """Invalid or non-positive durations raise a PackageError quoting the value and showing examples."""
     with pytest.raises(PackageError, match=r"invalid duration .*'30d'"):

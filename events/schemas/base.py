@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import msgspec
+
+
+def Doc(description: str) -> msgspec.Meta:  # noqa: N802 - reads as an annotation: Annotated[int, Doc("...")]
+    """A field's meaning and unit, exported as its `description` in the JSON Schema (the wire format is unchanged)."""
+    return msgspec.Meta(description=description)
 
 
 def now() -> float:
@@ -46,7 +51,10 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", omit_de
 class TensorData(msgspec.Struct, frozen=True, kw_only=True):
     """A named tensor as the Open Inference Protocol writes it."""
 
-    name: str
-    datatype: str
-    shape: list[int]
-    data: list[Any]
+    name: Annotated[str, Doc("Tensor name.")]
+    datatype: Annotated[
+        str,
+        Doc("Open Inference Protocol datatype (BOOL, INT8..INT64, UINT8..UINT64, FP16, FP32, FP64, BYTES)."),
+    ]
+    shape: Annotated[list[int], Doc("Shape, e.g. [rows, columns].")]
+    data: Annotated[list[Any], Doc("Values flattened row-major.")]

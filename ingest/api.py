@@ -22,14 +22,15 @@ Routes:
                                                  relations, rollouts: modelcd.rollout.api)
 
 Every error is `{"error": reason}` with a 4xx (503 when the store or broker is unreachable);
-a bearer token is required on every route but /healthz when `settings.api_token` is set; a body
+a bearer token (or the session cookie the console's login form sets: `session.py`) is required on
+every route but /healthz when `settings.api_token` is set; a body
 larger than `settings.max_upload_bytes` is refused with 413 before it is read in full.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-import hmac
 import io
 import json
 import re
@@ -49,6 +50,7 @@ from modelcd.store.safety import Unsafe, World, check_retire, world
 from modelcd.store.targets import TargetState
 
 from .errors import ApiError
+from . import session
 from .policy import UPLOAD_PREFIX, parse_package_uri, upload_key
 from .tracking import TrackingView
 
@@ -73,7 +75,14 @@ Response = tuple[int, Any, list[tuple[bytes, bytes]]]
 
 
 class Routes(Protocol):
-    """A group of routes mounted under one path prefix (e.g. `/endpoints`), owned by another part."""
+    """A group of routes mounted under one path prefix (e.g. `/endpoints`), owned by another part.
+
+    Two optional capabilities, found by name: `asgi(scope, receive, send, *, authorized)` answers
+    the group's requests itself (HTML, forms, server-sent events: the console), told whether the
+    caller presented the token or a session, and checking access itself; `run()` is background
+    work the service runs beside the HTTP server and cancels first when it drains (so the
+    group's long-lived streams end before the server waits for open requests).
+    """
 
     async def handle(self, method: str, parts: list[str], body: Callable[[], Awaitable[bytes]],
                      query: dict[str, str]) -> Response: ...
@@ -143,6 +152,10 @@ class DeploymentApi:
             return
         if scope["type"] != "http":
             return
+        raw = self.mounted.get(scope["path"].strip("/").split("/", 1)[0])
+        if raw is not None and hasattr(raw, "asgi"):
+            await raw.asgi(scope, receive, send, authorized=self._authorized(scope))
+            return
         request_id = new_id()[:16]
         started = time.perf_counter()
         status = 500
@@ -198,14 +211,28 @@ class DeploymentApi:
         raise ApiError(404, f"no route {scope['path']}; see {known}")
 
     def _authorize(self, scope: Scope) -> None:
-        token = self.config.api_token
-        if not token:
-            return
-        given = _header(scope, b"authorization") or b""
-        scheme, _, value = given.partition(b" ")
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(value.strip(), token.encode()):
+        if not self._authorized(scope):
             raise ApiError(401, "missing or wrong bearer token: send 'Authorization: Bearer <MODELCD_API_TOKEN>'",
                            headers=[(b"www-authenticate", b'Bearer realm="modelcd"')])
+
+    def _authorized(self, scope: Scope) -> bool:
+        """No token configured, the bearer token, or a live session cookie from the console's login form."""
+        token = self.config.api_token
+        if not token:
+            return True
+        given = _header(scope, b"authorization") or b""
+        scheme, _, value = given.partition(b" ")
+        if scheme.lower() == b"bearer" and session.token_matches(value.strip(), token):
+            return True
+        cookie = session.from_cookie_header(_header(scope, b"cookie"))
+        return cookie is not None and session.valid(token, cookie, time.time())
+
+    async def run_mounted(self) -> None:
+        """The mounted groups' background work (`run()`), until cancelled; a group without any adds nothing."""
+        async with asyncio.TaskGroup() as tg:
+            for prefix, group in self.mounted.items():
+                if hasattr(group, "run"):
+                    tg.create_task(group.run(), name=f"api-{prefix}")
 
     # -- POST /deployments ----------------------------------------------------------------------------
 

@@ -5,9 +5,11 @@
     http      uvicorn serving `DeploymentApi` on settings.ingest_host:ingest_port
     consumer  `modelcd.deploy-requests` in group "modelcd-ingest" -> `Pipeline.handle`
     tracker   `modelcd.deployments` + `modelcd.health` from the beginning -> `TrackingView`
+    mounted   the mounted route groups' background work (the console's bus feed), if any
 
 `ready` is set once the API listens, the consumer joined its group and the tracker caught up.
-On `stop` it drains in a fixed order, each with a deadline: stop accepting HTTP (in-flight
+On `stop` it drains in a fixed order, each with a deadline: end the mounted groups' background
+work (the console's live streams close with it) → stop accepting HTTP (in-flight
 requests finish) → let the consumer finish the request in hand (its offset is committed only
 after the handler returns; past the deadline it is cancelled and the request is redelivered
 to the next instance, which is safe because the pipeline is idempotent) → stop the tracker →
@@ -116,6 +118,7 @@ async def run_ingest(settings: Settings, *, stop: asyncio.Event, ready: asyncio.
             http = tg.create_task(server.serve(sockets=[sock]), name="ingest-http")
             consuming = tg.create_task(consumer.run(), name="ingest-consumer")
             tracking = tg.create_task(run_tracker(cfg, view, ready=tracker_ready), name="ingest-tracker")
+            mounted = tg.create_task(api.run_mounted(), name="ingest-mounted")
             await _first(stop, _all(server.started_event, consumer.started, tracker_ready))
             if not stop.is_set():
                 log.info("ingest ready", api=f"http://{settings.ingest_host}:{settings.ingest_port}",
@@ -123,6 +126,8 @@ async def run_ingest(settings: Settings, *, stop: asyncio.Event, ready: asyncio.
                 ready.set()
             await stop.wait()
             log.info("ingest draining")
+            # 0. live streams (the console's server-sent events) would hold the HTTP drain up to its deadline.
+            mounted.cancel()
             # 1. intake: no new HTTP requests; in-flight ones finish (uvicorn's own deadline).
             server.should_exit = True
             await _bounded(http, HTTP_DRAIN_S + 1)

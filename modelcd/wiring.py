@@ -4,7 +4,7 @@ One place for what one part's service gets from another, so `modelcd up`, the si
 commands (`modelcd ingest`, `modelcd serve`) and the test harnesses wire the same system:
 
 - `api_routes(settings)`: the route groups mounted on the deployment API beside its own
-  (`/endpoints` from the rollout part);
+  (`/endpoints` from the rollout part, `/console` from the console part);
 - `node_shadow`: the `ShadowFactory` a serving node gets (the shadow part's `attach`).
 """
 
@@ -18,9 +18,10 @@ from modelcd.settings import Settings
 
 def api_routes(settings: Settings) -> Mapping[str, Any]:
     """{path prefix: RoutesFactory} for the deployment API."""
+    from modelcd.console.api import console_routes
     from modelcd.rollout.api import api_routes as endpoint_routes
 
-    return {**endpoint_routes(settings)}
+    return {**endpoint_routes(settings), "console": console_routes(settings)}
 
 
 def node_shadow() -> Any:

@@ -94,7 +94,8 @@ _STATUS_KIND = {"completed": "ok", "failed": "bad", "running": "run", "pending":
 
 
 def deployments(state: ConsoleState, now: float, view: View) -> str:
-    items = sorted(state.deployments.deployments(), key=lambda d: d.requested_at, reverse=True)[:MAX_DEPLOYMENTS]
+    items = sorted(state.deployments.deployments(), key=lambda d: d.requested_at or d.finished_at or 0.0,
+                   reverse=True)[:MAX_DEPLOYMENTS]
     if not items:
         return '<p class="muted">No deployment on the bus yet. <code>modelcd deploy PACKAGE.tar</code> or ' \
                '<code>POST /deployments</code> starts one.</p>'

@@ -95,6 +95,16 @@ class Settings:
     load_timeout: float = _doc("Seconds a model may take to load (and a request may wait for it) before failing.", 120.0)
     max_request_bytes: int = _doc("Largest inference request body a serving node accepts (bytes or 64MiB).",
                                   32 * 1024**2)
+    max_inflight_bytes: int = _doc(
+        "Request bytes a serving node holds at once (bodies being read or answered; bytes or 256MiB); beyond, "
+        "new requests get 503 with Retry-After. A JSON body's decoded tensors take a few times its size.",
+        256 * 1024**2)
+    max_response_bytes: int = _doc(
+        "Largest inference response a serving node sends (bytes or 64MiB); a larger one is refused with a 400 "
+        "saying to send fewer rows per request.", 64 * 1024**2)
+    load_wait: float = _doc(
+        "Seconds a request for a model that is deployed but not loaded yet waits for the load before it gets 503 "
+        "with Retry-After (a model the node evicted for its memory budget is reloaded within the request).", 1.0)
     drain_timeout: float = _doc("Seconds a stopping node waits for in-flight requests, then telemetry, to finish.",
                                 10.0)
     rollout_tick: float = _doc("Seconds between the rollout controller's checks for analyses that are due.", 1.0)

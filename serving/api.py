@@ -9,6 +9,18 @@ Routes:
     GET  /metrics                                  Prometheus
     GET  /openapi.json                             OpenAPI 3 document of the above
 
+Bounds (each a `MODELCD_*` setting): a body over `max_request_bytes` is a 413, checked on
+Content-Length before reading and while reading chunks; the bodies of requests in flight add
+up to at most `max_inflight_bytes` (a new one beyond that is a 503 with Retry-After; one
+request alone is always admitted), held until its response is sent; a response over
+`max_response_bytes` is a 400 that says to ask for less. Every 503 carries Retry-After.
+
+Known vs unknown: until the node has read the target state (not ready yet), a name it does
+not know may simply not be read yet, so it answers 503 + Retry-After, never 404; a model
+deployed here but not loaded yet gets `load_wait` seconds, then 503 + Retry-After while
+the load goes on. A model the node evicted for its memory budget is reloaded within the
+request (its own choice, not the client's problem).
+
 Why raw ASGI: the request path is the product; a framework's routing, request objects
 and middleware cost more than the model for microsecond models (bench/RESULTS.md).
 The infer path does: one header scan, msgspec decode, a dict lookup, one numpy array
@@ -18,6 +30,8 @@ successful requests are counted in metrics and usage, and sampled into predictio
 
 from __future__ import annotations
 
+import asyncio
+import math
 import random
 import time
 import uuid
@@ -28,7 +42,16 @@ from modelcd import __version__
 from modelcd.events.schemas import PredictionLog
 from modelcd.logs import get_logger
 
-from .errors import InvalidRequest, ModelNotFound, ModelUnavailable, PredictTimeout, ServingError
+from .errors import (
+    InvalidRequest,
+    ModelLoading,
+    ModelNotFound,
+    NodeOverloaded,
+    NodeStarting,
+    PredictTimeout,
+    RequestTooLarge,
+    ServingError,
+)
 from .hooks import PrimaryResult, ShadowHook
 from .metrics import NodeMetrics
 from .openapi import OPENAPI
@@ -50,6 +73,7 @@ _REQUEST_ID = b"x-request-id"
 _CONTENT_LENGTH = b"content-length"
 _MODELS = "/v2/models/"
 _OK = b"{}"
+_JSON_RETRY = [*_JSON, (b"retry-after", b"1")]
 
 
 class NodeState:
@@ -60,9 +84,36 @@ class NodeState:
         self.stopping = False
 
 
+class InFlight:
+    """Bytes of request bodies the node holds now, against a budget (one request alone always fits)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.refused = 0
+
+    def take(self, n: int) -> bool:
+        if self.used and self.used + n > self.limit:
+            self.refused += 1
+            return False
+        self.used += n
+        return True
+
+    def release(self, n: int) -> None:
+        self.used -= n
+
+
+class _Held:
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
 class ServingApp:
     def __init__(self, registry: Registry, telemetry: Telemetry, metrics: NodeMetrics, state: NodeState, *,
-                 node: str, max_body: int, log_rate: float, shadow: ShadowHook | None = None) -> None:
+                 node: str, max_body: int, log_rate: float, shadow: ShadowHook | None = None,
+                 max_inflight: int | None = None, max_response: int | None = None, load_wait: float = 1.0) -> None:
         self.registry = registry
         self.telemetry = telemetry
         self.metrics = metrics
@@ -71,6 +122,9 @@ class ServingApp:
         self.max_body = max_body
         self.log_rate = log_rate
         self.shadow = shadow
+        self.inflight = InFlight(max_inflight if max_inflight is not None else 8 * max_body)
+        self.max_response = max_response
+        self.load_wait = load_wait
         self._server_meta = encode(ServerMetadata(name="modelcd", version=__version__,
                                                   extensions=["binary_tensor_data", "model_repository_endpoints"]))
         self._openapi = encode(OPENAPI)
@@ -99,7 +153,7 @@ class ServingApp:
                 await _respond(send, 200, _OK)
             else:
                 await _respond(send, 503, error_body("stopping" if self.state.stopping else
-                                                     "starting: catching up on the target state"))
+                                                     "starting: catching up on the target state"), _JSON_RETRY)
         elif path in ("/v2", "/v2/"):
             await _respond(send, 200, self._server_meta)
         elif path == "/metrics":
@@ -112,6 +166,13 @@ class ServingApp:
     # ------------------------------------------------------------------ inference
 
     async def _infer(self, scope: Scope, receive: Receive, send: Send, tail: str) -> None:
+        held = _Held()
+        try:
+            await self._infer_held(scope, receive, send, tail, held)
+        finally:
+            self.inflight.release(held.n)
+
+    async def _infer_held(self, scope: Scope, receive: Receive, send: Send, tail: str, held: _Held) -> None:
         t0 = time.perf_counter()
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         header_length: int | None = None
@@ -126,23 +187,26 @@ class ServingApp:
                     header_length = _int_header(v, "Inference-Header-Content-Length")
                 elif k == _REQUEST_ID:
                     request_id = v.decode(errors="replace")
-                elif k == _CONTENT_LENGTH and _int_header(v, "Content-Length") > self.max_body:
-                    raise InvalidRequest(self._too_large())
-            body = await self._body(receive)
+                elif k == _CONTENT_LENGTH:
+                    length = _int_header(v, "Content-Length")
+                    if length > self.max_body:
+                        raise RequestTooLarge(self._too_large())
+                    self._hold(held, length)
+            body = await self._body(receive, held)
             if body is None:
                 return  # the client went away
             req, binary = decode_request(body, header_length)
             request_id = req.id or request_id
-            entry, endpoint, route_rate = self.registry.route(name, version, headers, req.parameters)
+            entry, endpoint, route_rate = self._route(name, version, headers, req.parameters)
             if route_rate is not None:
                 log_rate = route_rate
-            loaded = entry.loaded or await self.registry.acquire(entry)
+            loaded = entry.loaded or await self._acquire(entry)
             inputs = loaded.codec.decode_inputs(req, binary)
             if req.outputs:
                 loaded.codec.check_requested(req)
             shape = req.inputs[0].shape
             outputs = await self.registry.predict(entry, loaded, inputs, shape[0] if shape else 1)
-            out, out_header_length = encode_response(outputs, req, entry.name, entry.version)
+            out, out_header_length = encode_response(outputs, req, entry.name, entry.version, self.max_response)
         except ServingError as exc:
             await self._failed(send, exc, entry, request_id, tail, t0)
             return
@@ -178,17 +242,30 @@ class ServingApp:
                 endpoint=endpoint, node=self.node, inputs=tensors_to_log(inputs), outputs=tensors_to_log(outputs),
                 latency_ms=elapsed * 1000))
 
-    async def _body(self, receive: Receive) -> bytes | None:
+    def _hold(self, held: _Held, size: int) -> None:
+        """Count `size` bytes of this request against the in-flight budget (up to `size` in all)."""
+        more = size - held.n
+        if more <= 0:
+            return
+        if not self.inflight.take(more):
+            raise NodeOverloaded(
+                f"the node already holds {self.inflight.used} bytes of requests in flight "
+                f"(MODELCD_MAX_INFLIGHT_BYTES={self.inflight.limit}); retry shortly, or send smaller requests")
+        held.n = size
+
+    async def _body(self, receive: Receive, held: _Held) -> bytes | None:
         msg = await receive()
         if msg["type"] == "http.disconnect":
             return None
         body: bytes = msg.get("body", b"")
         if not msg.get("more_body", False):
             if len(body) > self.max_body:
-                raise InvalidRequest(self._too_large())
+                raise RequestTooLarge(self._too_large())
+            self._hold(held, len(body))
             return body
         chunks = [body]
         size = len(body)
+        self._hold(held, size)
         while msg.get("more_body", False):
             msg = await receive()
             if msg["type"] == "http.disconnect":
@@ -196,7 +273,8 @@ class ServingApp:
             chunk = msg.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
-                raise InvalidRequest(self._too_large())
+                raise RequestTooLarge(self._too_large())
+            self._hold(held, size)
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -204,11 +282,38 @@ class ServingApp:
         return (f"request body exceeds {self.max_body} bytes (MODELCD_MAX_REQUEST_BYTES); send smaller batches, "
                 "or binary tensors")
 
+    def _route(self, name: str, version: str | None, headers: Any,
+               parameters: Any) -> tuple[ModelEntry, str, float | None]:
+        """The registry's route; an unknown name while the node is still reading the target state is a 503."""
+        try:
+            return self.registry.route(name, version, headers, parameters)
+        except ModelNotFound as exc:
+            if self.state.ready or self.state.stopping:
+                raise
+            raise NodeStarting(f"the node is starting and has not read the target state yet, so it cannot tell "
+                               f"whether {name!r} is deployed here ({exc.reason}); retry shortly") from None
+
+    async def _acquire(self, entry: ModelEntry) -> Any:
+        """The loaded model; one deployed but not loaded yet gets `load_wait` seconds, then a 503 + Retry-After.
+
+        A load cut short by the wait goes on (the registry shields it), so the retry finds it loaded.
+        A model the node evicted for its memory budget is reloaded within the request.
+        """
+        if entry.evicted:
+            return await self.registry.acquire(entry)
+        task = asyncio.ensure_future(self.registry.acquire(entry))
+        done, _ = await asyncio.wait({task}, timeout=self.load_wait)
+        if task in done:
+            return task.result()
+        task.cancel()
+        raise ModelLoading(f"model {entry.key} is deployed on this node and still loading (status {entry.status}); "
+                           "retry shortly", retry_after=1.0)
+
     async def _failed(self, send: Send, exc: ServingError, entry: ModelEntry | None, request_id: str | None,
                       target: str, t0: float) -> None:
-        await _respond(send, exc.status, error_body(exc.reason))
+        await _respond(send, exc.status, error_body(exc.reason), _error_headers(exc))
         kind = ("invalid" if isinstance(exc, InvalidRequest) else "timeout" if isinstance(exc, PredictTimeout)
-                else "unavailable" if isinstance(exc, ModelUnavailable) else "predict")
+                else "unavailable" if exc.status == 503 else "predict")
         if entry is None:
             self.metrics.unrouted.labels("not_found" if isinstance(exc, ModelNotFound) else kind).inc()
         else:
@@ -228,15 +333,16 @@ class ServingApp:
             tail = tail[:-len("/ready")]
         try:
             name, version = _split(tail)
-            entry, _ = self.registry.resolve(name, version)
+            entry, _, _ = self._route(name, version, (), None)
             if ready:
                 if entry.status == "ready" or (entry.evicted and entry.status != "failed"):
                     await _respond(send, 200, _OK)  # loaded, or evicted and reloaded from cache on demand
                 else:
                     await _respond(send, 503, error_body(f"model {entry.key} is {entry.status}"
-                                                         + (f": {entry.error}" if entry.error else "")))
+                                                         + (f": {entry.error}" if entry.error else "")),
+                                   _JSON_RETRY)
                 return
-            loaded = entry.loaded or await self.registry.acquire(entry)
+            loaded = entry.loaded or await self._acquire(entry)
             if version is None and name in self.registry.by_name:
                 meta = loaded.codec.metadata(name, [e.version for e in self.registry.by_name[name]],
                                              loaded.manifest.runtime)
@@ -244,7 +350,14 @@ class ServingApp:
             else:
                 await _respond(send, 200, loaded.metadata)
         except ServingError as exc:
-            await _respond(send, exc.status, error_body(exc.reason))
+            await _respond(send, exc.status, error_body(exc.reason), _error_headers(exc))
+
+
+def _error_headers(exc: ServingError) -> list[tuple[bytes, bytes]]:
+    """JSON, plus Retry-After on a 503 (the error's own delay, else 1 s)."""
+    if exc.status != 503:
+        return _JSON
+    return [*_JSON, (b"retry-after", str(max(1, math.ceil(exc.retry_after or 1))).encode())]
 
 
 def _split(tail: str) -> tuple[str, str | None]:

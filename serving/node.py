@@ -106,7 +106,8 @@ class ServingNode:
             targets = TargetState(store)
             sock = self._bind()
             app = ServingApp(registry, telemetry, self.metrics, self.state, node=self.node_id,
-                             max_body=s.max_request_bytes, log_rate=s.prediction_log_rate, shadow=shadow)
+                             max_body=s.max_request_bytes, log_rate=s.prediction_log_rate, shadow=shadow,
+                             max_inflight=s.max_inflight_bytes, max_response=s.max_response_bytes, load_wait=s.load_wait)
             server = _Server(uvicorn.Config(
                 app, loop="none", http="httptools", lifespan="off", access_log=False, log_config=None,
                 timeout_graceful_shutdown=max(1, int(s.drain_timeout)), timeout_keep_alive=5, backlog=2048))

@@ -30,10 +30,16 @@ def _json(ref: str) -> dict[str, Any]:
 
 
 def _errors(*codes: int) -> dict[str, Any]:
-    why = {400: "invalid request (the reason says what)", 404: "no such model, version or endpoint",
-           500: "the model raised while predicting", 503: "not ready, loading, or failed to load",
+    why = {400: "invalid request, or a response over MODELCD_MAX_RESPONSE_BYTES (the reason says what)",
+           404: "no such model, version or endpoint (once the node has read the target state)",
+           413: "body over MODELCD_MAX_REQUEST_BYTES",
+           500: "the model raised while predicting",
+           503: "node starting, model deployed but still loading or failed to load, model busy, or "
+                "MODELCD_MAX_INFLIGHT_BYTES in flight; Retry-After says when to retry",
            504: "the model did not answer within MODELCD_PREDICT_TIMEOUT"}
-    return {str(c): {"description": why[c], **_json("Error")} for c in codes}
+    retry = {"headers": {"Retry-After": {"description": "seconds to wait before retrying",
+                                         "schema": {"type": "integer"}}}}
+    return {str(c): {"description": why[c], **_json("Error"), **(retry if c == 503 else {})} for c in codes}
 
 
 _name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
@@ -44,7 +50,7 @@ _infer = {
         "summary": "Inference",
         "requestBody": {"required": True, **_json("InferenceRequest")},
         "responses": {"200": {"description": "outputs, and the model name and version that answered",
-                              **_json("InferenceResponse")}, **_errors(400, 404, 500, 503, 504)},
+                              **_json("InferenceResponse")}, **_errors(400, 404, 413, 500, 503, 504)},
     }
 }
 _meta = {"get": {"summary": "Model metadata", "responses": {"200": {"description": "signature",

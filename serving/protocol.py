@@ -8,7 +8,18 @@ Supported: JSON tensors (flat or nested `data`), named inputs/outputs, request `
 and `parameters`, requested outputs, and Triton's binary tensor extension
 (`Inference-Header-Content-Length`, `binary_data_size`, `binary_data` outputs), which
 Triton's client uses by default. Every problem with a body is an `InvalidRequest`
-(400) whose reason names the input and what was expected.
+(400) whose reason names the input and what was expected; that includes JSON nested
+deeper than the decoder recurses (no RecursionError reaches the server) and a number
+that does not fit its datatype (1e300 in an FP32 input is a 400, not a silent `inf`).
+
+Non-finite floats: JSON has no NaN or infinity, and `null` in an FP tensor would lose which
+one it was (and which it was not: a model returning `null` is not a model returning 0).
+A non-finite value in an FP output is written as the string "NaN", "Infinity" or
+"-Infinity" -- the canonical JSON mapping of the protocol's own protobuf (the KServe V2
+gRPC definition, proto3 JSON) -- and the same strings are accepted in FP inputs. Python's
+float(), numpy and JavaScript's Number() all read them back. Binary tensors carry the
+IEEE values unchanged. Whether a model may return them at all is the package's business
+(ingest checks the samples); the node never turns them into `null`.
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ import numpy as np
 
 from modelcd.store.package import DATATYPES  # the one OIP datatype table, shared with packages
 
-from .errors import InvalidRequest
+from .errors import InvalidRequest, ResponseTooLarge
 
 # --------------------------------------------------------------------------- wire Structs
 
@@ -148,6 +159,9 @@ def decode_request(body: bytes, header_length: int | None = None) -> tuple[Infer
         raise InvalidRequest(f"the body is not an inference request: {exc}") from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest("the body is nested too deeply to be an inference request; send tensors as flat "
+                             "`data` arrays with their `shape`") from None
 
 
 class _Input:
@@ -223,14 +237,38 @@ def _from_json(name: str, data: Any, dtype: np.dtype[Any], size: int) -> np.ndar
     if data is None:
         raise InvalidRequest(f"input {name!r} has no data")
     try:
-        arr = np.asarray(data, dtype=dtype)
+        if dtype.kind == "f" and dtype.itemsize < 8:
+            with np.errstate(over="ignore"):  # an overflow is a 400 below, not a warning in the node's log
+                arr = np.asarray(data, dtype=dtype)
+        else:
+            arr = np.asarray(data, dtype=dtype)
     except (ValueError, TypeError, OverflowError) as exc:
         raise InvalidRequest(f"input {name!r}: data does not fit its datatype: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest(f"input {name!r}: data is nested too deeply; send it flat with its shape") from None
+    if dtype.kind == "f" and dtype.itemsize < 8 and arr.size and not np.isfinite(arr).all():
+        _check_overflow(name, data, arr, dtype)
     if arr.size != size:
         raise InvalidRequest(f"input {name!r} has {arr.size} elements; its shape needs {size}")
     if dtype.kind == "O" and arr.size and not all(isinstance(x, (str, bytes)) for x in arr.flat):
         raise InvalidRequest(f"input {name!r}: BYTES data must be strings")
     return arr
+
+
+_NONFINITE_TEXT = ("NaN", "Infinity", "-Infinity")
+
+
+def _check_overflow(name: str, data: Any, arr: np.ndarray, dtype: np.dtype[Any]) -> None:
+    """A non-finite value in a narrow float input must have been sent as "NaN"/"Infinity"/"-Infinity"."""
+    try:
+        src = np.asarray(data, dtype=object).ravel()
+    except (ValueError, TypeError):  # ragged: the size check names it
+        return
+    for i in np.flatnonzero(~np.isfinite(arr.ravel())):
+        if i < len(src) and not isinstance(src[i], str):
+            raise InvalidRequest(f"input {name!r}: {src[i]!r} is out of range for {datatype_of(dtype)} "
+                                 f"(largest: {float(np.finfo(dtype).max):.4g}); send a value in range, or "
+                                 '"NaN"/"Infinity"/"-Infinity" as strings')
 
 
 def _from_binary(name: str, binary: memoryview | None, offset: int, nbytes: Any, dtype: np.dtype[Any],
@@ -276,17 +314,49 @@ def _wants_binary(req: InferenceRequest) -> tuple[bool, frozenset[str]]:
     return all_binary, names
 
 
+def _min_json_bytes(arr: np.ndarray) -> int:
+    """The fewest bytes `arr` takes as a JSON `data` array (every number at least "0,", a string '"",')."""
+    return int(arr.size) * (5 if arr.dtype.kind == "b" else 3 if arr.dtype.kind in "OSU" else 2)
+
+
 def encode_response(outputs: Mapping[str, np.ndarray], req: InferenceRequest, model_name: str,
-                    model_version: str) -> tuple[bytes, int | None]:
-    """-> (body, JSON header length when the body carries binary tensors, else None)."""
+                    model_version: str, max_bytes: int | None = None) -> tuple[bytes, int | None]:
+    """-> (body, JSON header length when the body carries binary tensors, else None).
+
+    `max_bytes`: a response larger than this raises ResponseTooLarge, found before the JSON is
+    built when its smallest possible size is already over.
+    """
     wanted = {o.name for o in req.outputs} if req.outputs else None
     all_binary, binary_names = _wants_binary(req) if (req.parameters or req.outputs) else (False, frozenset())
+    selected = [(name, np.asarray(arr)) for name, arr in outputs.items() if wanted is None or name in wanted]
+    if max_bytes is not None:
+        floor = sum(arr.nbytes if (all_binary or name in binary_names) else _min_json_bytes(arr)
+                    for name, arr in selected)
+        if floor > max_bytes:
+            raise _too_large(floor, max_bytes, at_least=True)
+    body, blobs = _encode(selected, req, model_name, model_version, all_binary, binary_names, finite=True)
+    if b"null" in body:  # a non-finite float became null: write it as the protocol's JSON mapping does
+        body, blobs = _encode(selected, req, model_name, model_version, all_binary, binary_names, finite=False)
+    size = len(body) + sum(len(b) for b in blobs)
+    if max_bytes is not None and size > max_bytes:
+        raise _too_large(size, max_bytes, at_least=False)
+    if not blobs:
+        return body, None
+    return body + b"".join(blobs), len(body)
+
+
+def _too_large(size: int, max_bytes: int, *, at_least: bool) -> ResponseTooLarge:
+    return ResponseTooLarge(
+        f"the response would be {'at least ' if at_least else ''}{size} bytes, over the node's limit of "
+        f"{max_bytes} (MODELCD_MAX_RESPONSE_BYTES): send fewer rows per request, ask only for the outputs you "
+        "need (`outputs`), or ask for binary outputs (`binary_data_output`)")
+
+
+def _encode(selected: list[tuple[str, np.ndarray]], req: InferenceRequest, model_name: str, model_version: str,
+            all_binary: bool, binary_names: frozenset[str], *, finite: bool) -> tuple[bytes, list[bytes]]:
     tensors: list[ResponseOutput] = []
     blobs: list[bytes] = []
-    for name, arr in outputs.items():
-        if wanted is not None and name not in wanted:
-            continue
-        arr = np.asarray(arr)
+    for name, arr in selected:
         datatype = datatype_of(arr.dtype)
         if all_binary or name in binary_names:
             blob = _to_binary(arr, datatype)
@@ -294,15 +364,24 @@ def encode_response(outputs: Mapping[str, np.ndarray], req: InferenceRequest, mo
             tensors.append(ResponseOutput(name=name, shape=list(arr.shape), datatype=datatype,
                                           parameters={"binary_data_size": len(blob)}))
         else:
-            data = arr.ravel().tolist()
-            if datatype == "BYTES":
-                data = [x.decode(errors="replace") if isinstance(x, bytes) else str(x) for x in data]
-            tensors.append(ResponseOutput(name=name, shape=list(arr.shape), datatype=datatype, data=data))
+            tensors.append(ResponseOutput(name=name, shape=list(arr.shape), datatype=datatype,
+                                          data=json_data(arr, datatype, finite=finite)))
     body = _encoder.encode(InferenceResponse(model_name=model_name, model_version=model_version, id=req.id,
                                              outputs=tensors))
-    if not blobs:
-        return body, None
-    return body + b"".join(blobs), len(body)
+    return body, blobs
+
+
+def json_data(arr: np.ndarray, datatype: str, *, finite: bool = False) -> list[Any]:
+    """A tensor's flat JSON `data`; non-finite floats as "NaN"/"Infinity"/"-Infinity" (`finite`: skip the check)."""
+    flat = arr.ravel()
+    data = flat.tolist()
+    if datatype == "BYTES":
+        return [x.decode(errors="replace") if isinstance(x, bytes) else str(x) for x in data]
+    if not finite and flat.dtype.kind == "f" and flat.size:
+        for i in np.flatnonzero(~np.isfinite(flat)):
+            v = data[i]
+            data[i] = _NONFINITE_TEXT[0] if v != v else _NONFINITE_TEXT[1] if v > 0 else _NONFINITE_TEXT[2]
+    return data
 
 
 def _to_binary(arr: np.ndarray, datatype: str) -> bytes:
@@ -324,8 +403,6 @@ def tensors_to_log(tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
             datatype = datatype_of(arr.dtype)
         except ValueError:
             datatype = str(arr.dtype)
-        data = arr.ravel().tolist()
-        if datatype == "BYTES":
-            data = [x.decode(errors="replace") if isinstance(x, bytes) else str(x) for x in data]
-        out[name] = {"datatype": datatype, "shape": list(arr.shape), "data": data}
+        out[name] = {"datatype": datatype, "shape": list(arr.shape),
+                     "data": json_data(arr, "BYTES" if datatype == "BYTES" else datatype)}
     return out

@@ -8,7 +8,9 @@ supervisor SIGKILLs its group at the deadline anyway).
 
 Test-only hooks (never set them in production; tests/test_up.py uses them):
 - `MODELCD_TEST_CRASH=NAME@FILE`: the component NAME, once ready, calls `os.abort()` (SIGABRT,
-  like a native crash) if FILE does not exist yet, creating it first: it crashes once.
+  like a native crash) if FILE does not exist yet: it crashes once. First it starts a grandchild
+  in a session of its own (as a sandbox is) that would sleep for ten minutes, and writes
+  `{"pid": its pid, "orphan": the grandchild's pid}` to FILE.
 - `MODELCD_TEST_STUCK=NAME`: the component NAME ignores SIGTERM and SIGINT, as a process stuck in
   native code would, so only the supervisor's SIGKILL at the deadline ends it.
 """
@@ -18,7 +20,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import json
 import signal
+import subprocess
 import sys
 import traceback
 from collections.abc import Awaitable, Callable
@@ -96,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
                 os.write(args.ready_fd, b"ready\n")
                 os.close(args.ready_fd)
             if crash_file is not None and not crash_file.exists():
-                crash_file.write_text(str(os.getpid()))
+                orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                                          start_new_session=True)
+                crash_file.write_text(json.dumps({"pid": os.getpid(), "orphan": orphan.pid}))
                 os.abort()
         try:
             await task

@@ -103,6 +103,21 @@ def die_with_parent(sig: int = signal.SIGKILL, *, parent: int | None = None) -> 
     return True
 
 
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """Orphans among our descendants are reparented to us, not to init (Linux 3.4+; False elsewhere).
+
+    A supervisor that is a subreaper sees what a dead child left behind (a sandbox in its own
+    session, a double-forked helper) as its own children, so it can kill and reap them.
+    """
+    prctl = _load_prctl()
+    if not prctl:  # pragma: no cover
+        return False
+    return bool(prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+
+
 def preexec_die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None]:
     """A `preexec_fn` for `subprocess.Popen`: the child dies with the process that starts it.
 

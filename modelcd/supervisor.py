@@ -11,6 +11,9 @@ Invariants:
 - Every child leads its own process group (`start_new_session`), so a terminal's Ctrl-C reaches
   only the supervisor, which stops children in order; a child that died, or that did not stop
   by the deadline, has its whole group SIGKILLed, which takes its own children with it.
+- The supervisor is a child subreaper: what a dead child's own children leave behind (a sandbox
+  in its own session) is reparented to it, and killed and reaped as soon as a child dies and
+  every `SWEEP_S` seconds: nothing outlives the component that started it.
 - Every child carries `MODELCD_UP_RUN=<run id>` in its environment; after a stop, and at the
   next start after a crash, a /proc scan kills whatever still carries the run's mark.
 - `stop()` returns within the stop timeout plus `KILL_WAIT_S` whatever the children do; a
@@ -31,13 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from modelcd.logs import get_logger
-from modelcd.runner import preexec_die_with_parent, proc_start_time
+from modelcd.runner import become_subreaper, preexec_die_with_parent, proc_start_time
 
 log = get_logger("modelcd.supervisor")
 
 Probe = Callable[[], Awaitable[bool]]  # True once the child serves; called until it is
 RUN_MARK = "MODELCD_UP_RUN"
 KILL_WAIT_S = 3.0  # after SIGKILL, how long a stop waits for the kernel to reap a group
+SWEEP_S = 5.0  # how often orphans reparented to the supervisor are killed and reaped
 
 
 @dataclass(frozen=True)
@@ -124,8 +128,11 @@ class Supervisor:
         self._tiers = 0
 
     async def __aenter__(self) -> Supervisor:
+        self._subreaper = become_subreaper()
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
+        if self._subreaper:
+            self._tg.create_task(self._sweeping(), name="orphan-sweeper")
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -178,6 +185,7 @@ class Supervisor:
                 code_text = describe_exit(child.proc.returncode)
                 ran_for = time.monotonic() - child.started_at
                 self._kill_group(child.proc.pid)  # whatever the dead child left in its group
+                self.sweep()  # and whatever it left outside its group (reparented to us)
             child.ready.clear()
             if self._stopping.is_set():
                 break
@@ -292,6 +300,33 @@ class Supervisor:
             await asyncio.sleep(0.05)
         child.exited.set()
 
+    # --- orphans -------------------------------------------------------------------------------------
+
+    async def _sweeping(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), SWEEP_S)
+            self.sweep()
+
+    def sweep(self) -> list[int]:
+        """Kill and reap our children that are not components (orphans reparented to us); their pids."""
+        if not getattr(self, "_subreaper", False):
+            return []
+        ours = {c.proc.pid for c in self.children if c.proc is not None}
+        me = os.getpid()
+        killed = []
+        for pid, state, ppid in _proc_table():
+            if ppid != me or pid in ours:
+                continue
+            if state != "Z":
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            _reap(pid)
+        if killed:
+            log.warning("killed processes a component left behind", pids=killed)
+        return killed
+
     # --- stopping ------------------------------------------------------------------------------------
 
     async def stop(self) -> None:
@@ -313,6 +348,7 @@ class Supervisor:
             leftovers = kill_marked(self.run_id)
             if leftovers:
                 log.warning("killed processes the components left behind", pids=leftovers)
+            self.sweep()
 
     async def _stop_child(self, child: Child) -> None:
         proc = child.proc
@@ -343,6 +379,35 @@ class Supervisor:
 
     def status(self) -> list[dict[str, Any]]:
         return [c.status() for c in self.children]
+
+
+def _proc_table() -> list[tuple[int, str, int]]:
+    """(pid, state letter, parent pid) of every process, from /proc."""
+    out = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()
+        out.append((int(entry.name), fields[0].decode(), int(fields[1])))
+    return out
+
+
+def _reap(pid: int, timeout: float = 1.0) -> None:
+    """Collect a killed orphan's exit status (it is our child now) so no zombie is left."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if done or time.monotonic() > deadline:
+            return
+        time.sleep(0.01)
 
 
 def marked_pids(run_id: str) -> list[int]:

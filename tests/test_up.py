@@ -164,7 +164,8 @@ async def test_up_stops_a_stale_broker_of_its_home_and_goes_on(tmp_path: Path) -
 
 @pytest.mark.faults
 async def test_a_crashed_component_is_restarted_and_a_stuck_one_cannot_hold_the_stop(tmp_path: Path) -> None:
-    """A node that aborts is restarted while ingest keeps answering; SIGINT ends all, SIGKILLing a stuck part."""
+    """A node that aborts is restarted (what it started dies too) while ingest keeps answering; SIGINT ends all,
+    SIGKILLing a stuck part."""
     crash_file = tmp_path / "crashed-once"
     up = Up(tmp_path, MODELCD_TEST_CRASH=f"serving-0@{crash_file}", MODELCD_TEST_STUCK="retirement")
     up.start()
@@ -173,11 +174,16 @@ async def test_a_crashed_component_is_restarted_and_a_stuck_one_cannot_hold_the_
                                           for c in st.get("components", [])) and all(
             c["state"] == "ready" for c in st["components"]), "serving-0 restarted and everything ready")
         node = [c for c in st["components"] if c["name"] == "serving-0"][0]
+        crashed = json.loads(crash_file.read_text())
         assert node["last_exit"] == "killed by SIGABRT"
-        assert node["pid"] != int(crash_file.read_text())
+        assert node["pid"] != crashed["pid"]
+        assert await _gone([crashed["orphan"]]) == [], "what the crashed node started outlived it"
         assert all(c["restarts"] == 0 for c in st["components"] if c["name"] != "serving-0")
         assert _get(up.url("ingest") + "/healthz") == 200
         assert _get(up.url("serving") + "/v2/health/live") == 200
+        status = await asyncio.to_thread(subprocess.run, [*MODELCD, "status"], env=up.env, capture_output=True,
+                                         text=True, timeout=60)
+        assert status.returncode == 0 and "killed by SIGABRT" in status.stdout, status.stdout
         children = [c["pid"] for c in st["components"]]
         assert await up.stop() == 0  # within STOP_TIMEOUT although retirement ignores SIGTERM
         assert await _gone(children) == []

@@ -88,10 +88,20 @@ class Settings:
     health_interval: float = _doc("Seconds between ModelHealth checks on sample data.", 60.0)
     prediction_log_rate: float = _doc("Default share of predictions logged to modelcd.predictions.", 0.01)
     telemetry_buffer: int = _doc("Events buffered for publishing before new ones are dropped.", 10_000)
-    predict_threads: int = _doc("Threads a serving node runs slow predictions in (one model may hold half).", 4)
-    inline_threshold_us: float = _doc(
-        "Predictions measured at load (median on the sample data) under this many microseconds run inline on the "
-        "event loop; slower ones run in the thread pool with the prediction timeout.", 300.0)
+    worker_memory: int = _doc("Address-space limit of each model worker process (RLIMIT_AS, bytes or 4GiB; 0: none): "
+                              "a model past it gets MemoryError or dies, alone.", 4 * 1024**3)
+    worker_nice: int = _doc("Niceness added to model worker processes, so the node's front (HTTP, bus) wins the CPU "
+                            "from a spinning model (0: same priority).", 5)
+    worker_threads: int = _doc("Threads a model library may use inside its worker (OpenMP/BLAS/ONNX Runtime).", 1)
+    worker_spawn: bool = _doc("Let model workers start processes (fork, exec). Off: a seccomp filter refuses them.",
+                              False)
+    worker_queue: int = _doc("Predictions that may wait on one model's worker; beyond, 503.", 256)
+    worker_crash_limit: int = _doc("Deaths of a model's worker within MODELCD_WORKER_CRASH_WINDOW after which the "
+                                   "model is quarantined on the node instead of restarted.", 3)
+    worker_crash_window: float = _doc("Seconds over which a model's worker deaths are counted.", 300.0)
+    worker_restart_backoff: float = _doc("Seconds before a model whose worker died restarts; doubles with each "
+                                         "death in the window.", 0.5)
+    worker_restart_backoff_max: float = _doc("Longest wait before a model whose worker died restarts.", 30.0)
     load_timeout: float = _doc("Seconds a model may take to load (and a request may wait for it) before failing.", 120.0)
     max_request_bytes: int = _doc("Largest inference request body a serving node accepts (bytes or 64MiB).",
                                   32 * 1024**2)

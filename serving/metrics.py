@@ -44,6 +44,9 @@ class NodeMetrics:
                                 "rejected before reaching a model.", ["reason"], registry=self.registry)
         self.loads = Counter("modelcd_model_loads", "Model loads by outcome (ok, failed).", ["outcome"],
                              registry=self.registry)
+        self.worker_deaths = Counter("modelcd_worker_deaths", "Model worker processes that died or were killed, per "
+                                     "model and cause (a signal name, killed, exited).", ["model", "version", "cause"],
+                                     registry=self.registry)
         self.evictions = Counter("modelcd_model_evictions", "Models unloaded to stay under the memory budget.",
                                  registry=self.registry)
 

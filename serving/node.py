@@ -143,7 +143,7 @@ class ServingNode:
                     await stop.wait()
                     await self._drain(server, server_task, publisher_task, [*shadow_tasks, *background])
             finally:
-                registry.close()
+                await registry.aclose()
 
     # ------------------------------------------------------------------ start
 
@@ -307,9 +307,14 @@ class ServingNode:
         if r is None or t is None:
             return []
         states = [({"model": e.name, "version": e.version, "state": e.status}, 1.0) for e in r.entries.values()]
+        quarantined = [({"model": e.name, "version": e.version}, 1.0) for e in r.entries.values()
+                       if e.status == "quarantined"]
         return [
             ("modelcd_models_loaded", "Models resident in memory.", [({}, float(len(r.loaded_keys())))]),
             ("modelcd_model_state", "Each model version this node should serve, by load state.", states),
+            ("modelcd_model_quarantined", "1 for each model version quarantined on this node (its worker kept "
+             "dying).", quarantined),
+            ("modelcd_workers", "Model worker processes serving.", [({}, float(len(r.loaded_keys())))]),
             ("modelcd_memory_resident_bytes", "Bytes the budget charges for loaded and loading models.",
              [({}, float(r.resident_bytes))]),
             ("modelcd_memory_budget_bytes", "MODELCD_MEMORY_BUDGET.", [({}, float(self.settings.memory_budget))]),

@@ -13,18 +13,29 @@ Invariants:
 - resident bytes (ready models plus reservations of loads in progress) never exceed
   the budget: a load reserves first, evicting least-recently-used models (budget.py);
 - a model that fails to load or to predict answers its own requests with the reason
-  and touches nothing else; model code runs in daemon threads (threads.py) except
-  predictions measured at load as fast enough to run inline on the loop;
+  and touches nothing else; model code never runs in this process: each loaded model
+  has its own worker process (workers.py), so a crash, a hang or a memory blow-up costs
+  that model its worker, never the node or another model;
+- a worker that dies (or is killed for not answering within the prediction timeout)
+  fails its calls with 503 and the reason; its model restarts after a backoff, and a
+  model that takes its worker down MODELCD_WORKER_CRASH_LIMIT times within
+  MODELCD_WORKER_CRASH_WINDOW seconds is quarantined on this node (503 with the reason,
+  a ModelHealth event, `modelcd_model_quarantined`) until a new package is deployed;
 - load tasks are created in the node's TaskGroup (`spawn`), never left unowned.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import re
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -40,25 +51,42 @@ from .desired import Known, plan_reconcile
 from .errors import InvalidRequest, ModelBusy, ModelNotFound, ModelUnavailable, PredictFailed, PredictTimeout
 from .metrics import ModelMetrics, NodeMetrics
 from .protocol import TensorCodec, TensorSpec, encode
+from .quarantine import CrashHistory
 from .router import CompiledPolicy, compile_policy
 from .telemetry import Telemetry, UsageCounter
-from .threads import DaemonPool, run_in_daemon_thread
+from .workers import Worker, WorkerDied, WorkerError, Zygote
 
 log = get_logger("modelcd.serving.registry")
 
-Status = Literal["unloaded", "queued", "loading", "ready", "failed"]
+Status = Literal["unloaded", "queued", "loading", "ready", "failed", "restarting", "quarantined"]
 Arrays = dict[str, np.ndarray]
 RuntimeLoader = Callable[[Package], Any]  # -> a runtime with predict(dict[str, ndarray]) -> dict[str, ndarray]
 Spawn = Callable[[Coroutine[Any, Any, None]], Any]
 
 TIMING_RUNS = 7
-MAX_INLINE_ROWS = 1 << 16
 
 
 def default_loader(pkg: Package) -> Any:
+    """Runs in the model's worker process: the package's runtime (runtimes.flavors)."""
     from modelcd.runtimes.flavors import load_runtime
 
     return load_runtime(pkg.manifest, pkg.contents)
+
+
+def loader_spec(loader: RuntimeLoader) -> str:
+    """'module:qualname' of a loader, which the worker process imports: only module-level functions qualify."""
+    module, qualname = getattr(loader, "__module__", None), getattr(loader, "__qualname__", "")
+    if not module or "<" in qualname:
+        raise ValueError(f"the model loader {loader!r} must be a module-level function: model workers import it")
+    from .worker_main import resolve
+
+    try:
+        found = resolve(f"{module}:{qualname}")
+    except (ImportError, AttributeError):
+        found = None
+    if found is not loader:
+        raise ValueError(f"the model loader {module}:{qualname} cannot be imported by name: model workers import it")
+    return f"{module}:{qualname}"
 
 
 def _outputs_match(expected: Mapping[str, Any], actual: Mapping[str, Any], tolerance: float) -> str | None:
@@ -71,13 +99,12 @@ def _outputs_match(expected: Mapping[str, Any], actual: Mapping[str, Any], toler
 class Loaded:
     """One successful load of a model: everything its requests need, computed once."""
 
-    runtime: Any
+    worker: Worker  # the process the model runs in
     manifest: Manifest
     codec: TensorCodec
     samples: Samples
     size: int
-    predict_s: float  # predict time on the sample data (fastest warm run)
-    inline_rows: int  # requests of at most this many rows run inline on the loop; 0: always in a thread
+    predict_s: float  # predict time on the sample data, worker round trip included (fastest warm run)
     metadata: bytes  # GET /v2/models/{name}/versions/{version}
 
 
@@ -85,9 +112,9 @@ class ModelEntry:
     """One `name:version` that should serve on this node, loaded or not."""
 
     __slots__ = ("key", "name", "version", "state", "order", "status", "error", "loaded", "size", "last_used",
-                 "retired", "future", "threads", "usage", "metrics", "failed_at", "evicted", "slots", "hung")
+                 "retired", "future", "threads", "usage", "metrics", "failed_at", "evicted", "crashes")
 
-    def __init__(self, state: ModelState, usage: UsageCounter, metrics: ModelMetrics, slots: int) -> None:
+    def __init__(self, state: ModelState, usage: UsageCounter, metrics: ModelMetrics) -> None:
         self.key = state.key()
         self.name = state.name
         self.version = state.version
@@ -100,19 +127,20 @@ class ModelEntry:
         self.last_used = 0.0
         self.retired = False  # retired, but kept until a newer version of its name is ready
         self.future: asyncio.Future[Loaded] | None = None
-        self.threads = 0  # predictions of this model running in the pool (hung ones included)
-        self.slots = asyncio.Semaphore(slots)  # pool threads this model may hold at once
-        self.hung = 0  # predictions that timed out and whose threads have not returned yet
+        self.threads = 0  # predictions of this model in flight (sent to its worker, not answered yet)
+        self.crashes = CrashHistory()  # its worker's deaths on this node, for restart backoff and quarantine
         self.usage = usage
         self.metrics = metrics
         self.failed_at = 0.0
         self.evicted = False  # unloaded for the budget: answers again after a reload from the local cache
 
     def describe(self) -> LoadedModel:
-        state = {"queued": "loading"}.get(self.status, self.status)
+        # `state` keeps the values old readers know; `quarantined` and `restarts` say the rest.
+        state = {"queued": "loading", "restarting": "loading", "quarantined": "failed"}.get(self.status, self.status)
         return LoadedModel(name=self.name, version=self.version, sha256=self.state.sha256,
                            state=state,  # type: ignore[arg-type]
-                           memory_bytes=self.size if self.status in ("ready", "loading") else 0, error=self.error)
+                           memory_bytes=self.size if self.status in ("ready", "loading") else 0, error=self.error,
+                           quarantined=self.status == "quarantined", restarts=self.crashes.total)
 
 
 class Registry:
@@ -124,6 +152,7 @@ class Registry:
         self.metrics = metrics
         self.telemetry = telemetry
         self.loader = loader
+        self.loader_spec = loader_spec(loader)
         self.budget = settings.memory_budget
         self.entries: dict[str, ModelEntry] = {}
         self.by_name: dict[str, list[ModelEntry]] = {}
@@ -134,18 +163,23 @@ class Registry:
         self._reserved: dict[str, int] = {}
         self._changed = asyncio.Event()
         self._load_sem = asyncio.Semaphore(max(1, settings.load_concurrency))
-        self.pool = DaemonPool(settings.predict_threads)
-        # One model may hold at most half the pool: a hung model cannot starve the others.
-        self.max_threads_per_model = max(1, self.pool.size // 2)
+        # Workers write only in private directories under a fresh one (Landlock): nothing of the node's is theirs.
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"modelcd-workers-{_safe(node)}-"))
+        self.workdir.chmod(0o711)
+        self.zygote = Zygote(self.workdir, threads=settings.worker_threads)
         self._spawn: Spawn | None = None
 
     def start(self, spawn: Spawn) -> None:
         self._spawn = spawn
 
-    def close(self) -> None:
-        self.pool.shutdown()
+    async def aclose(self) -> None:
+        """Stop every worker (and the zygote): no model process outlives the node."""
         for entry in self.entries.values():
-            self._drop_loaded(entry)
+            loaded, entry.loaded = entry.loaded, None
+            if loaded is not None:
+                loaded.worker.kill("the node stopped")
+        await self.zygote.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     # ------------------------------------------------------------------ desired state
 
@@ -220,7 +254,7 @@ class Registry:
                 return
             self._remove(entry)  # a different package under the same name:version: replace it
         m = self.metrics.for_model(state.name, state.version)
-        entry = ModelEntry(state, self.telemetry.usage(state.name, state.version), m, self.max_threads_per_model)
+        entry = ModelEntry(state, self.telemetry.usage(state.name, state.version), m)
         self.entries[entry.key] = entry
         versions = self.by_name.setdefault(entry.name, [])
         versions.append(entry)
@@ -267,9 +301,8 @@ class Registry:
         loaded, entry.loaded = entry.loaded, None
         self._reserved.pop(entry.key, None)
         if loaded is not None:
-            # In-flight requests hold `loaded`; closing a runtime they still use would fail them.
-            # Dropping our reference is enough: the runtime is freed when the last request ends.
-            del loaded
+            # In-flight requests hold `loaded`: its worker stops once they are answered.
+            loaded.worker.retire()
 
     # ------------------------------------------------------------------ request path
 
@@ -314,6 +347,11 @@ class Registry:
         if entry.status == "failed":
             raise ModelUnavailable(f"model {entry.key} failed to load: {entry.error} (retried every "
                                    f"{self.settings.reconcile_interval:g}s)")
+        if entry.status == "quarantined":
+            raise ModelUnavailable(f"model {entry.key} is quarantined on this node: {entry.error}; deploy a fixed "
+                                   "version (or restart the node to try it again)")
+        if entry.status == "restarting":
+            raise ModelUnavailable(f"model {entry.key} is restarting: {entry.error}; retry later")
         fut = self._schedule_load(entry)
         try:
             async with asyncio.timeout(self.settings.load_timeout):
@@ -325,38 +363,38 @@ class Registry:
         return loaded
 
     async def predict(self, entry: ModelEntry, loaded: Loaded, inputs: Arrays, rows: int) -> Arrays:
-        """Run the model: inline when measured fast at load, else in the pool with the prediction timeout."""
-        if rows <= loaded.inline_rows:
-            try:
-                return loaded.runtime.predict(inputs)  # type: ignore[no-any-return]
-            except Exception as exc:
-                raise _predict_error(entry, exc) from None
-        # In the pool: at most half of it per model (its `slots`), so one slow or hung model cannot starve
-        # the others; requests beyond that wait for a slot within the same prediction timeout.
-        if entry.hung >= self.max_threads_per_model:
-            raise ModelBusy(f"model {entry.key} has {entry.hung} predictions still running past the "
-                            f"{self.settings.predict_timeout:g}s timeout; retry later")
-        loop = asyncio.get_running_loop()
-        cfut = None
+        """Run the model in its worker, within the prediction timeout.
+
+        A worker that has not answered anything for the whole timeout is stuck on the call at the
+        head of its queue: it is killed (and restarted), which is the only way to get a native call
+        back. Calls that merely waited behind a slow one time out without killing it.
+        """
+        worker = loaded.worker
+        if worker.in_flight >= self.settings.worker_queue:
+            raise ModelBusy(f"model {entry.key} has {worker.in_flight} predictions waiting in its worker "
+                            "(MODELCD_WORKER_QUEUE); retry later")
+        timeout = self.settings.predict_timeout
+        entry.threads += 1
         try:
-            async with asyncio.timeout(self.settings.predict_timeout):
-                await entry.slots.acquire()
-                cfut = self.pool.submit(loaded.runtime.predict, inputs)
-                entry.threads += 1
-                cfut.add_done_callback(lambda _: loop.call_soon_threadsafe(_thread_done, entry))
-                fut = asyncio.wrap_future(cfut, loop=loop)
-                fut.add_done_callback(_consume)
-                return await asyncio.shield(fut)
+            async with asyncio.timeout(timeout):
+                _meta, outputs = await worker.call("predict", entry.key, None, inputs)
+            return outputs
         except TimeoutError:
-            if cfut is not None and not cfut.done():
-                entry.hung += 1  # until its thread really returns
-                cfut.add_done_callback(lambda _: loop.call_soon_threadsafe(_unhang, entry))
-            raise PredictTimeout(f"model {entry.key} did not answer within {self.settings.predict_timeout:g}s "
+            if worker.alive and worker.stuck_for() >= timeout:
+                worker.kill(f"no answer within {timeout:g}s (MODELCD_PREDICT_TIMEOUT)")
+            raise PredictTimeout(f"model {entry.key} did not answer within {timeout:g}s "
                                  "(MODELCD_PREDICT_TIMEOUT)") from None
-        except (InvalidRequest, ModelUnavailable):
-            raise
-        except Exception as exc:
-            raise _predict_error(entry, exc) from None
+        except WorkerError as exc:
+            if exc.kind == "invalid":
+                raise InvalidRequest(exc.reason) from None
+            if exc.kind == "unavailable":
+                raise ModelUnavailable(exc.reason) from None
+            raise PredictFailed(f"model {entry.key} failed to predict: {exc.reason}") from None
+        except WorkerDied as exc:
+            raise ModelUnavailable(f"model {entry.key} is unavailable: its {exc.reason}; it restarts, retry "
+                                   "later") from None
+        finally:
+            entry.threads -= 1
 
     # ------------------------------------------------------------------ loading
 
@@ -377,6 +415,7 @@ class Registry:
 
     async def _load(self, entry: ModelEntry, fut: asyncio.Future[Loaded]) -> None:
         started = time.perf_counter()
+        worker: Worker | None = None
         try:
             async with self._load_sem:
                 if self.entries.get(entry.key) is not entry:
@@ -385,12 +424,13 @@ class Registry:
                 pkg = await self.cache.fetch(entry.state.sha256)
                 size = estimate_size(entry.state.resources.memory_bytes, len(pkg.data))
                 await self._reserve(entry, size)
-                cfut = run_in_daemon_thread(self._build, entry, pkg, size)
                 async with asyncio.timeout(self.settings.load_timeout):
-                    loaded = await asyncio.wrap_future(cfut)
+                    worker = await self.zygote.spawn(entry.key, self._worker_spec(entry))
+                    loaded = await self._build(entry, worker, pkg, size)
             if self.entries.get(entry.key) is not entry:
                 raise ModelNotFound(f"model {entry.key} was retired while loading")
             self._reserved.pop(entry.key, None)
+            worker.on_death = lambda w, reason: self._worker_died(entry, w, reason)
             entry.loaded, entry.size, entry.status, entry.error = loaded, size, "ready", None
             entry.evicted = False
             entry.last_used = time.monotonic()
@@ -398,18 +438,24 @@ class Registry:
             self.metrics.loads.labels("ok").inc()
             ms = (time.perf_counter() - started) * 1000
             log.info("model loaded", model=entry.name, version=entry.version, ms=round(ms, 1), bytes=size,
-                     predict_us=round(loaded.predict_s * 1e6, 1), inline_rows=loaded.inline_rows)
+                     predict_us=round(loaded.predict_s * 1e6, 1), worker=worker.pid)
             self.telemetry.offer(ModelHealth(node=self.node, model=entry.name, version=entry.version, ok=True,
                                              check="load", latency_ms=ms))
         except asyncio.CancelledError:
             self._reserved.pop(entry.key, None)
+            if worker is not None and entry.loaded is None:
+                worker.kill("its load was cancelled")
             if entry.status != "ready":
                 entry.status = "unloaded"
             fut.cancel()
             raise
         except Exception as exc:
             self._reserved.pop(entry.key, None)
+            if worker is not None:
+                worker.kill("its load failed")
             reason = _reason(exc)
+            if isinstance(exc, TimeoutError):
+                reason = f"no load within {self.settings.load_timeout:g}s (MODELCD_LOAD_TIMEOUT)"
             if self.entries.get(entry.key) is entry:
                 entry.status, entry.error, entry.failed_at = "failed", reason, time.monotonic()
                 self.metrics.loads.labels("failed").inc()
@@ -422,6 +468,48 @@ class Registry:
         finally:
             self._changed.set()
             self._retire_deferred(entry.name)
+
+    def _worker_spec(self, entry: ModelEntry) -> dict[str, Any]:
+        s = self.settings
+        return {"workdir": str(self.workdir / _safe(entry.key)), "memory": s.worker_memory, "nice": s.worker_nice,
+                "spawn": s.worker_spawn}
+
+    def _worker_died(self, entry: ModelEntry, worker: Worker, reason: str) -> None:
+        """A serving worker ended: its model restarts after a backoff, or is quarantined if it keeps dying."""
+        if entry.loaded is None or entry.loaded.worker is not worker or self.entries.get(entry.key) is not entry:
+            return  # an old worker (evicted, replaced): nothing serves from it any more
+        entry.loaded = None
+        entry.size = 0
+        now = time.monotonic()
+        s = self.settings
+        crashes = entry.crashes.record(now, s.worker_crash_window)
+        cause = _cause(reason)
+        self.metrics.worker_deaths.labels(entry.name, entry.version, cause).inc()
+        detail = f"its worker {reason}"
+        if crashes >= s.worker_crash_limit:
+            entry.status = "quarantined"
+            entry.error = (f"its worker died {crashes} times within {s.worker_crash_window:g}s "
+                           f"(MODELCD_WORKER_CRASH_LIMIT); last: {reason}")
+            log.error("model quarantined", model=entry.name, version=entry.version, crashes=crashes, reason=reason)
+            self.telemetry.offer(ModelHealth(node=self.node, model=entry.name, version=entry.version, ok=False,
+                                             check="predict", detail=entry.error, quarantined=True))
+        else:
+            delay = entry.crashes.backoff(s.worker_restart_backoff, s.worker_restart_backoff_max)
+            entry.status = "restarting"
+            entry.error = f"{detail}; restarting in {delay:g}s"
+            log.warning("model worker died; restarting", model=entry.name, version=entry.version, reason=reason,
+                        cause=cause, crashes=crashes, delay_s=delay)
+            self.telemetry.offer(ModelHealth(node=self.node, model=entry.name, version=entry.version, ok=False,
+                                             check="predict", detail=entry.error))
+            if self._spawn is not None:
+                self._spawn(self._restart(entry, delay))
+        self._changed.set()
+
+    async def _restart(self, entry: ModelEntry, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self.entries.get(entry.key) is entry and entry.status == "restarting":
+            entry.status = "unloaded"
+            self._schedule_load(entry)
 
     async def _reserve(self, entry: ModelEntry, size: int) -> None:
         """Make room for `size` bytes (evicting LRU models), or wait for loads in progress to finish."""
@@ -450,32 +538,28 @@ class Registry:
         entry.evicted = True
         self.metrics.evictions.inc()
 
-    def _build(self, entry: ModelEntry, pkg: Package, size: int) -> Loaded:
-        """In a thread: load the runtime, check it on the sample data, measure it, precompute the request path."""
+    async def _build(self, entry: ModelEntry, worker: Worker, pkg: Package, size: int) -> Loaded:
+        """Load the model in its worker, check it on the sample data, measure it, precompute the request path."""
         m = pkg.manifest
-        runtime = self.loader(pkg)
-        samples = pkg.samples()
-        times = []
-        outputs: Arrays = {}
-        for _ in range(TIMING_RUNS):
-            t0 = time.perf_counter()
-            outputs = runtime.predict(samples.inputs)
-            times.append(time.perf_counter() - t0)
+        try:
+            await worker.call("load", entry.key, {"loader": self.loader_spec}, payload=pkg.data)
+            samples = pkg.samples()
+            times = []
+            outputs: Arrays = {}
+            for _ in range(TIMING_RUNS):
+                t0 = time.perf_counter()
+                _meta, outputs = await worker.call("predict", entry.key, None, samples.inputs)
+                times.append(time.perf_counter() - t0)
+        except (WorkerError, WorkerDied) as exc:
+            raise ModelUnavailable(exc.reason) from None
         problem = _outputs_match(samples.outputs, outputs, m.tolerance)
         if problem is not None:
             raise ModelUnavailable(f"outputs on the package's sample data differ from the expected ones: {problem}")
-        # The fastest run after warm-up: noise from other work on the machine only ever adds time.
-        median = min(times[1:])
-        rows = _rows(samples.inputs)
-        threshold = self.settings.inline_threshold_us / 1e6
-        inline_rows = 0
-        if median < threshold:
-            # Cost grows with rows: allow requests up to the row count whose estimated time stays under the bar.
-            inline_rows = min(MAX_INLINE_ROWS, max(rows, int(rows * threshold / max(median, 1e-9))))
         codec = TensorCodec([_spec(s) for s in m.inputs], [_spec(s) for s in m.outputs])
         metadata = encode(codec.metadata(m.name, [m.version], m.runtime))
-        return Loaded(runtime=runtime, manifest=m, codec=codec, samples=samples, size=size, predict_s=median,
-                      inline_rows=inline_rows, metadata=metadata)
+        # The fastest run after warm-up: noise from other work on the machine only ever adds time.
+        return Loaded(worker=worker, manifest=m, codec=codec, samples=samples, size=size, predict_s=min(times[1:]),
+                      metadata=metadata)
 
     # ------------------------------------------------------------------ health and state
 
@@ -486,11 +570,9 @@ class Registry:
             return None
         t0 = time.perf_counter()
         try:
-            cfut = self.pool.submit(loaded.runtime.predict, loaded.samples.inputs)
-            async with asyncio.timeout(self.settings.predict_timeout):
-                outputs = await asyncio.wrap_future(cfut)
+            outputs = await self.predict(entry, loaded, dict(loaded.samples.inputs), 0)
             problem = _outputs_match(loaded.samples.outputs, outputs, loaded.manifest.tolerance)
-        except TimeoutError:
+        except PredictTimeout:
             problem = f"no answer on the sample data within {self.settings.predict_timeout:g}s"
         except Exception as exc:
             problem = f"predict on the sample data raised {_reason(exc)}"
@@ -565,13 +647,17 @@ def _predict_error(entry: ModelEntry, exc: Exception) -> Exception:
     return PredictFailed(f"model {entry.key} failed to predict: {_reason(exc)}")
 
 
-def _thread_done(entry: ModelEntry) -> None:
-    entry.threads -= 1
-    entry.slots.release()
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
 
 
-def _unhang(entry: ModelEntry) -> None:
-    entry.hung -= 1
+def _cause(reason: str) -> str:
+    """A short label for the metric: the signal, killed (timeout, memory...), or exited."""
+    if reason.startswith("was killed:"):
+        return "killed"
+    if "signal" in reason:
+        return reason.split("signal ", 1)[1].split(" ")[0]
+    return "exited"
 
 
 def _consume(fut: asyncio.Future[Any]) -> None:

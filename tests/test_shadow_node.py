@@ -142,16 +142,17 @@ async def test_criteria_sampling_and_end_time_on_the_node(broker: EmbeddedBroker
     from modelcd.shadow.criteria import sample
 
     settings = node_settings(tmp_path, broker.bootstrap, prediction_log_rate=0.0, shadow_pause_busy=0.0)
-    end = time.time() + 3.0
     async with open_store(settings.resolved_store_url) as store, Publisher(broker.config, "test") as pub:
         await deploy(store, pub, iris_package("iris", "1", depth=3))
         await deploy(store, pub, iris_package("iris", "2", depth=1))
         await deploy(store, pub, iris_package("iris", "3", depth=2))
-        await set_traffic(store, pub, policy(
-            ShadowRelation(primary="iris", shadow="iris:2", sample_rate=0.1,
-                           criteria=[Criterion(field="header:x-country", op="eq", value="DE")]),
-            ShadowRelation(primary="iris:1", shadow="iris:3", end=end), revision=1))
         async with running_node(settings) as n:
+            # The end is set once the node is up: its start (model workers) must not eat the window.
+            end = time.time() + 3.0
+            await set_traffic(store, pub, policy(
+                ShadowRelation(primary="iris", shadow="iris:2", sample_rate=0.1,
+                               criteria=[Criterion(field="header:x-country", op="eq", value="DE")]),
+                ShadowRelation(primary="iris:1", shadow="iris:3", end=end), revision=1))
             await eventually(lambda: bool(n.node.shadow.rules), what="relations applied")
             before_end = [f"early-{i}" for i in range(5)]
             answers = await asyncio.gather(*(n.infer("iris", infer_body(id=rid)) for rid in before_end))

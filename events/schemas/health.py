@@ -23,6 +23,9 @@ class LoadedModel(msgspec.Struct, frozen=True, kw_only=True):
     ] = "ready"
     memory_bytes: Annotated[int, Doc("Resident memory the model holds on the node, in bytes.")] = 0
     error: Annotated[str | None, Doc("Why it failed to load (null unless failed).")] = None
+    quarantined: Annotated[bool, Doc("true when its worker kept dying and the node stopped restarting it (state "
+                                     "is failed; error says why).")] = False
+    restarts: Annotated[int, Doc("Deaths of its worker process on this node (crashes and kills).")] = 0
 
 
 class NodeStatus(Event, frozen=True, kw_only=True, tag="modelcd.node.status.v1"):
@@ -60,6 +63,8 @@ class ModelHealth(Event, frozen=True, kw_only=True, tag="modelcd.model.health.v1
     ] = "samples"
     latency_ms: Annotated[float, Doc("Time the check took, in milliseconds.")] = 0.0
     detail: Annotated[str, Doc("Why it failed, in words (empty when ok).")] = ""
+    quarantined: Annotated[bool, Doc("true when the node quarantined the model after repeated deaths of its "
+                                     "worker process.")] = False
     at: Annotated[
         float,
         Doc("When, seconds since the Unix epoch (UTC, fractional)."),

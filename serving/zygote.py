@@ -1,0 +1,129 @@
+"""The zygote: a clean, single-threaded process that forks model workers for its node's front.
+
+`python -m modelcd.serving.zygote CONFIG_JSON` is started by the front (workers.Zygote) with
+an environment of its own (no `MODELCD_*`, no cloud credentials: see `clean_env`), imports
+numpy and the serving runtimes once, and then forks one worker per request in a few
+milliseconds; the workers share those imported pages copy-on-write. Invariants:
+
+- the zygote runs no model code and stays single-threaded (the BLAS/OpenMP thread pools are
+  sized 1 before numpy loads), so `fork` is safe;
+- it dies with its front (parent-death signal), and when the front closes the control
+  socket it kills every worker's process group and exits: no worker outlives its node;
+- it reaps its children and reports each one's exit status (`{"op": "exit", "pid", "status"}`),
+  which is how the front tells a segfault from an exit or a kill.
+
+Control socket (AF_UNIX SOCK_SEQPACKET), one JSON object per message:
+front → zygote `{"op": "spawn", "id", "spec"}` with the worker's channel fd attached;
+zygote → front `{"op": "ready"}`, `{"op": "spawned", "id", "pid"}`, `{"op": "exit", "pid", "status"}`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+import sys
+from typing import Any
+
+# Preloaded before the first fork: what every worker imports (scikit-learn is most of a load's time).
+PRELOAD = ("numpy", "modelcd.store.package", "modelcd.runtimes.flavors", "sklearn.tree", "skops.io")
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+               "VECLIB_MAXIMUM_THREADS")
+KEEP_VARS = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE", "VIRTUAL_ENV")
+
+
+def clean_env(threads: int) -> dict[str, str]:
+    """What a worker may see of the node's environment: locale and path, and nothing secret."""
+    env = {k: os.environ[k] for k in KEEP_VARS if k in os.environ}
+    for k in THREAD_VARS:
+        env[k] = str(max(1, threads))
+    env["PYTHONNOUSERSITE"] = "1"
+    return env
+
+
+def _send(ctl: socket.socket, doc: dict[str, Any]) -> None:
+    with contextlib.suppress(OSError):
+        ctl.send(json.dumps(doc).encode())
+
+
+def main(argv: list[str]) -> int:
+    config = json.loads(argv[0])
+    sys.path[:0] = [p for p in config["path"] if p not in sys.path]
+    ctl = socket.socket(fileno=int(config["fd"]))
+    from .worker_main import _prctl, child
+
+    _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the front
+    if os.getppid() != int(config["parent"]):
+        return 0  # the front died before the line above took effect
+    for module in config.get("preload", PRELOAD):
+        with contextlib.suppress(ImportError):
+            __import__(module)
+    rpipe, wpipe = os.pipe()
+    os.set_blocking(wpipe, False)
+    signal.set_wakeup_fd(wpipe)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the front, which stops us in order
+    children: set[int] = set()
+    _send(ctl, {"op": "ready", "pid": os.getpid()})
+    try:
+        while True:
+            readable, _, _ = select.select([ctl, rpipe], [], [])
+            if rpipe in readable:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(rpipe, 4096)
+                _reap(ctl, children)
+            if ctl in readable:
+                try:
+                    msg, fds, _flags, _addr = socket.recv_fds(ctl, 1 << 16, 4)
+                except OSError:
+                    return 0
+                if not msg:
+                    return 0  # the front closed the control socket: stop every worker (finally)
+                doc = json.loads(msg)
+                if doc.get("op") != "spawn" or len(fds) != 1:
+                    for fd in fds:
+                        os.close(fd)
+                    continue
+                pid = os.fork()
+                if pid == 0:
+                    signal.set_wakeup_fd(-1)
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    signal.signal(signal.SIGINT, signal.SIG_DFL)
+                    os.close(rpipe)
+                    os.close(wpipe)
+                    ctl.close()
+                    child(socket.socket(fileno=fds[0]), doc["spec"])
+                os.close(fds[0])
+                children.add(pid)
+                _send(ctl, {"op": "spawned", "id": doc["id"], "pid": pid})
+    finally:
+        for pid in children:
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
+def _reap(ctl: socket.socket, children: set[int]) -> None:
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        children.discard(pid)
+        # What the worker spawned dies with it (its session/process group).
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)
+        _send(ctl, {"op": "exit", "pid": pid, "status": status})
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -15,7 +15,8 @@ from ._serving import MB, deploy, eventually, infer_body, iris_package, node_set
 
 async def test_budget_for_three_serves_ten_and_never_exceeds_it(broker: EmbeddedBroker, tmp_path: Path) -> None:
     """With a budget for 3 models and 10 deployed, all 10 answer and resident bytes never exceed the budget."""
-    settings = node_settings(tmp_path, broker.bootstrap, memory_budget=30 * MB)
+    # Loads on demand happen within the request here (load_wait): this test is about the budget, not load time.
+    settings = node_settings(tmp_path, broker.bootstrap, memory_budget=30 * MB, load_wait=30.0)
     async with open_store(settings.resolved_store_url) as store, Publisher(broker.config, "test") as pub:
         for i in range(10):
             await deploy(store, pub, iris_package(f"m{i}", "1", depth=1 + i % 4), memory_bytes=10 * MB)

@@ -8,10 +8,19 @@ and compares the interval with a static bound:
 - straddling the bound, or fewer samples than the check's minimum → INCONCLUSIVE.
 
 Verdict: any FAIL → ROLLBACK (with the failing checks as evidence); else any INCONCLUSIVE →
-HOLD (never promote on no evidence); else PROMOTE.
+HOLD (never promote on no evidence); else PROMOTE. An inconclusive check says how many samples
+(`need`, in its own unit `n`) it would take to decide at the figures seen, so `time_to_verdict`
+can tell an operator how long the hold lasts at the current traffic.
 
 Checks:
-- error rate of the canary: Wilson interval of errors/requests against `max_error_rate`;
+- model error rate (5xx), canary against baseline: the difference of the two rates with
+  Newcombe's hybrid score interval (built from each arm's Wilson interval), against
+  `max_error_rate_increase`: traffic that fails equally on both arms never fails a canary;
+- client errors (4xx: the callers' mistakes, counted apart by the nodes) are not model errors.
+  Their shares are compared the same way, one-sided: a canary that refuses clearly more of the
+  same traffic than the baseline (`max_client_error_increase`: an input signature that changed)
+  fails; otherwise the check passes, and it never holds a rollout;
+- optional ceiling on the canary's model error rate (`max_error_rate` < 1): Wilson interval;
 - latency p50 / p99 of the canary: order-statistic interval of the quantile against the bound
   (ranks beyond the sample are clamped to its extremes: with few samples a high quantile's
   upper bound is the largest latency seen);
@@ -79,6 +88,15 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def newcombe_interval(x1: int, n1: int, x2: int, n2: int, z: float) -> tuple[float, float, float]:
+    """(p1 - p2, low, high): Newcombe's hybrid score interval (method 10) of a difference of proportions."""
+    p1, p2 = x1 / n1, x2 / n2
+    l1, u1 = wilson_interval(x1, n1, z)
+    l2, u2 = wilson_interval(x2, n2, z)
+    d = p1 - p2
+    return d, d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+
+
 def kolmogorov_sf(x: float) -> float:
     """P(K > x) for the Kolmogorov distribution: 2 Σ (-1)^(k-1) exp(-2 k² x²)."""
     if x <= 0.0:
@@ -144,12 +162,15 @@ def quantile_interval(sorted_values: Sequence[float], q: float, z: float) -> tup
 class ArmWindow:
     """What one arm (canary or baseline) did in the window.
 
-    `requests`/`errors` come from usage reports when nodes sent any (complete counts), else from
-    the sampled prediction logs; latencies and outputs only from the logs (samples).
+    `requests`: calls that reached the model (answered, or failed by the model or its node);
+    `errors`: those that failed (5xx); `client_errors`: calls refused as the caller's mistake (4xx),
+    not in `requests`. Counts come from usage reports when nodes sent any (complete counts), else
+    from the sampled prediction logs; latencies and outputs only from the logs (samples).
     """
 
     requests: int = 0
     errors: int = 0
+    client_errors: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     outputs: list[Any] = field(default_factory=list)  # output values, one per row
 
@@ -164,9 +185,12 @@ class Check:
     bound: float | None = None
     n: int = 0
     detail: str = ""
+    need: int | None = None  # inconclusive: samples (in the unit of `n`) a verdict would take; None: unknown
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "status": str(self.status), "n": self.n}
+        if self.need is not None:
+            out["need"] = self.need
         for k in ("value", "low", "high", "bound"):
             v = getattr(self, k)
             if v is not None:
@@ -195,32 +219,87 @@ class Analysis:
         return {"verdict": str(self.verdict), "checks": [c.to_dict() for c in self.checks], **self.figures}
 
 
+def _need(value: float, low: float, high: float, bound: float, n: int) -> int | None:
+    """Samples an inconclusive interval would need to clear `bound`, were the figure to stay where it is.
+
+    The interval's half-width on the bound's side shrinks as 1/√n; None when the figure sits on
+    the bound (no sample size decides it).
+    """
+    gap = abs(bound - value)
+    half = (high - value) if bound >= value else (value - low)
+    if gap <= 1e-12 or n <= 0:
+        return None
+    return min(10**9, max(n + 1, math.ceil(n * (half / gap) ** 2)))
+
+
 def _bounded(name: str, value: float, low: float, high: float, bound: float, n: int, *,
-             upper: bool, unit: str = "") -> Check:
+             upper: bool, unit: str = "", shown: str | None = None, bound_shown: str | None = None) -> Check:
     """A check of an interval against a bound; `upper`: the figure must stay at or below it."""
-    shown = f"{value:.4g}{unit} in [{low:.4g}, {high:.4g}]"
+    shown = shown or f"{value:.4g}{unit} in [{low:.4g}, {high:.4g}]"
+    b = bound_shown or f"{bound:g}{unit}"
     if upper:
         if high <= bound:
-            return Check(name, Status.PASS, value, low, high, bound, n, f"{shown} <= {bound:g}{unit}")
+            return Check(name, Status.PASS, value, low, high, bound, n, f"{shown} <= {b}")
         if low > bound:
-            return Check(name, Status.FAIL, value, low, high, bound, n, f"{shown} > {bound:g}{unit}")
+            return Check(name, Status.FAIL, value, low, high, bound, n, f"{shown} > {b}")
     else:
         if low >= bound:
-            return Check(name, Status.PASS, value, low, high, bound, n, f"{shown} >= {bound:g}{unit}")
+            return Check(name, Status.PASS, value, low, high, bound, n, f"{shown} >= {b}")
         if high < bound:
-            return Check(name, Status.FAIL, value, low, high, bound, n, f"{shown} < {bound:g}{unit}")
-    return Check(name, Status.INCONCLUSIVE, value, low, high, bound, n, f"{shown} straddles {bound:g}{unit}")
+            return Check(name, Status.FAIL, value, low, high, bound, n, f"{shown} < {b}")
+    return Check(name, Status.INCONCLUSIVE, value, low, high, bound, n, f"{shown} straddles {b}",
+                 need=_need(value, low, high, bound, n))
 
 
 def _too_few(name: str, n: int, minimum: int, bound: float | None, what: str) -> Check:
-    return Check(name, Status.INCONCLUSIVE, None, None, None, bound, n, f"{n} {what}, need {minimum}")
+    return Check(name, Status.INCONCLUSIVE, None, None, None, bound, n, f"{n} {what}, need {minimum}",
+                 need=max(minimum, 1))
 
 
-def check_error_rate(arm: ArmWindow, t: AnalysisThresholds) -> Check:
+def _pts(x: float) -> str:
+    return f"{x * 100:+.2f} pts"
+
+
+def check_error_rate(canary: ArmWindow, baseline: ArmWindow, t: AnalysisThresholds) -> Check:
+    """Model errors (5xx), canary against baseline: the interval of the difference against the allowed increase."""
+    n = min(canary.requests, baseline.requests)
+    if n < max(t.min_requests, 1):
+        return _too_few("error_rate", n, t.min_requests, t.max_error_rate_increase, "requests in the smaller arm")
+    d, lo, hi = newcombe_interval(canary.errors, canary.requests, baseline.errors, baseline.requests,
+                                  z_for(t.confidence))
+    shown = (f"canary {canary.errors / canary.requests:.2%} vs baseline {baseline.errors / baseline.requests:.2%}: "
+             f"{_pts(d)} in [{_pts(lo)}, {_pts(hi)}]")
+    return _bounded("error_rate", d, lo, hi, t.max_error_rate_increase, n, upper=True, shown=shown,
+                    bound_shown=_pts(t.max_error_rate_increase))
+
+
+def check_client_errors(canary: ArmWindow, baseline: ArmWindow, t: AnalysisThresholds) -> Check:
+    """4xx shares compared one-sided: fail only when the canary clearly refuses more of the same traffic."""
+    nc, nb = canary.requests + canary.client_errors, baseline.requests + baseline.client_errors
+    if canary.client_errors == 0 and baseline.client_errors == 0:
+        return Check("client_errors", Status.SKIPPED, detail="no client errors")
+    if min(nc, nb) < max(t.min_requests, 1):
+        return Check("client_errors", Status.SKIPPED, n=min(nc, nb),
+                     detail=f"{min(nc, nb)} requests in the smaller arm, need {t.min_requests} to compare")
+    d, lo, hi = newcombe_interval(canary.client_errors, nc, baseline.client_errors, nb, z_for(t.confidence))
+    bound = t.max_client_error_increase
+    shown = (f"canary {canary.client_errors / nc:.2%} vs baseline {baseline.client_errors / nb:.2%} refused: "
+             f"{_pts(d)} in [{_pts(lo)}, {_pts(hi)}]")
+    if lo > bound:
+        return Check("client_errors", Status.FAIL, d, lo, hi, bound, min(nc, nb),
+                     f"{shown} > {_pts(bound)}: the canary refuses requests the baseline accepts")
+    return Check("client_errors", Status.PASS, d, lo, hi, bound, min(nc, nb),
+                 f"{shown}, not above {_pts(bound)} (the callers' mistakes, not the model's)")
+
+
+def check_error_ceiling(arm: ArmWindow, t: AnalysisThresholds) -> Check:
+    """The plan's optional absolute ceiling on the canary's model error rate."""
+    if t.max_error_rate >= 1.0:
+        return Check("error_ceiling", Status.SKIPPED, detail="no ceiling in the plan")
     if arm.requests < max(t.min_requests, 1):
-        return _too_few("error_rate", arm.requests, t.min_requests, t.max_error_rate, "requests")
+        return _too_few("error_ceiling", arm.requests, t.min_requests, t.max_error_rate, "requests")
     lo, hi = wilson_interval(arm.errors, arm.requests, z_for(t.confidence))
-    return _bounded("error_rate", arm.errors / arm.requests, lo, hi, t.max_error_rate, arm.requests, upper=True)
+    return _bounded("error_ceiling", arm.errors / arm.requests, lo, hi, t.max_error_rate, arm.requests, upper=True)
 
 
 def check_latency(arm: ArmWindow, q: float, bound: float | None, t: AnalysisThresholds) -> Check:
@@ -296,7 +375,8 @@ def check_mean_shift(canary: Sequence[float], baseline: Sequence[float], t: Anal
         return Check(**{**inner.__dict__, "status": Status.PASS, "detail": f"{shown} within ±{t.max_mean_shift:g}"})
     if lo > t.max_mean_shift or hi < -t.max_mean_shift:
         return Check(**{**inner.__dict__, "status": Status.FAIL, "detail": f"{shown} beyond ±{t.max_mean_shift:g}"})
-    return Check(**{**inner.__dict__, "detail": f"{shown} straddles ±{t.max_mean_shift:g}"})
+    return Check(**{**inner.__dict__, "detail": f"{shown} straddles ±{t.max_mean_shift:g}",
+                    "need": _need(abs(shift), abs(shift) - half, abs(shift) + half, t.max_mean_shift, n)})
 
 
 def output_kind(values: Iterable[Any]) -> str:
@@ -305,11 +385,13 @@ def output_kind(values: Iterable[Any]) -> str:
 
 
 def analyze(canary: ArmWindow, baseline: ArmWindow, thresholds: AnalysisThresholds,
-            pairs: Sequence[tuple[Any, Any]] = ()) -> Analysis:
-    """Judge the canary against the baseline over one window. See the module docstring."""
+            pairs: Sequence[tuple[Any, Any]] = (), *, window_s: float | None = None) -> Analysis:
+    """Judge the canary against the baseline over one window (`window_s` long). See the module docstring."""
     t = thresholds
     checks = [
-        check_error_rate(canary, t),
+        check_error_rate(canary, baseline, t),
+        check_client_errors(canary, baseline, t),
+        check_error_ceiling(canary, t),
         check_latency(canary, 0.5, t.max_latency_p50_ms, t),
         check_latency(canary, 0.99, t.max_latency_p99_ms, t),
     ]
@@ -317,6 +399,8 @@ def analyze(canary: ArmWindow, baseline: ArmWindow, thresholds: AnalysisThreshol
     if kind == "auto":
         kind = output_kind([*canary.outputs[:1000], *baseline.outputs[:1000], *(p[1] for p in pairs[:1000])])
     figures: dict[str, Any] = {"canary": _figures(canary), "baseline": _figures(baseline), "kind": kind}
+    if window_s is not None:
+        figures["window_s"] = round(window_s, 3)
     if kind == "classifier":
         # Paired evidence answers the question directly; use it once there is enough of it.
         if len(pairs) >= t.min_divergence_samples:
@@ -343,6 +427,29 @@ def analyze(canary: ArmWindow, baseline: ArmWindow, thresholds: AnalysisThreshol
     else:
         verdict = Verdict.PROMOTE
     return Analysis(verdict, tuple(checks), figures)
+
+
+def time_to_verdict(evidence: Mapping[str, Any]) -> dict[str, Any] | None:
+    """How long the inconclusive checks of an analysis need at the traffic it saw, or None if none is.
+
+    Each inconclusive check gathered `n` samples over the window (`window_s`) and needs `need`:
+    at the same rate it has its verdict in (need - n) / (n / window_s) seconds. The slowest check
+    decides: {"seconds" (None: cannot tell: no samples yet, or a figure on its bound), "check",
+    "n", "need", "rate_per_s"}.
+    """
+    window = evidence.get("window_s")
+    rows = []
+    for c in evidence.get("checks", []):
+        if c.get("status") != "inconclusive":
+            continue
+        n, need = int(c.get("n") or 0), c.get("need")
+        rate = n / window if window and n > 0 else None
+        seconds = None if need is None or rate is None else max(0.0, (need - n) / rate)
+        rows.append({"check": c["name"], "n": n, "need": need, "rate_per_s": rate, "seconds": seconds})
+    if not rows:
+        return None
+    unknown = [r for r in rows if r["seconds"] is None]
+    return unknown[0] if unknown else max(rows, key=lambda r: r["seconds"])
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -404,7 +511,7 @@ def _mean_var(xs: Sequence[float]) -> tuple[float, float]:
 
 
 def _figures(arm: ArmWindow) -> dict[str, Any]:
-    out: dict[str, Any] = {"requests": arm.requests, "errors": arm.errors,
+    out: dict[str, Any] = {"requests": arm.requests, "errors": arm.errors, "client_errors": arm.client_errors,
                            "error_rate": round(arm.errors / arm.requests, 6) if arm.requests else None,
                            "latency_samples": len(arm.latencies_ms), "rows": len(arm.outputs)}
     if arm.latencies_ms:

@@ -14,7 +14,8 @@ commands the rollout controller answers on the traffic topic.
                                                     "until"), "where", "criteria"}         -> 201 with the policy
     DELETE /endpoints/{e}/shadows/{shadow}[?primary=P]                                     -> 200 / 404
     GET    /endpoints/{e}/rollout                   current step, last analysis, history   -> 404 if none
-    POST   /endpoints/{e}/rollout                   {"to", "plan", "steps", "interval", "log_rate", bounds}  -> 202
+    POST   /endpoints/{e}/rollout                   {"to", "plan", "steps", "interval", "max_hold", "log_rate",
+                                                    bounds}                                -> 202
     POST   /endpoints/{e}/rollout/{pause|resume|abort|promote}   {"reason"}             -> 202 / 404 / 409
 
 Refusals: 400 for a bad body (weights not adding to 100, unknown plan, steps that do not
@@ -94,8 +95,10 @@ class RolloutBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     plan: str = "standard"
     steps: list[float] | None = None
     interval: str | float | None = None  # seconds or "10m"
+    max_hold: str | float | None = None  # seconds or "30m": the longest a step holds without a verdict
     log_rate: float | None = None
     max_error_rate: float | None = None
+    max_error_rate_increase: float | None = None
     max_latency_p50_ms: float | None = None
     max_latency_p99_ms: float | None = None
     min_agreement: float | None = None
@@ -251,8 +254,11 @@ class EndpointRoutes:
         req = _decode(raw, RolloutBody, '{"to": "iris:2", "plan": "fast"}')
         try:
             interval = parse_duration(req.interval) if isinstance(req.interval, str) else req.interval
+            max_hold = parse_duration(req.max_hold) if isinstance(req.max_hold, str) else req.max_hold
             plan = make_plan(req.plan, steps=req.steps, interval_s=interval, log_rate=req.log_rate,
-                             max_error_rate=req.max_error_rate, max_latency_p50_ms=req.max_latency_p50_ms,
+                             max_hold_s=max_hold, max_error_rate=req.max_error_rate,
+                             max_error_rate_increase=req.max_error_rate_increase,
+                             max_latency_p50_ms=req.max_latency_p50_ms,
                              max_latency_p99_ms=req.max_latency_p99_ms, min_agreement=req.min_agreement,
                              output=req.output)
             cmd = start_command(await self.load_view(endpoint), req.to, plan, world=await self._world(),

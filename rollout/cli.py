@@ -24,7 +24,8 @@ from modelcd.runner import run_main
 from modelcd.settings import Settings
 from modelcd.store.safety import World
 
-from .machine import PLANS, Rollout, RolloutError, make_plan, parse_duration, parse_steps, split_ref, summary
+from .analysis import time_to_verdict
+from .machine import PLANS, Phase, Rollout, RolloutError, make_plan, parse_duration, parse_steps, split_ref, summary
 from .traffic_ops import (
     TrafficError,
     check_routes,
@@ -78,7 +79,14 @@ def register(sub: Any) -> None:
     s.add_argument("--plan", default="standard", choices=sorted(PLANS))
     s.add_argument("--steps", help="canary weights in percent, e.g. 1,10,50,100 (default: the plan's)")
     s.add_argument("--interval", help="time between analyses, e.g. 30s, 10m (default: the plan's)")
-    s.add_argument("--max-error-rate", type=float, help="fail when the canary's error rate is above (0..1)")
+    s.add_argument("--max-hold", help="the longest a step may hold without a verdict (too few samples, figures on "
+                                      "a bound), e.g. 30m; then the rollout is aborted with its evidence and the "
+                                      "baseline gets its traffic back (default: the plan's)")
+    s.add_argument("--max-error-increase", type=float, dest="max_error_rate_increase",
+                   help="fail when the canary's model error rate (5xx) is above the baseline's by more than this "
+                        "(0..1, default 0.02; fast plan 0.05); client errors (4xx) are compared apart")
+    s.add_argument("--max-error-rate", type=float,
+                   help="also fail when the canary's model error rate is above this, whatever the baseline's (0..1)")
     s.add_argument("--max-p50-ms", type=float, dest="max_latency_p50_ms", help="fail above this median latency")
     s.add_argument("--max-p99-ms", type=float, dest="max_latency_p99_ms", help="fail above this p99 latency")
     s.add_argument("--min-agreement", type=float, help="classifiers: fail below this paired agreement (0..1)")
@@ -124,7 +132,8 @@ def _wait_arg(p: argparse.ArgumentParser) -> None:
 
 def _plan_line(plan: Any) -> str:
     steps = "→".join(f"{w:g}%" for w in plan.steps)
-    return f"{steps} every {_duration(plan.interval_s)}" + (", shadow first" if plan.shadow_first else "")
+    return (f"{steps} every {_duration(plan.interval_s)}, holding at most {_duration(plan.max_hold_s)}"
+            + (", shadow first" if plan.shadow_first else ""))
 
 
 def _duration(seconds: float) -> str:
@@ -263,7 +272,9 @@ def cmd_rollout_start(args: argparse.Namespace, settings: Settings) -> int:
         split_ref(args.to)
         plan = make_plan(args.plan, steps=parse_steps(args.steps) if args.steps else None,
                          interval_s=parse_duration(args.interval) if args.interval else None,
+                         max_hold_s=parse_duration(args.max_hold) if args.max_hold else None,
                          log_rate=args.log_rate, max_error_rate=args.max_error_rate,
+                         max_error_rate_increase=args.max_error_rate_increase,
                          max_latency_p50_ms=args.max_latency_p50_ms,
                          max_latency_p99_ms=args.max_latency_p99_ms, min_agreement=args.min_agreement,
                          output=args.output)
@@ -328,50 +339,100 @@ def cmd_rollout_status(args: argparse.Namespace, settings: Settings) -> int:
     return run_main(run)
 
 
-def render_step(s: RolloutStep) -> str:
+def render_step(s: RolloutStep, steps: int | None = None) -> str:
+    """One history line; steps are numbered from 1, as in the status line ("step 2 of 4")."""
     when = datetime.fromtimestamp(s.at, UTC).strftime("%H:%M:%S")
-    return f"{when}  {s.action:<8} step {s.step}  canary {s.weight:g}%  {s.reason}"
+    of = f" of {steps}" if steps else ""
+    return f"{when}  {s.action:<8} step {s.step + 1}{of}  canary {s.weight:g}%  {s.reason}"
 
 
-def render_status(r: Rollout) -> str:
+def _eta(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def render_wait(r: Rollout, now: float) -> list[str]:
+    """The hold's outlook: time to enough samples at the current traffic, and when max_hold ends it."""
+    ev = r.last_evidence
+    if r.phase is not Phase.RUNNING or ev.get("verdict") != "hold" or ev.get("analyzed_step", r.step) != r.step:
+        return []
+    lines = []
+    w = time_to_verdict(ev)
+    if w is not None:
+        rate = w["rate_per_s"]
+        if w["seconds"] is None and rate is None:
+            lines.append(f"  waiting for samples: {w['check']} has none yet (is traffic reaching the endpoint?)")
+        elif w["seconds"] is None:
+            lines.append(f"  {w['check']} sits on its bound: more samples may not decide it")
+        else:
+            at = time.strftime("%H:%M:%S", time.gmtime(now + w["seconds"]))
+            lines.append(f"  enough samples in ~{_eta(w['seconds'])} (about {at} UTC) at the current traffic: "
+                         f"{w['check']} has {w['n']} of ~{w['need']}, {rate:.3g}/s")
+            if now + w["seconds"] > r.hold_deadline:
+                lines.append("  that is past max_hold: more traffic, a higher --log-rate or a longer --max-hold "
+                             "would let it decide")
+    deadline = r.hold_deadline
+    lines.append(f"  without a verdict by {time.strftime('%H:%M:%S', time.gmtime(deadline))} UTC (max_hold "
+                 f"{_duration(r.plan.max_hold_s)}, in {_eta(max(0.0, deadline - now))}) the rollout is aborted "
+                 f"and the baseline gets its traffic back")
+    return lines
+
+
+def render_status(r: Rollout, now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    n = len(r.plan.steps)
     steps = " → ".join(f"[{w:g}%]" if i == r.step and r.active else f"{w:g}%" for i, w in enumerate(r.plan.steps))
     lines = [
         f"rollout {r.rollout_id} of {r.endpoint}: {r.phase}",
         f"  canary {r.canary} vs baseline {r.baseline}, plan {r.plan.name}: {steps} every "
         f"{_duration(r.plan.interval_s)}",
-        f"  canary weight {r.weight:g}% (step {r.step + 1} of {len(r.plan.steps)})",
+        f"  canary weight {r.weight:g}% (step {r.step + 1} of {n})",
     ]
     if r.due_at is not None:
-        lines.append(f"  next analysis in {max(0.0, r.due_at - time.time()):.0f}s")
+        lines.append(f"  next analysis in {max(0.0, r.due_at - now):.0f}s")
+    lines.extend(render_wait(r, now))
     ev = r.last_evidence
     if ev.get("checks"):
-        lines.append(f"  last analysis: {ev.get('verdict')}")
+        at = ev.get("analyzed_step")
+        where = f" (step {at + 1} of {n}, {ev.get('analyzed_weight', 0):g}%)" if at is not None else ""
+        lines.append(f"  last analysis{where}: {ev.get('verdict')}")
         for c in ev["checks"]:
             if c["status"] != "skipped":
                 lines.append(f"    {c['status']:<12} {c['name']:<14} {c.get('detail', '')}")
         for arm in ("canary", "baseline"):
             f = ev.get(arm, {})
-            lines.append(f"    {arm:<9} requests {f.get('requests', 0)}, errors {f.get('errors', 0)}, "
-                         f"p50 {f.get('latency_p50_ms', '-')} ms, p99 {f.get('latency_p99_ms', '-')} ms")
+            lines.append(f"    {arm:<9} requests {f.get('requests', 0)}, model errors {f.get('errors', 0)}, "
+                         f"client errors {f.get('client_errors', 0)}, p50 {f.get('latency_p50_ms', '-')} ms, "
+                         f"p99 {f.get('latency_p99_ms', '-')} ms")
     lines.append("  history:")
-    lines.extend(f"    {render_step(s)}" for s in r.history)
+    lines.extend(f"    {render_step(s, n)}" for s in r.history)
     if not r.active:
         lines.append(render_report(summary(r)))
     return "\n".join(lines)
 
 
 def render_report(s: dict[str, Any]) -> str:
-    """The launch summary: the new model against the old over the whole rollout."""
+    """The launch summary: what each step's analysis decided, on which checks, with which figures."""
     t = s["totals"]
 
     def arm(name: str) -> str:
         a = t[name]
         rate = "-" if a.get("error_rate") is None else f"{a['error_rate']:.3%}"
         p99 = a.get("worst_latency_p99_ms", "-")
-        return f"{a['requests']} requests, error rate {rate}, worst p99 {p99} ms"
+        return (f"{a['requests']} requests, model error rate {rate}, {a.get('client_errors', 0)} client errors, "
+                f"worst p99 {p99} ms")
 
     lines = ["  launch summary:", f"    new {s['canary']}: {arm('canary')}", f"    old {s['baseline']}: {arm('baseline')}"]
     for row in s["steps"]:
-        div = ", ".join(f"{k} {v}" for k, v in row.get("divergence", {}).items())
-        lines.append(f"    step at {row['weight']:g}%: {row['action']}" + (f" ({div})" if div else ""))
+        held = f" after {row['holds']} hold{'s' if row['holds'] != 1 else ''}" if row.get("holds") else ""
+        what = "aborted: no verdict within max_hold" if row.get("outcome") == "max_hold" else row["action"]
+        lines.append(f"    step {row['step'] + 1} of {row['steps']} at {row['weight']:g}%: {what}{held}")
+        for c in row.get("decided_by", []):
+            lines.append(f"      {c['name']} {c['status']}: {c.get('detail', '')}")
+    out = s.get("outcome")
+    if out:
+        lines.append(f"    outcome: {out['phase']} ({out['action']}: {out['reason']})")
     return "\n".join(lines)

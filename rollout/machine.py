@@ -16,6 +16,7 @@ Transitions (phase after the fact):
 
     start ─▶ running ─┬─ promote (next step) ─▶ running ... ─ promote to 100 % ─▶ complete
                       ├─ hold (inconclusive) ─▶ running (same step, window goes on)
+                      ├─ abort (still inconclusive after the plan's max_hold) ─▶ aborted
                       ├─ rollback (a check failed) ─▶ rolled_back
                       ├─ pause ─▶ paused ─ resume ─▶ running (the step's timer restarts)
                       ├─ abort (operator) ─▶ aborted          (from running or paused)
@@ -51,13 +52,14 @@ class RolloutError(ValueError):
 
 PLANS: dict[str, RolloutPlan] = {
     # Slow and careful: four steps, ten minutes of evidence each.
-    "standard": RolloutPlan(name="standard", steps=[1.0, 10.0, 50.0, 100.0], interval_s=600.0),
+    "standard": RolloutPlan(name="standard", steps=[1.0, 10.0, 50.0, 100.0], interval_s=600.0, max_hold_s=3600.0),
     # A hot fix: two steps, two minutes each, and smaller sample minimums (the old model is the bug).
-    "fast": RolloutPlan(name="fast", steps=[10.0, 100.0], interval_s=120.0,
+    "fast": RolloutPlan(name="fast", steps=[10.0, 100.0], interval_s=120.0, max_hold_s=1800.0,
                         thresholds=AnalysisThresholds(min_requests=30, min_latency_samples=30,
-                                                      min_divergence_samples=100)),
+                                                      min_divergence_samples=100, max_error_rate_increase=0.05)),
     # Blue-green: the canary shadows the baseline (0 %, paired samples) and then takes all traffic.
-    "blue-green": RolloutPlan(name="blue-green", steps=[0.0, 100.0], interval_s=600.0, shadow_first=True),
+    "blue-green": RolloutPlan(name="blue-green", steps=[0.0, 100.0], interval_s=600.0, max_hold_s=3600.0,
+                              shadow_first=True),
 }
 
 def parse_duration(text: str) -> float:
@@ -77,7 +79,7 @@ def parse_steps(text: str) -> list[float]:
 
 
 def make_plan(name: str = "standard", *, steps: Sequence[float] | None = None, interval_s: float | None = None,
-              log_rate: float | None = None, **thresholds: Any) -> RolloutPlan:
+              log_rate: float | None = None, max_hold_s: float | None = None, **thresholds: Any) -> RolloutPlan:
     """A named plan with overrides; raises RolloutError when the result is not a valid plan."""
     if name not in PLANS:
         raise RolloutError(f"unknown plan {name!r}; plans: {', '.join(PLANS)}")
@@ -92,7 +94,8 @@ def make_plan(name: str = "standard", *, steps: Sequence[float] | None = None, i
     plan = msgspec.structs.replace(base, thresholds=t,
                                    steps=list(steps) if steps is not None else list(base.steps),
                                    interval_s=base.interval_s if interval_s is None else interval_s,
-                                   log_rate=base.log_rate if log_rate is None else log_rate)
+                                   log_rate=base.log_rate if log_rate is None else log_rate,
+                                   max_hold_s=base.max_hold_s if max_hold_s is None else max_hold_s)
     validate_plan(plan)
     return plan
 
@@ -112,6 +115,8 @@ def validate_plan(plan: RolloutPlan) -> None:
         raise RolloutError(f"the interval must be positive: {plan.interval_s}")
     if not 0.0 <= plan.log_rate <= 1.0:
         raise RolloutError(f"the log rate is a share of requests, 0..1: {plan.log_rate}")
+    if not plan.max_hold_s > 0 or not math.isfinite(plan.max_hold_s):
+        raise RolloutError(f"max_hold must be a positive duration (e.g. 30m): {plan.max_hold_s}")
 
 
 # --- state --------------------------------------------------------------------------------------
@@ -143,6 +148,7 @@ class Rollout:
     step: int = 0
     weight: float = 0.0
     window_start: float = 0.0  # evidence of the current step counts from here
+    hold_from: float = 0.0  # the step's max_hold counts from here (its start, or the last resume)
     due_at: float | None = None  # next analysis (None: paused or finished)
     history: list[RolloutStep] = field(default_factory=list)
     acked: set[str] = field(default_factory=set)  # command ids answered
@@ -150,6 +156,15 @@ class Rollout:
     @property
     def active(self) -> bool:
         return self.phase in ACTIVE
+
+    @property
+    def hold_deadline(self) -> float:
+        """When the current step, still without a verdict, ends the rollout (max_hold)."""
+        return self.hold_from + self.plan.max_hold_s
+
+    def next_due(self, at: float) -> float:
+        """The next analysis after `at`: an interval later, but never past the hold deadline."""
+        return max(at, min(at + self.plan.interval_s, self.hold_deadline))
 
     @property
     def last_evidence(self) -> dict[str, Any]:
@@ -169,21 +184,23 @@ def apply(rollout: Rollout | None, fact: RolloutStep) -> Rollout | None:
         r = Rollout(endpoint=fact.endpoint, rollout_id=fact.rollout_id, canary=fact.canary,
                     baseline=fact.baseline, plan=fact.plan, baseline_routes=list(fact.baseline_routes),
                     started_at=fact.at, step=fact.step, weight=fact.weight, window_start=fact.at,
-                    due_at=fact.at + fact.plan.interval_s)
+                    hold_from=fact.at)
+        r.due_at = r.next_due(fact.at)
     elif rollout is None or rollout.rollout_id != fact.rollout_id or not rollout.active:
         return rollout  # a fact of a rollout we do not follow (older, or already finished)
     else:
         r = rollout
         match fact.action:
             case "promote":
-                r.step, r.weight, r.window_start = fact.step, fact.weight, fact.at
-                r.due_at = fact.at + r.plan.interval_s
+                r.step, r.weight, r.window_start, r.hold_from = fact.step, fact.weight, fact.at, fact.at
+                r.due_at = r.next_due(fact.at)
             case "hold":
-                r.due_at = fact.at + r.plan.interval_s
+                r.due_at = r.next_due(fact.at)
             case "pause":
                 r.phase, r.due_at = Phase.PAUSED, None
             case "resume":
-                r.phase, r.due_at = Phase.RUNNING, fact.at + r.plan.interval_s
+                r.phase, r.hold_from = Phase.RUNNING, fact.at
+                r.due_at = r.next_due(fact.at)
             case "rollback":
                 r.phase, r.weight, r.due_at = Phase.ROLLED_BACK, 0.0, None
             case "abort":
@@ -297,11 +314,18 @@ def on_analysis(rollout: Rollout, analysis: Analysis, now: float) -> list[Rollou
         return []  # an analysis that finished after a pause, abort or the last step decides nothing
     ids = dict(endpoint=rollout.endpoint, rollout_id=rollout.rollout_id, canary=rollout.canary,
                baseline=rollout.baseline, at=now)
-    evidence = analysis.evidence()
+    evidence = {**analysis.evidence(), "analyzed_step": rollout.step, "analyzed_weight": rollout.weight}
     match analysis.verdict:
         case Verdict.ROLLBACK:
             return [RolloutStep(**ids, action="rollback", step=rollout.step, weight=0.0, evidence=evidence,
                                 reason=analysis.reason)]
+        case Verdict.HOLD if now >= rollout.hold_deadline - 1e-6:
+            held = _duration(now - rollout.hold_from)
+            evidence["outcome"] = "max_hold"
+            return [RolloutStep(**ids, action="abort", step=rollout.step, weight=0.0, evidence=evidence,
+                                reason=f"no verdict within max_hold {_duration(rollout.plan.max_hold_s)} at step "
+                                       f"{rollout.step + 1} of {len(rollout.plan.steps)} ({rollout.weight:g}%, held "
+                                       f"{held}): {analysis.reason}")]
         case Verdict.HOLD:
             return [RolloutStep(**ids, action="hold", step=rollout.step, weight=rollout.weight, evidence=evidence,
                                 reason=analysis.reason)]
@@ -315,6 +339,14 @@ def on_analysis(rollout: Rollout, analysis: Analysis, now: float) -> list[Rollou
         facts.append(RolloutStep(**ids, action="complete", step=nxt, weight=100.0,
                                  reason=f"{rollout.canary} serves 100%", evidence={"summary": summary(done)}))
     return facts
+
+
+def _duration(seconds: float) -> str:
+    """90 → '1m30s', 1800 → '30m', 7200 → '2h'."""
+    seconds = round(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return "".join(f"{v}{u}" for v, u in ((h, "h"), (m, "m"), (s, "s")) if v) or "0s"
 
 
 def replace_history(rollout: Rollout, *extra: RolloutStep) -> Rollout:
@@ -344,12 +376,17 @@ def weighted_routes(rollout: Rollout) -> list[Route]:
 
 
 def policy_for(rollout: Rollout, current: TrafficPolicy | None) -> TrafficPolicy:
-    """The endpoint's policy for the rollout's state; other settings (sticky key, shadows) kept."""
-    shadows = [s for s in (current.shadows if current else []) if s.shadow != rollout.canary]
+    """The endpoint's policy for the rollout's state; other settings (sticky key, shadows) kept.
+
+    The endpoint's own shadow relations stay, also one whose shadow is the canary: while the
+    canary serves, a node never shadows a model with itself, and the baseline's requests it
+    shadows are paired evidence; after a rollback it goes on evaluating the canary as before.
+    """
+    own = blue_green_relation(rollout)
+    shadows = [s for s in (current.shadows if current else []) if s != own]
     if rollout.plan.shadow_first and rollout.active and rollout.weight == 0:
         # Blue-green's first step: every baseline request is also answered by the canary, off the path.
-        shadows.append(ShadowRelation(primary=rollout.baseline, shadow=rollout.canary, start=rollout.started_at,
-                                      sample_rate=1.0))
+        shadows.append(own)
     action = rollout.history[-1].action if rollout.history else "start"
     return TrafficPolicy(
         endpoint=rollout.endpoint,
@@ -359,6 +396,11 @@ def policy_for(rollout: Rollout, current: TrafficPolicy | None) -> TrafficPolicy
         revision=(current.revision if current else 0) + 1,
         reason=f"rollout {rollout.rollout_id} {action}: {rollout.canary} at {rollout.weight:g}%",
     )
+
+
+def blue_green_relation(rollout: Rollout) -> ShadowRelation:
+    """The relation blue-green's first step adds (and the following steps remove)."""
+    return ShadowRelation(primary=rollout.baseline, shadow=rollout.canary, start=rollout.started_at, sample_rate=1.0)
 
 
 def same_traffic(a: TrafficPolicy | None, b: TrafficPolicy) -> bool:
@@ -373,31 +415,68 @@ def same_traffic(a: TrafficPolicy | None, b: TrafficPolicy) -> bool:
 # --- reporting ----------------------------------------------------------------------------------
 
 
+ANALYSIS_ACTIONS = ("promote", "hold", "rollback", "abort")
+DIVERGENCE_CHECKS = ("agreement", "label_overlap", "ks_distance", "mean_shift")
+
+
+def analysed_at(rollout: Rollout, fact: RolloutStep) -> tuple[int, float]:
+    """(step, weight) whose evidence an analysis fact judged (older facts lack `analyzed_step`)."""
+    ev = fact.evidence
+    if "analyzed_step" in ev:
+        return int(ev["analyzed_step"]), float(ev["analyzed_weight"])
+    step = fact.step - 1 if fact.action == "promote" else fact.step
+    step = max(0, min(step, len(rollout.plan.steps) - 1))
+    return step, rollout.plan.steps[step]
+
+
+def deciding_checks(fact: RolloutStep) -> list[dict[str, Any]]:
+    """The checks that made an analysis decide what it did: the failing ones for a rollback, the
+    inconclusive ones for a hold or a max_hold abort, the passing ones for a promote."""
+    want = {"rollback": "fail", "hold": "inconclusive", "abort": "inconclusive", "promote": "pass"}[fact.action]
+    return [{k: c[k] for k in ("name", "status", "value", "detail") if k in c}
+            for c in fact.evidence.get("checks", []) if c.get("status") == want]
+
+
 def summary(rollout: Rollout) -> dict[str, Any]:
-    """The launch summary: per-step figures of canary and baseline, and totals over the rollout."""
-    steps = []
-    totals = {"canary": {"requests": 0, "errors": 0}, "baseline": {"requests": 0, "errors": 0}}
-    worst_p99: dict[str, float] = {}
+    """The launch summary: what each step's analysis decided, on which checks, with which figures.
+
+    One row per step analysed: its last analysis (a step's window grows until it is decided, so
+    the last one holds all of the step's evidence), with the number of holds before it. Totals
+    add the rows up, so no request is counted twice.
+    """
+    rows: list[dict[str, Any]] = []
+    n_steps = len(rollout.plan.steps)
     for ev in rollout.history:
-        if ev.action not in ("promote", "hold", "rollback") or not ev.evidence.get("checks"):
+        if ev.action not in ANALYSIS_ACTIONS or not ev.evidence.get("checks"):
             continue
-        row: dict[str, Any] = {"action": ev.action, "step": ev.step, "weight": ev.weight}
+        step, weight = analysed_at(rollout, ev)
+        row: dict[str, Any] = {"action": ev.action, "step": step, "steps": n_steps, "weight": weight, "at": ev.at,
+                               "holds": 0, "decided_by": deciding_checks(ev), "reason": ev.reason}
+        if ev.evidence.get("outcome"):
+            row["outcome"] = ev.evidence["outcome"]
         for arm in ("canary", "baseline"):
             fig = ev.evidence.get(arm, {})
-            row[arm] = {k: fig.get(k) for k in ("requests", "errors", "error_rate", "latency_p50_ms",
-                                                  "latency_p99_ms") if fig.get(k) is not None}
-            totals[arm]["requests"] += int(fig.get("requests") or 0)
-            totals[arm]["errors"] += int(fig.get("errors") or 0)
-            if fig.get("latency_p99_ms") is not None:
-                worst_p99[arm] = max(worst_p99.get(arm, 0.0), float(fig["latency_p99_ms"]))
-        div = [c for c in ev.evidence["checks"] if c["name"] in ("agreement", "label_overlap", "ks_distance",
-                                                               "mean_shift")]
+            row[arm] = {k: fig.get(k) for k in ("requests", "errors", "client_errors", "error_rate",
+                                                  "latency_p50_ms", "latency_p99_ms") if fig.get(k) is not None}
+        div = [c for c in ev.evidence["checks"] if c["name"] in DIVERGENCE_CHECKS and c.get("value") is not None]
         if div:
-            row["divergence"] = {c["name"]: c.get("value") for c in div}
-        steps.append(row)
-    for arm, t in totals.items():
+            row["divergence"] = {c["name"]: c["value"] for c in div}
+        if rows and rows[-1]["step"] == step and rows[-1]["action"] == "hold":
+            row["holds"] = rows[-1]["holds"] + 1
+            rows[-1] = row
+        else:
+            rows.append(row)
+    totals: dict[str, dict[str, Any]] = {}
+    for arm in ("canary", "baseline"):
+        t = totals[arm] = {k: sum(int(r[arm].get(k) or 0) for r in rows)
+                           for k in ("requests", "errors", "client_errors")}
         t["error_rate"] = round(t["errors"] / t["requests"], 6) if t["requests"] else None
-        if arm in worst_p99:
-            t["worst_latency_p99_ms"] = worst_p99[arm]
-    return {"canary": rollout.canary, "baseline": rollout.baseline, "plan": rollout.plan.name,
-            "started_at": rollout.started_at, "steps": steps, "totals": totals}
+        p99 = [float(r[arm]["latency_p99_ms"]) for r in rows if r[arm].get("latency_p99_ms") is not None]
+        if p99:
+            t["worst_latency_p99_ms"] = max(p99)
+    out: dict[str, Any] = {"canary": rollout.canary, "baseline": rollout.baseline, "plan": rollout.plan.name,
+                           "started_at": rollout.started_at, "steps": rows, "totals": totals}
+    last = rollout.history[-1] if rollout.history else None
+    if last is not None and not rollout.active:
+        out["outcome"] = {"phase": str(rollout.phase), "action": last.action, "reason": last.reason, "at": last.at}
+    return out

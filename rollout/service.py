@@ -10,6 +10,11 @@ commit point), then the TrafficPolicy, then the store's target state.
 
 Evidence is kept in bounded per-rollout buffers (drops are counted) and re-read from the
 topics on restart from the oldest active window on, so a restart loses no evidence either.
+What counts against a model (`Evidence.window`): usage reports' answered requests and 5xx; their
+4xx (`client_errors`) are the callers' mistakes and are compared apart. A request another shadow
+relation shadowed is not in the prediction log; its ShadowPrediction carries the primary's answer,
+which is a row of that arm. At 0 % (blue-green) the canary is judged against its primary on the
+very requests it shadowed.
 
 One controller runs per cluster (like Flagger's): it reads every partition itself, without a
 consumer group, because it needs all of its state and all of the evidence.
@@ -122,36 +127,55 @@ class Evidence:
             b_vals = by_input.get(digest)
             if b_vals is not None and len(b_vals) == len(c_vals):
                 pairs.extend(zip(b_vals, c_vals, strict=True))
-        canary, baseline = arms[r.canary], arms[r.baseline]
-        # Usage reports count every request (logs are sampled): prefer them where nodes sent any.
-        counts: dict[str, list[int]] = {}
-        for u in self.usage:
-            ref = f"{u.model}:{u.version}"
-            if ref in arms and u.interval_end >= r.window_start:
-                c = counts.setdefault(ref, [0, 0])
-                c[0] += u.count
-                c[1] += u.errors
-        for ref, (n, errors) in counts.items():
-            if n > 0:
-                arms[ref].requests, arms[ref].errors = n, errors
         # Shadow predictions (baseline primary, canary shadow): paired; at 0 % they are the canary.
-        shadow_arm = ArmWindow()
+        shadow_arm, primary_arm = ArmWindow(), ArmWindow()
+        seen: set[tuple[str, str]] = set()
         for s in self.shadows:
-            if (s.at < r.window_start or f"{s.primary_model}:{s.primary_version}" != r.baseline
-                    or f"{s.shadow_model}:{s.shadow_version}" != r.canary):
+            if s.at < r.window_start:
+                continue
+            primary = f"{s.primary_model}:{s.primary_version}"
+            # A shadowed request's primary answer is published here instead of in a prediction log
+            # (the node does not log it twice): it is a row of that arm, once per request.
+            if primary in arms and (primary, s.request_id) not in seen:
+                seen.add((primary, s.request_id))
+                arms[primary].requests += 1
+                arms[primary].latencies_ms.append(s.primary_latency_ms)
+                arms[primary].outputs.extend(extract_values(s.primary_outputs, out))
+            if primary != r.baseline or f"{s.shadow_model}:{s.shadow_version}" != r.canary:
                 continue
             shadow_arm.requests += 1
+            primary_arm.requests += 1  # a request is shadowed once its primary answered it
+            primary_arm.latencies_ms.append(s.primary_latency_ms)
+            b_vals = extract_values(s.primary_outputs, out)
+            primary_arm.outputs.extend(b_vals)
             if s.shadow_error:
                 shadow_arm.errors += 1
                 continue
             shadow_arm.latencies_ms.append(s.shadow_latency_ms)
             c_vals = extract_values(s.shadow_outputs, out)
-            b_vals = extract_values(s.primary_outputs, out)
             shadow_arm.outputs.extend(c_vals)
             if len(c_vals) == len(b_vals):
                 pairs.extend(zip(b_vals, c_vals, strict=True))
+        # Usage reports count every request (logs are sampled): prefer them where nodes sent any.
+        counts: dict[str, list[int]] = {}
+        for u in self.usage:
+            ref = f"{u.model}:{u.version}"
+            if ref in arms and u.interval_end >= r.window_start:
+                c = counts.setdefault(ref, [0, 0, 0])
+                c[0] += u.count
+                c[1] += u.errors - u.client_errors
+                c[2] += u.client_errors
+        # A client error (4xx) never reached the model: it is neither a request the model answered
+        # nor a model error; the analysis compares its share between the arms apart.
+        for ref, (answered, errors, client) in counts.items():
+            if answered + errors + client > 0:
+                a = arms[ref]
+                a.requests, a.errors, a.client_errors = answered + errors, errors, client
+        canary, baseline = arms[r.canary], arms[r.baseline]
         if r.weight == 0:
-            canary = shadow_arm
+            # At 0 % the canary answers only shadowed requests: judge it against its primary on the
+            # very same requests (the primary answered each; the canary may not have).
+            canary, baseline = shadow_arm, primary_arm
         return canary, baseline, pairs
 
 
@@ -285,7 +309,10 @@ class RolloutController:
                 for r in self._active_with(f"{event.model}:{event.version}"):
                     self._evidence(r).add(self._evidence(r).usage, event)
             case ShadowPrediction():
-                for r in self._active_with(f"{event.shadow_model}:{event.shadow_version}"):
+                # Blue-green's pairs (the canary shadowing the baseline), and the primary's answer of a
+                # request another relation shadowed (the node does not log it twice).
+                refs = {f"{event.shadow_model}:{event.shadow_version}", f"{event.primary_model}:{event.primary_version}"}
+                for r in [r for r in self.rollouts.values() if r.active and refs & {r.canary, r.baseline}]:
                     self._evidence(r).add(self._evidence(r).shadows, event)
             case TrafficPolicy():
                 self.policies[event.endpoint] = event
@@ -326,7 +353,7 @@ class RolloutController:
             if not due(r, now):
                 continue
             canary, baseline, pairs = self._evidence(r).window(r)
-            analysis = analyze(canary, baseline, r.plan.thresholds, pairs)
+            analysis = analyze(canary, baseline, r.plan.thresholds, pairs, window_s=now - r.window_start)
             self.last_analysis[r.endpoint] = analysis
             facts = on_analysis(r, analysis, now)
             self.stats["decisions"] += 1

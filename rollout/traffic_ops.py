@@ -22,6 +22,7 @@ from modelcd.events.schemas import RolloutPlan, RolloutStep, Route, TrafficPolic
 from modelcd.events.topics import TRAFFIC
 from modelcd.store.safety import ActiveRollout, Unsafe, World, check_endpoint_delete, check_serving
 
+from .analysis import time_to_verdict
 from .machine import Rollout, RolloutError, apply, split_ref, summary
 
 Kind = Literal["invalid", "conflict", "not_found"]
@@ -158,6 +159,8 @@ def status_dict(r: Rollout) -> dict[str, Any]:
         "endpoint": r.endpoint, "rollout_id": r.rollout_id, "phase": str(r.phase), "canary": r.canary,
         "baseline": r.baseline, "step": r.step, "steps": r.plan.steps, "weight": r.weight,
         "plan": msgspec.to_builtins(r.plan), "next_analysis_at": r.due_at, "last_analysis": r.last_evidence,
+        "hold_deadline": r.hold_deadline if r.active else None,
+        "time_to_verdict": time_to_verdict(r.last_evidence) if r.active else None,
         "history": [msgspec.to_builtins(s) for s in r.history],
         "summary": summary(r),
     }

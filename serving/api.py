@@ -320,6 +320,8 @@ class ServingApp:
             entry.metrics.errors(kind).inc()
             entry.metrics.latency.observe(time.perf_counter() - t0)
             entry.usage.errors += 1
+            if exc.status < 500:  # the caller's mistake: rollout analysis must not blame the model for it
+                entry.usage.client_errors += 1
             entry.usage.last_used = time.time()
         if exc.status >= 500:
             log.warning("inference failed", request_id=request_id, target=target, status=exc.status,

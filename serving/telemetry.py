@@ -36,13 +36,14 @@ class EventSink(Protocol):
 class UsageCounter:
     """One model version's usage since the last report; the request path bumps it in place."""
 
-    __slots__ = ("model", "version", "count", "errors", "last_used")
+    __slots__ = ("model", "version", "count", "errors", "client_errors", "last_used")
 
     def __init__(self, model: str, version: str) -> None:
         self.model = model
         self.version = version
         self.count = 0
         self.errors = 0
+        self.client_errors = 0  # of `errors`, the 4xx ones (the caller's mistake, not the model's)
         self.last_used = 0.0
 
 
@@ -101,9 +102,11 @@ class Telemetry:
             if c.count == 0 and c.errors == 0:
                 continue
             reports.append(UsageReport(model=c.model, version=c.version, node=self.node, interval_start=start,
-                                       interval_end=now, count=c.count, errors=c.errors, last_used=c.last_used))
+                                       interval_end=now, count=c.count, errors=c.errors,
+                                       client_errors=c.client_errors, last_used=c.last_used))
             c.count = 0
             c.errors = 0
+            c.client_errors = 0
         return reports
 
     def flush_usage(self) -> int:

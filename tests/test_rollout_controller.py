@@ -35,7 +35,7 @@ WAIT = 30.0  # seconds: an upper bound on every wait, never a performance thresh
 
 def fast_plan(interval_s: float = 1.0) -> RolloutPlan:
     return make_plan("standard", steps=[1.0, 10.0, 50.0, 100.0], interval_s=interval_s, min_requests=30,
-                     min_latency_samples=30, min_divergence_samples=100, max_error_rate=0.1,
+                     min_latency_samples=30, min_divergence_samples=100, max_error_rate_increase=0.1,
                      max_latency_p99_ms=1000.0)
 
 
@@ -180,7 +180,7 @@ async def test_blue_green_judges_shadow_traffic_then_switches(broker: EmbeddedBr
     cfg, sink = broker.config, Sink()
     await setup_endpoint(cfg)
     plan = make_plan("blue-green", interval_s=1.0, min_requests=30, min_latency_samples=30,
-                     min_divergence_samples=100, max_error_rate=0.1)
+                     min_divergence_samples=100, max_error_rate_increase=0.1)
 
     async def shadow_traffic(pub: Publisher) -> None:
         i = 0

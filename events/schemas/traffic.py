@@ -100,9 +100,22 @@ class AnalysisThresholds(msgspec.Struct, frozen=True, kw_only=True):
     ] = 0.95
     min_requests: Annotated[
         int,
-        Doc("Canary requests (usage reports, else logs) needed before the error rate is judged."),
+        Doc("Requests per arm (usage reports, else logs) needed before error rates are judged."),
     ] = 50
-    max_error_rate: Annotated[float, Doc("Largest canary error rate (0..1) that passes.")] = 0.05
+    max_error_rate: Annotated[
+        float,
+        Doc("Absolute ceiling (0..1) on the canary's model error rate (5xx), whatever the baseline's; 1: none."),
+    ] = 1.0
+    max_error_rate_increase: Annotated[
+        float,
+        Doc("Model errors (5xx) are judged canary against baseline: the canary fails when its rate is above the "
+            "baseline's by more than this (0..1; the interval of the difference entirely above)."),
+    ] = 0.02
+    max_client_error_increase: Annotated[
+        float,
+        Doc("Client errors (4xx) are the callers' mistakes: only a canary refusing clearly more of the same traffic "
+            "than the baseline by more than this (0..1) fails; never a reason to hold."),
+    ] = 0.05
     min_latency_samples: Annotated[int, Doc("Canary latency samples needed before latency is judged.")] = 50
     max_latency_p50_ms: Annotated[
         float | None,
@@ -148,6 +161,11 @@ class RolloutPlan(msgspec.Struct, frozen=True, kw_only=True):
     shadow_first: Annotated[bool, Doc("Blue-green: the canary shadows the baseline (weight 0) until analysed.")] = False
     thresholds: Annotated[AnalysisThresholds, Doc("The analysis' bounds.")] = AnalysisThresholds()
     log_rate: Annotated[float, Doc("Share (0..1) of canary and baseline requests logged while the rollout runs.")] = 0.1
+    max_hold_s: Annotated[
+        float,
+        Doc("Longest a step may hold without a verdict (too few samples, figures straddling a bound), in seconds; "
+            "then the rollout is aborted with its evidence and the baseline gets its traffic back."),
+    ] = 3600.0
 
 
 class RolloutStep(Event, frozen=True, kw_only=True, tag="modelcd.rollout.step.v1"):

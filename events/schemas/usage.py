@@ -24,7 +24,16 @@ class UsageReport(Event, frozen=True, kw_only=True, tag="modelcd.usage.report.v1
     ]
     interval_end: Annotated[float, Doc("End of the interval, seconds since the Unix epoch (UTC, fractional).")]
     count: Annotated[int, Doc("Requests answered by this version on this node in the interval.")]
-    errors: Annotated[int, Doc("Requests to this version that failed in the interval.")] = 0
+    errors: Annotated[
+        int,
+        Doc("Requests to this version that failed in the interval, whoever's fault: the client's (4xx) and the "
+            "model's or node's (5xx)."),
+    ] = 0
+    client_errors: Annotated[
+        int,
+        Doc("Of `errors`, those refused as the client's mistake (4xx: wrong shape, datatype, ...); rollout "
+            "analysis does not count them against the model."),
+    ] = 0
     last_used: Annotated[float, Doc("Last request in the interval, seconds since the Unix epoch (UTC, fractional).")]
     at: Annotated[
         float,

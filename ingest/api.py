@@ -25,16 +25,18 @@ Every error is `{"error": reason}` with a 4xx (503 when the store or broker is u
 a bearer token (or the session cookie the console's login form sets: `session.py`) is required on
 every route but /healthz when `settings.api_token` is set; a body
 larger than `settings.max_upload_bytes` is refused with 413 before it is read in full.
+
+The handler never does work proportional to an upload on the event loop: the multipart split, the
+sha256 and the manifest peek (bounded: the first tar member only, `store.package.peek_manifest`) run
+in a thread, so a large or hostile upload does not stall other requests. A `file://` package URI is
+refused (400, one message whatever the path) unless it lies under MODELCD_FILE_URI_DIRS.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
-import json
 import re
-import tarfile
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
@@ -46,12 +48,13 @@ import msgspec
 from modelcd.events.schemas import DeployRequested, Event, ModelState, RetireRequested, new_id
 from modelcd.logs import get_logger
 from modelcd.store.blobs import Store, StoreError, StoreUnavailable
+from modelcd.store.package import peek_manifest
 from modelcd.store.safety import Unsafe, World, check_retire, world
 from modelcd.store.targets import TargetState
 
-from .errors import ApiError
 from . import session
-from .policy import UPLOAD_PREFIX, parse_package_uri, upload_key
+from .errors import ApiError
+from .policy import UPLOAD_PREFIX, check_api_file_uri, check_expiry, parse_package_uri, upload_key
 from .tracking import TrackingView
 
 log = get_logger("modelcd.ingest.api")
@@ -128,6 +131,7 @@ _SHA = re.compile(r"[0-9a-f]{64}")
 class ApiConfig:
     api_token: str | None
     max_upload_bytes: int
+    file_uri_dirs: tuple[str, ...] = ()  # where file:// package URIs may point through this API (none: refused)
 
 
 class DeploymentApi:
@@ -248,19 +252,18 @@ class DeploymentApi:
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 raise ApiError(400, f"malformed JSON body: {exc}; expected {{\"package_uri\": \"s3://...\"}}") from None
             try:
-                parse_package_uri(req.package_uri)
+                check_api_file_uri(parse_package_uri(req.package_uri), self.config.file_uri_dirs)
+                check_expiry(req.expiry_seconds)
             except ValueError as exc:
                 raise ApiError(400, str(exc)) from None
             if req.sha256 is not None and not _SHA.fullmatch(req.sha256):
                 raise ApiError(400, f"sha256 must be 64 lowercase hex digits, got {req.sha256!r}")
-            if req.expiry_seconds is not None and req.expiry_seconds <= 0:
-                raise ApiError(400, "expiry_seconds must be a positive number of seconds")
             event = DeployRequested(deployment_id=deployment_id, model=req.model, package_uri=req.package_uri,
                                     sha256=req.sha256, owner=req.owner, expiry_seconds=req.expiry_seconds,
                                     pinned=req.pinned, requested_by="api")
         else:
             if mime == "multipart/form-data":
-                archive = _multipart_file(body, ctype)
+                archive = await asyncio.to_thread(_multipart_file, body, ctype)
             elif mime in ("application/x-tar", "application/octet-stream", "application/gzip",
                           "application/x-gtar"):
                 archive = body
@@ -269,17 +272,21 @@ class DeploymentApi:
                                     "application/x-tar or multipart/form-data, or send JSON {\"package_uri\": ...}")
             if not archive:
                 raise ApiError(400, "empty upload: the body holds no package archive")
-            sha = hashlib.sha256(archive).hexdigest()
-            key = upload_key(deployment_id)
-            # Staged, not yet a package: the pipeline moves it to packages/ only once it validated,
-            # and deletes it when the deployment ends.
-            await self.store.put(key, archive)
             expiry = query.get("expiry_seconds")
             try:
                 expiry_seconds = int(expiry) if expiry else None
             except ValueError:
                 raise ApiError(400, f"expiry_seconds must be an integer, got {expiry!r}") from None
-            event = DeployRequested(deployment_id=deployment_id, model=query.get("model") or _peek_name(archive),
+            try:
+                check_expiry(expiry_seconds)
+            except ValueError as exc:
+                raise ApiError(400, str(exc)) from None
+            sha, name = await asyncio.to_thread(_hash_and_peek, archive)
+            key = upload_key(deployment_id)
+            # Staged, not yet a package: the pipeline moves it to packages/ only once it validated,
+            # and deletes it when the deployment ends.
+            await self.store.put(key, archive)
+            event = DeployRequested(deployment_id=deployment_id, model=query.get("model") or name,
                                     package_uri=f"store:{key}", sha256=sha, owner=query.get("owner"),
                                     expiry_seconds=expiry_seconds, pinned=query.get("pinned") in ("1", "true"),
                                     requested_by="api")
@@ -429,18 +436,28 @@ def _multipart_file(body: bytes, content_type: str) -> bytes:
     return found
 
 
+class _NameOnly(msgspec.Struct):
+    name: str = ""
+
+
+_name_only = msgspec.json.Decoder(_NameOnly)
+
+
+def _hash_and_peek(archive: bytes) -> tuple[str, str]:
+    """The archive's sha256 and its model name (run in a thread: both read bytes an upload controls)."""
+    return hashlib.sha256(archive).hexdigest(), _peek_name(archive)
+
+
 def _peek_name(archive: bytes) -> str:
     """The model name from the archive's manifest, best effort, so requests for one model share a
-    partition (and so are handled in order). Any problem is left for the pipeline to report."""
+    partition (and so are handled in order). Bounded work: only the first member is decompressed
+    (`peek_manifest`). Any problem is left for the pipeline to report."""
+    manifest = peek_manifest(archive)
+    if manifest is None:
+        return ""
     try:
-        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:*") as tar:
-            member = tar.getmember("manifest.json")
-            if not member.isfile() or member.size > 1 << 20:
-                return ""
-            f = tar.extractfile(member)
-            name = json.loads(f.read()).get("name", "") if f is not None else ""
-            return name if isinstance(name, str) else ""
-    except Exception:  # noqa: BLE001 - a peek; validation proper happens in the pipeline
+        return _name_only.decode(manifest).name
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return ""
 
 

@@ -14,6 +14,12 @@ request is handled again from the start):
 - the record is written last; a request whose record exists is skipped;
 - a staged upload (`uploads/<id>.tar`) is deleted once the deployment ended, either way.
 
+Isolation: this process never loads or runs a model. It reads archives as bytes, off the event loop
+and bounded (`reading.off_loop`, `read_package` with size, ratio and time limits); the structural
+checks, compile and serving validation run in one sandbox child per deployment (`sandbox.py`), each
+phase killed on its time limit, and the compiled archive the child hands back is read and compared
+with the original again (`policy.check_compiled`).
+
 Every request ends: bad input becomes DeploymentFailed with the reason at once; a transient
 store/broker/source failure runs the request again with backoff (it is idempotent, see above)
 for up to MODELCD_DEPLOY_RETRY_TIME, each attempt bounded by MODELCD_DEPLOY_TIMEOUT, then it
@@ -28,7 +34,6 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -46,7 +51,6 @@ from modelcd.events.schemas import (
 )
 from modelcd.events.schemas.deployments import Step, StepStatus
 from modelcd.logs import get_logger
-from modelcd.runtimes.compile import compile_package
 from modelcd.settings import Settings
 from modelcd.store.blobs import Store, StoreError, StoreNotFound, StoreUnavailable, package_key, put_package
 from modelcd.store.package import Package, PackageError, read_package
@@ -56,6 +60,7 @@ from modelcd.store.safety import Unsafe, check_retire
 
 from .api import EventSink, TrafficReader, retire_world
 from .errors import (
+    CompileFailed,
     DeploymentRejected,
     IngestError,
     ModelInUse,
@@ -71,17 +76,21 @@ from .policy import (
     Noop,
     Proceed,
     Resume,
+    check_compiled,
+    check_expiry,
     check_requested_sha,
     check_serving_needs,
     decide_deploy,
     model_state_for,
+    parse_file_dirs,
     parse_package_uri,
     record_decoder,
     record_encoder,
     record_key,
     retired_state,
 )
-from .sandbox import Sandbox
+from .reading import OffLoopTimeout, TooLarge, Unreadable, off_loop, read_regular_file
+from .sandbox import Sandbox, SandboxJob
 
 log = get_logger("modelcd.ingest.pipeline")
 
@@ -242,14 +251,18 @@ class Pipeline:
         run = run or _Run(self.sink, req.deployment_id, model=req.model)
         started = time.perf_counter()
         sha = ""
+        job: SandboxJob | None = None
         await run.emit("accepted", "succeeded", f"picked up by {self.instance}")
         try:
             try:
                 async with run.step("validate") as out:
-                    data = await self._fetch(req.package_uri)
-                    sha = hashlib.sha256(data).hexdigest()
+                    try:
+                        check_expiry(req.expiry_seconds)
+                    except ValueError as exc:
+                        raise ValidationFailed(str(exc)) from None
+                    data = await self._fetch(req)
+                    sha, pkg = await self._read(data)
                     check_requested_sha(req.sha256, sha)
-                    pkg = await self._read(data)
                     check_serving_needs(pkg.manifest)
                     if req.model and req.model != pkg.manifest.name:
                         raise ValidationFailed(f"the request is for model {req.model!r}, but the package is "
@@ -261,24 +274,33 @@ class Pipeline:
                         raise VersionConflict(decision.reason)
                     out["detail"] = (f"{pkg.manifest.flavor} package {sha[:12]}, {len(data)} bytes, "
                                      f"{len(pkg.manifest.files)} files")
+                    if isinstance(decision, Proceed):
+                        # From here on model files are handled by the sandbox child only: the structural
+                        # checks, compile and serving validation run there, each phase on its own clock.
+                        job = await self.sandbox.start(pkg.data, compile=self.settings.compile_onnx,
+                                                       checks=self.settings.structural_checks)
+                        out["detail"] += f"; {await job.checked()}"
                 if isinstance(decision, Noop | Resume):
                     await self._shortcut(run, req, decision, sha, started)
                     return
-                assert isinstance(decision, Proceed)
+                assert isinstance(decision, Proceed) and job is not None
 
                 async with run.step("compile") as out:
-                    result = await asyncio.to_thread(compile_package, pkg) if self.settings.compile_onnx else None
-                    if result is None:
-                        built, out["detail"] = pkg.built(), "compile disabled (MODELCD_COMPILE_ONNX=false)"
-                    else:
-                        built, out["detail"] = result.package, result.reason
+                    outcome = await job.compiled()
+                    built = pkg.built()
+                    if outcome.data is not None:
+                        compiled = await self._read_compiled(outcome.data)
+                        check_compiled(pkg, compiled)
+                        built = compiled.built()
+                    out["detail"] = outcome.reason
                     runtime = built.manifest.runtime
 
                 async with run.step("serving-validation") as out:
-                    report = await self.sandbox.validate(built.data)
+                    report = await job.validated()
                     out["detail"] = (f"{report.runtime}: outputs match on {report.samples} samples; "
                                      f"load {report.load_ms:.0f} ms, predict {report.predict_us:.0f} us, "
                                      f"memory {report.memory_bytes // 1024} KiB")
+                await job.close()
 
                 async with run.step("publish") as out:
                     stored_sha = await put_package(self.store, built.data)
@@ -316,6 +338,9 @@ class Pipeline:
         except DeploymentRejected as exc:
             await self._fail(run, req, exc, sha, started)
             return
+        finally:
+            if job is not None:
+                await job.close()  # the child is killed whatever happened (a cancel, a failure, a bug)
         timings = {**run.timings_ms, "total": (time.perf_counter() - started) * 1000}
         await self.sink.publish(DeploymentCompleted(deployment_id=req.deployment_id, model=run.model,
                                                     version=run.version, sha256=stored_sha, runtime=runtime,
@@ -449,15 +474,39 @@ class Pipeline:
         if req.package_uri.startswith("store:") and key.startswith(UPLOAD_PREFIX):
             await self.store.delete(key)
 
-    async def _read(self, data: bytes) -> Package:
-        limit = self.settings.max_package_bytes
+    async def _read(self, data: bytes) -> tuple[str, Package]:
+        """sha256 and the checked package, off the loop, bounded in size, gzip ratio and time."""
+        s = self.settings
+        timeout = s.package_read_timeout
+
+        def read() -> tuple[str, Package]:
+            deadline = time.monotonic() + timeout
+            return hashlib.sha256(data).hexdigest(), read_package(
+                data, max_member_bytes=s.max_package_bytes, max_total_bytes=s.max_package_bytes,
+                max_ratio=s.max_package_ratio, deadline=deadline)
+
         try:
-            return await asyncio.to_thread(read_package, data, max_member_bytes=limit, max_total_bytes=limit)
+            return await off_loop(read, timeout=timeout + 5, name="package-read")
         except PackageError as exc:
             raise ValidationFailed(f"invalid package: {exc.reason}") from None
+        except OffLoopTimeout:
+            raise ValidationFailed(f"reading the package took longer than {timeout:g} s "
+                                   "(MODELCD_PACKAGE_READ_TIMEOUT)") from None
 
-    async def _fetch(self, uri: str) -> bytes:
-        """The archive's bytes, bounded by MODELCD_MAX_UPLOAD_BYTES, or PackageUnavailable / ValidationFailed."""
+    async def _read_compiled(self, data: bytes) -> Package:
+        limit = 2 * self.settings.max_package_bytes
+        try:
+            return await off_loop(lambda: read_package(data, max_member_bytes=limit, max_total_bytes=limit),
+                                  timeout=self.settings.package_read_timeout, name="compiled-read")
+        except (PackageError, OffLoopTimeout) as exc:
+            raise CompileFailed(f"the compiled package is invalid: {exc}") from None
+
+    async def _fetch(self, req: DeployRequested) -> bytes:
+        """The archive's bytes, bounded by MODELCD_MAX_UPLOAD_BYTES, or PackageUnavailable / ValidationFailed.
+
+        A file:// URI names a regular file, read within MODELCD_PACKAGE_READ_TIMEOUT; one that came through
+        the HTTP door must lie under MODELCD_FILE_URI_DIRS, and its errors say nothing about the host."""
+        uri = req.package_uri
         limit = self.settings.max_upload_bytes
         try:
             source = parse_package_uri(uri)
@@ -471,28 +520,25 @@ class Pipeline:
             except ValueError as exc:
                 raise ValidationFailed(f"package_uri {uri!r}: {exc}") from None
         elif source.scheme == "file":
-            data = await asyncio.to_thread(_read_file, Path(source.location), limit)
+            dirs = parse_file_dirs(self.settings.file_uri_dirs) if req.requested_by == "api" else None
+            timeout = self.settings.package_read_timeout
+            try:
+                data = await off_loop(read_regular_file, source.location, limit, dirs, timeout=timeout,
+                                      name="file-read")
+            except TooLarge as exc:
+                raise ValidationFailed(exc.reason) from None
+            except Unreadable as exc:
+                raise PackageUnavailable(f"package_uri {uri}: {exc.reason}") from None
+            except OffLoopTimeout:
+                raise PackageUnavailable(f"package_uri {uri}: " + (
+                    "no package archive ingest may read at this path" if dirs is not None else
+                    f"reading it took longer than {timeout:g} s (MODELCD_PACKAGE_READ_TIMEOUT)")) from None
         else:
             data = await _read_s3(source.bucket, source.location, self.settings.s3_endpoint_url, limit)
         if len(data) > limit:
             raise ValidationFailed(f"archive too large: {len(data)} bytes, the limit is {limit} "
                                    "(MODELCD_MAX_UPLOAD_BYTES)")
         return data
-
-
-def _read_file(path: Path, limit: int) -> bytes:
-    try:
-        size = path.stat().st_size
-        if size > limit:
-            raise ValidationFailed(f"archive too large: {size} bytes, the limit is {limit} (MODELCD_MAX_UPLOAD_BYTES)")
-        with path.open("rb") as f:
-            return f.read(limit + 1)
-    except FileNotFoundError:
-        raise PackageUnavailable(f"no file {path} on the ingest host") from None
-    except IsADirectoryError:
-        raise PackageUnavailable(f"{path} is a directory, not a package archive") from None
-    except PermissionError:
-        raise PackageUnavailable(f"ingest may not read {path}") from None
 
 
 async def _read_s3(bucket: str, key: str, endpoint_url: str | None, limit: int) -> bytes:

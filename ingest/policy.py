@@ -15,6 +15,7 @@ Invariants:
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import unquote, urlsplit
@@ -22,9 +23,9 @@ from urllib.parse import unquote, urlsplit
 import msgspec
 
 from modelcd.events.schemas import DeployRequested, ModelState, Resources
-from modelcd.store.package import Manifest
+from modelcd.store.package import MAX_EXPIRY_SECONDS, Manifest, Package
 
-from .errors import ValidationFailed
+from .errors import CompileFailed, ValidationFailed
 
 UPLOAD_PREFIX = "uploads/"
 RECORD_PREFIX = "deployments/"
@@ -71,6 +72,41 @@ def parse_package_uri(uri: str) -> PackageSource:
     raise ValueError(f"package_uri {uri!r}: unsupported; use store:<key>, file:///abs/path.tar or s3://bucket/key")
 
 
+#: Virtual filesystems: their "files" are processes, kernel state and devices, never a package archive.
+VIRTUAL_ROOTS = ("/proc", "/sys", "/dev")
+
+
+def is_under(path: str, directory: str) -> bool:
+    """`path` is `directory` or inside it, lexically (both normalized; no filesystem access)."""
+    p, d = posixpath.normpath(path), posixpath.normpath(directory)
+    return p == d or p.startswith(d.rstrip("/") + "/")
+
+
+def parse_file_dirs(value: str | None) -> tuple[str, ...]:
+    """MODELCD_FILE_URI_DIRS ("/a:/b") as normalized absolute directories; relative entries are ignored."""
+    return tuple(posixpath.normpath(d) for d in (value or "").split(":") if d.startswith("/"))
+
+
+def check_api_file_uri(source: PackageSource, allowed_dirs: tuple[str, ...]) -> None:
+    """Through the HTTP door a file:// URI must lie under an allowed directory (lexically here; the pipeline
+    checks again after resolving links). One message whatever the path, so nothing about the host leaks."""
+    if source.scheme == "file" and not any(is_under(source.location, d) for d in allowed_dirs):
+        raise ValueError("file:// package URIs are accepted through the deployment API only under the directories "
+                         "MODELCD_FILE_URI_DIRS lists" + ("" if allowed_dirs else " (none: unset)")
+                         + "; upload the archive instead, or use s3://")
+
+
+def check_expiry(seconds: int | None) -> None:
+    """A requested expiry is positive and at most `MAX_EXPIRY_SECONDS` (100 years); `ValueError` otherwise."""
+    if seconds is None:
+        return
+    if seconds <= 0:
+        raise ValueError("expiry_seconds must be a positive number of seconds")
+    if seconds > MAX_EXPIRY_SECONDS:
+        raise ValueError(f"expiry_seconds {seconds} is longer than the longest expiry of 100 years "
+                         f"({MAX_EXPIRY_SECONDS} s)")
+
+
 # --- artifact validation beyond the package format ----------------------------------------------
 
 
@@ -83,6 +119,23 @@ def check_serving_needs(manifest: Manifest) -> None:
     if not manifest.outputs:
         raise ValidationFailed("manifest item missing: outputs (the output signature; serving validation "
                                "compares the model's outputs on the sample inputs with the expected ones)")
+
+
+def check_compiled(original: Package, compiled: Package) -> None:
+    """The sandbox's compiled package is the original plus one model: same name, signature, samples, owner and
+    expiry, the original model kept as the fallback, byte for byte. The sandbox ran model code, so what it
+    hands back is checked like any other input."""
+    a, b = original.manifest, compiled.manifest
+    same = ("name", "version", "flavor", "inputs", "outputs", "owner", "expiry_seconds", "samples_file", "tolerance",
+            "allow_nonfinite")
+    changed = [f for f in same if getattr(a, f) != getattr(b, f)]
+    if changed:
+        raise CompileFailed(f"the compiled package changed {', '.join(changed)}: refused")
+    if (b.fallback_runtime, b.fallback_model_file) != (a.runtime, a.model_file):
+        raise CompileFailed("the compiled package does not keep the original model as its fallback: refused")
+    extra = set(b.files) - set(a.files)
+    if any(b.files.get(p) != h for p, h in a.files.items()) or extra != {b.model_file}:
+        raise CompileFailed("the compiled package's files are not the original's plus the compiled model: refused")
 
 
 def check_requested_sha(requested: str | None, actual: str) -> None:

@@ -1,24 +1,39 @@
-"""Serving validation in a separate process: load the package with the serving runtimes, predict on
-its sample data, compare with the expected outputs, and measure what it costs.
+"""The sandbox: every step of a deployment that runs model code runs here, in a child process killed on its limits.
 
-The parent (`Sandbox.validate`) runs `python -m modelcd.ingest.sandbox -` and reads JSON lines
-from its stdout. The next child is started as soon as one is taken, so it has already paid for
-the interpreter and the imports of numpy, the serving runtimes and scikit-learn/ONNX Runtime
-(about a second) when the next deployment arrives; it says `{"phase": "warm"}` and then waits
-for the package path on its stdin (EOF, when ingest exits, ends it). Each child validates one
-package and exits: nothing a model did survives into the next validation. The child:
+Ingest's own process never imports or runs model code: it reads archives as bytes, and hands the package
+to a child, `python -m modelcd.ingest.sandbox -`, which does, in this order and reporting each phase as
+a JSON line on its stdout:
 
-1. limits its own address space to MODELCD_VALIDATION_MEMORY (`RLIMIT_AS`), before anything else;
-2. imports the runtime library the package needs, then reports `{"phase": "ready"}`: from that
-   line on the parent's clock (MODELCD_VALIDATION_TIMEOUT) runs, so interpreter start-up and
-   library imports on a busy host never count against the model;
-3. loads the model (`load_runtime`, the serving code), predicts on the samples, compares with
-   `outputs_match`, times repeated predictions, and reports `{"phase": "result", ...}`.
+1. `warm`: the interpreter has started and imported numpy, scikit-learn, skops, ONNX Runtime and skl2onnx
+   (the child is started ahead of need: the next one is started as soon as one is taken, so a
+   deployment does not wait for an interpreter); it then waits for its job on stdin (EOF, when ingest
+   exits, ends it);
+2. `ready`: it read the package and imported the runtime libraries it needs;
+3. `checked`: the structural checks of the model files (`runtimes.checks`: tree indices in range, no
+   cycles, features in range), before any model library loads them;
+4. `compiled`: scikit-learn to ONNX (`runtimes.compile`: skl2onnx, then both models predict the samples
+   and must agree), the compiled archive written next to the package;
+5. `result`: serving validation of the package that will serve (compiled or not): `load_runtime` (the
+   serving code), predict on the samples, compare with `outputs_match`, time, measure memory; the fallback
+   model too, if any.
 
-A model that hangs is killed (SIGKILL to its process group) at the deadline; one that exceeds the
-memory limit gets MemoryError or dies; one that crashes the interpreter dies with a signal. Each is
-a `ServingValidationFailed` with the reason. A package with a fallback runtime (a compiled sklearn
-model keeps the original) has the fallback checked too, since a node may serve it.
+Limits: the child limits its own address space to MODELCD_VALIDATION_MEMORY (`RLIMIT_AS`) before
+anything else. The parent's clock for each phase starts when the previous phase answered: checks and
+compile each get MODELCD_COMPILE_TIMEOUT, serving validation MODELCD_VALIDATION_TIMEOUT. Interpreter
+start-up and imports never count against the model. Past a limit the child's process group is
+SIGKILLed; a child that dies (a signal, the OOM killer, a native crash) is reported with its signal and
+the tail of its stderr. Each is a `DeploymentRejected` at the step of the phase: `ValidationFailed`
+(checks), `CompileFailed` (compile), `ServingValidationFailed` (validation).
+
+Each child runs one package and exits: nothing a model did survives into the next deployment. Its stdin
+and stdout are the only channel; it runs in its own session and a temporary working directory, and it
+never outlives ingest (the parent-death signal, SIGKILL, on Linux). The
+parent does not trust what it hands back: a compiled archive is read with `read_package` again and
+compared with the original by the caller (`policy.check_compiled`).
+
+Memory: `memory_bytes` is the resident growth while the serving model loads and predicts. After a
+compile in the same process, freed allocator pages may be reused by that load, so it is a lower bound
+for small models (large arrays are mmapped and measured in full).
 """
 
 from __future__ import annotations
@@ -38,7 +53,7 @@ from typing import Any
 
 from modelcd.events.schemas import Resources
 
-from .errors import ServingValidationFailed
+from .errors import CompileFailed, DeploymentRejected, ServingValidationFailed, ValidationFailed
 
 _STARTUP_DEADLINE_S = 120.0  # interpreter + numpy + the model library, on a loaded 2-core host
 _TIMING_RUNS = 15
@@ -60,6 +75,14 @@ class SandboxReport:
                          predict_us=round(self.predict_us, 3))
 
 
+@dataclass(frozen=True, slots=True)
+class CompileOutcome:
+    """What the compile phase gave: the compiled archive (None: the package serves as it is) and why."""
+
+    data: bytes | None
+    reason: str
+
+
 @dataclass(slots=True)
 class _Child:
     proc: asyncio.subprocess.Process
@@ -76,25 +99,104 @@ class _Child:
         self.tmp.cleanup()
 
 
+# (phase, the error it raises, its setting, what it does): the child answers the phases in this order.
+_PHASES: dict[str, tuple[type[DeploymentRejected], str, str]] = {
+    "checked": (ValidationFailed, "MODELCD_COMPILE_TIMEOUT", "the structural checks of the model"),
+    "compiled": (CompileFailed, "MODELCD_COMPILE_TIMEOUT", "compiling the model"),
+    "result": (ServingValidationFailed, "MODELCD_VALIDATION_TIMEOUT",
+               "loading the model and predicting on its samples"),
+}
+
+
+@dataclass(slots=True)
+class SandboxJob:
+    """One package in one child: `checked()`, `compiled()`, `validated()`, in this order, then `close()`.
+
+    Each call waits for its phase with its own time limit and raises the phase's `DeploymentRejected`
+    when the child refuses, crashes or is killed; after a failure the job is over (`close()` still due).
+    """
+
+    child: _Child
+    compile_timeout_s: float
+    validation_timeout_s: float
+    max_compiled_bytes: int
+    _failed: bool = False
+
+    async def checked(self) -> str:
+        """The structural checks' summary; `ValidationFailed` if the model's structure is unsafe."""
+        doc = await self._phase("checked", self.compile_timeout_s)
+        return str(doc.get("detail", ""))
+
+    async def compiled(self) -> CompileOutcome:
+        """The compiled archive (or None, with the reason it was not compiled); `CompileFailed` on a crash."""
+        doc = await self._phase("compiled", self.compile_timeout_s)
+        if not doc.get("compiled"):
+            return CompileOutcome(None, str(doc.get("reason", "")))
+        path = Path(self.child.tmp.name) / "compiled.tar"
+        try:
+            data = await asyncio.to_thread(_read_bounded, path, self.max_compiled_bytes)
+        except OSError as exc:
+            raise CompileFailed(f"the sandbox reported a compiled package but it cannot be read: {exc}") from None
+        return CompileOutcome(data, str(doc.get("reason", "")))
+
+    async def validated(self) -> SandboxReport:
+        """Serving validation's report; `ServingValidationFailed` with the reason otherwise."""
+        doc = await self._phase("result", self.validation_timeout_s)
+        return SandboxReport(runtime=doc["runtime"], samples=int(doc["samples"]), load_ms=float(doc["load_ms"]),
+                             predict_us=float(doc["predict_us"]), memory_bytes=int(doc["memory_bytes"]),
+                             fallback_runtime=doc.get("fallback_runtime"))
+
+    async def close(self) -> None:
+        """Kill the child if it is still running and remove its directory (idempotent)."""
+        await self.child.end()
+
+    async def _phase(self, phase: str, timeout: float) -> dict[str, Any]:
+        error, setting, what = _PHASES[phase]
+        if self._failed:
+            raise error("the sandbox job already failed")
+        self._failed = True  # until the phase answered well
+        proc, stderr = self.child.proc, self.child.stderr
+        try:
+            doc = await _line(proc, stderr, timeout)
+        except _Timeout:
+            _kill(proc)
+            await proc.wait()
+            raise error(f"killed after {timeout:g} s: {what} did not finish within {setting}") from None
+        except _Died as exc:
+            raise error(f"{what}: {exc}") from None
+        if doc.get("phase") == "result" and phase != "result" and not doc.get("ok"):
+            raise error(str(doc.get("reason") or f"{what} failed"))  # e.g. an invalid package, before any phase
+        if doc.get("phase") != phase:
+            raise error(f"the sandbox answered out of turn: expected {phase}, got {str(doc)[:200]}")
+        if not doc.get("ok", True):
+            raise error(str(doc.get("reason") or f"{what} failed"))
+        self._failed = False
+        return doc
+
+
 @dataclass(slots=True)
 class Sandbox:
-    """Runs serving validation in a child process with a time and an address-space limit."""
+    """Starts sandbox children (a warm spare ahead of need) and runs one package's job in each."""
 
-    timeout_s: float
+    timeout_s: float  # serving validation
     memory_bytes: int
     python: str = sys.executable
     warm: bool = True  # keep the next child started: validation without the interpreter's start-up
+    compile_timeout_s: float = 60.0
+    max_compiled_bytes: int = 8 << 30
     _spare: asyncio.Task[_Child] | None = field(default=None, repr=False)
 
     @classmethod
     def from_settings(cls, settings: Any) -> Sandbox:
         return cls(timeout_s=settings.validation_timeout, memory_bytes=settings.validation_memory,
-                   warm=settings.validation_warm)
+                   warm=settings.validation_warm, compile_timeout_s=settings.compile_timeout,
+                   max_compiled_bytes=2 * settings.max_package_bytes + (1 << 20))
 
     async def _start(self) -> _Child:
         tmp = tempfile.TemporaryDirectory(prefix="modelcd-sandbox-")
         proc = await asyncio.create_subprocess_exec(
             self.python, "-m", "modelcd.ingest.sandbox", "-", "--memory", str(self.memory_bytes),
+            "--parent", str(os.getpid()),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             cwd=tmp.name, start_new_session=True,  # its own process group: a kill takes its threads and children
         )
@@ -125,74 +227,87 @@ class Sandbox:
             self._spare = asyncio.ensure_future(self._start())
 
     async def close(self) -> None:
-        """Stop the spare child (ingest's shutdown); validation can still start a cold one after."""
+        """Stop the spare child (ingest's shutdown); a job can still start a cold one after."""
         spare, self._spare = self._spare, None
         if spare is not None:
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 await (await spare).end()
 
-    async def validate(self, package: bytes) -> SandboxReport:
-        """Validate a package archive; raises `ServingValidationFailed` with the reason."""
+    async def start(self, package: bytes, *, compile: bool = False, checks: bool = True) -> SandboxJob:
+        """Hand `package` to a child; the returned job answers its phases (and must be closed).
+
+        `compile`: try scikit-learn → ONNX; `checks`: run the structural checks (off only to test the
+        sandbox itself). Raises `ValidationFailed` if the child cannot take the job (it did not start).
+        """
         child = await self._take()
         try:
             path = Path(child.tmp.name) / "package.tar"
             await asyncio.to_thread(path.write_bytes, package)
-            warm = await self._line(child.proc, child.stderr, _STARTUP_DEADLINE_S, "start")
-            if warm.get("phase") != "warm":
-                raise ServingValidationFailed(f"the sandbox answered out of turn: {warm}")
-            assert child.proc.stdin is not None
-            child.proc.stdin.write(f"{path}\n".encode())
-            await child.proc.stdin.drain()
-            return await self._converse(child.proc, child.stderr)
-        finally:
+            try:
+                warm = await _line(child.proc, child.stderr, _STARTUP_DEADLINE_S)
+                if warm.get("phase") != "warm":
+                    raise ValidationFailed(f"the sandbox answered out of turn: {str(warm)[:200]}")
+                assert child.proc.stdin is not None
+                job = {"package": str(path), "compile": compile, "checks": checks,
+                       "out": str(Path(child.tmp.name) / "compiled.tar")}
+                child.proc.stdin.write(json.dumps(job).encode() + b"\n")
+                await child.proc.stdin.drain()
+                ready = await _line(child.proc, child.stderr, _STARTUP_DEADLINE_S)
+            except _Timeout:
+                raise ValidationFailed(f"the sandbox did not start within {_STARTUP_DEADLINE_S:g} s") from None
+            except (_Died, ConnectionError) as exc:
+                raise ValidationFailed(f"the sandbox died before its job began: {exc}") from None
+            if ready.get("phase") == "result" and not ready.get("ok"):
+                raise ValidationFailed(str(ready.get("reason")))
+            if ready.get("phase") != "ready":
+                raise ValidationFailed(f"the sandbox answered out of turn: {str(ready)[:200]}")
+        except BaseException:
             await child.end()
+            raise
+        return SandboxJob(child, self.compile_timeout_s, self.timeout_s, self.max_compiled_bytes)
 
-    async def _converse(self, proc: asyncio.subprocess.Process, stderr: asyncio.Future[bytes]) -> SandboxReport:
-        ready = await self._line(proc, stderr, _STARTUP_DEADLINE_S, "start")
-        if ready.get("phase") != "ready":
-            return self._verdict(ready)
-        deadline = self.timeout_s
+    async def validate(self, package: bytes, *, checks: bool = True) -> SandboxReport:
+        """Check and validate a package as it is (no compile); raises the failing phase's `DeploymentRejected`."""
+        job = await self.start(package, compile=False, checks=checks)
         try:
-            result = await self._line(proc, stderr, deadline, "load and predict")
-        except _Timeout:
-            _kill(proc)
-            await proc.wait()
-            raise ServingValidationFailed(
-                f"killed after {deadline:g} s: loading the model and predicting on its samples did not finish "
-                "within MODELCD_VALIDATION_TIMEOUT") from None
-        return self._verdict(result)
-
-    async def _line(self, proc: asyncio.subprocess.Process, stderr: asyncio.Future[bytes], timeout: float,
-                    what: str) -> dict[str, Any]:
-        assert proc.stdout is not None
-        try:
-            raw = await asyncio.wait_for(proc.stdout.readline(), timeout)
-        except TimeoutError:
-            if what == "start":
-                raise ServingValidationFailed(f"the sandbox did not start within {timeout:g} s") from None
-            raise _Timeout from None
-        if not raw:  # the child died without a word: a signal, the OOM killer, a hard crash
-            code = await proc.wait()
-            raise ServingValidationFailed(await _death(stderr, code))
-        try:
-            doc = json.loads(raw)
-        except ValueError:
-            raise ServingValidationFailed(f"the sandbox wrote garbage: {raw[:200]!r}") from None
-        return doc if isinstance(doc, dict) else {}
-
-    @staticmethod
-    def _verdict(doc: dict[str, Any]) -> SandboxReport:
-        if doc.get("phase") != "result":
-            raise ServingValidationFailed(f"the sandbox answered out of turn: {doc}")
-        if not doc.get("ok"):
-            raise ServingValidationFailed(str(doc.get("reason") or "serving validation failed"))
-        return SandboxReport(runtime=doc["runtime"], samples=int(doc["samples"]), load_ms=float(doc["load_ms"]),
-                             predict_us=float(doc["predict_us"]), memory_bytes=int(doc["memory_bytes"]),
-                             fallback_runtime=doc.get("fallback_runtime"))
+            await job.checked()
+            await job.compiled()
+            return await job.validated()
+        finally:
+            await job.close()
 
 
 class _Timeout(Exception):
     pass
+
+
+class _Died(Exception):
+    pass
+
+
+async def _line(proc: asyncio.subprocess.Process, stderr: asyncio.Future[bytes], timeout: float) -> dict[str, Any]:
+    """The child's next JSON line; `_Timeout` past `timeout`, `_Died` (with how) when it ended without one."""
+    assert proc.stdout is not None
+    try:
+        raw = await asyncio.wait_for(proc.stdout.readline(), timeout)
+    except TimeoutError:
+        raise _Timeout from None
+    if not raw:  # the child died without a word: a signal, the OOM killer, a hard crash
+        code = await proc.wait()
+        raise _Died(await _death(stderr, code))
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        raise _Died(f"the sandbox wrote garbage: {raw[:200]!r}") from None
+    return doc if isinstance(doc, dict) else {}
+
+
+def _read_bounded(path: Path, limit: int) -> bytes:
+    with path.open("rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(f"the compiled package is larger than {limit} bytes")
+    return data
 
 
 def _kill(proc: asyncio.subprocess.Process) -> None:
@@ -239,10 +354,22 @@ _LIBRARIES = {"sklearn": ("sklearn", "skops.io"), "onnx": ("onnxruntime",), "xgb
               "lightgbm": ("lightgbm",)}
 
 
-def _child(path: str, memory: int) -> int:
-    """Validate the package at `path`; "-": warm up first, then read the path from stdin."""
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this child when ingest dies, however it dies (Linux: the parent-death signal)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if parent and os.getppid() != parent:  # it died before the signal was armed
+        os._exit(0)
+
+
+def _child(path: str, memory: int, parent: int = 0) -> int:
+    """Run one job; `path` "-": warm up first, then read the job (JSON) from stdin; else validate that file."""
     import resource
 
+    _die_with_parent(parent)
     if memory > 0:
         # Address space, not RSS: the only limit an unprivileged process can set on itself that the
         # kernel enforces; an allocation past it fails (MemoryError) instead of swapping the host.
@@ -252,32 +379,73 @@ def _child(path: str, memory: int) -> int:
 
     import importlib
 
+    from modelcd.runtimes.checks import StructureError, check_package_models
+    from modelcd.runtimes.compile import compile_package
     from modelcd.runtimes.flavors import ModelRuntimeError, load_runtime, outputs_match
     from modelcd.store.package import PackageError, read_package
 
+    job: dict[str, Any] = {"package": path, "compile": False, "checks": True, "out": ""}
     if path == "-":
-        # The libraries nearly every package needs (scikit-learn, and ONNX Runtime it compiles to);
+        # The libraries nearly every package needs (scikit-learn, ONNX Runtime it compiles to, skl2onnx);
         # XGBoost and LightGBM are imported below when a package asks for them.
-        for lib in (*_LIBRARIES["sklearn"], *_LIBRARIES["onnx"]):
+        for lib in (*_LIBRARIES["sklearn"], *_LIBRARIES["onnx"], "skl2onnx"):
             with contextlib.suppress(ImportError):
                 importlib.import_module(lib)
         _say({"phase": "warm"})
-        path = sys.stdin.readline().strip()
-        if not path:
+        line = sys.stdin.readline().strip()
+        if not line:
             return 0  # ingest went away before giving us a package
+        job = json.loads(line)
     try:
-        pkg = read_package(Path(path).read_bytes())
+        pkg = read_package(Path(job["package"]).read_bytes())
     except PackageError as exc:
         _say({"phase": "result", "ok": False, "reason": f"invalid package: {exc.reason}"})
         return 0
     m = pkg.manifest
-    for runtime in filter(None, (m.runtime, m.fallback_runtime)):
+    for runtime in filter(None, (m.runtime, m.fallback_runtime, "onnx" if job["compile"] else None)):
         for lib in _LIBRARIES.get(runtime, ()):
             with contextlib.suppress(ImportError):  # a missing library is reported by load_runtime
                 importlib.import_module(lib)
+    _say({"phase": "ready"})
+
+    # 3. structural checks, before any model library sees the model
+    if job["checks"]:
+        try:
+            detail = check_package_models(m, pkg.contents)
+        except StructureError as exc:
+            _say({"phase": "checked", "ok": False, "reason": f"unsafe model structure: {exc.reason}"})
+            return 0
+        except MemoryError:
+            _say({"phase": "checked", "ok": False, "reason": f"the structural check exceeded the sandbox memory "
+                                                            f"limit of {memory} bytes (MODELCD_VALIDATION_MEMORY)"})
+            return 0
+        _say({"phase": "checked", "ok": True, "detail": detail})
+    else:
+        _say({"phase": "checked", "ok": True, "detail": "structural checks off (MODELCD_STRUCTURAL_CHECKS=false)"})
+
+    # 4. compile
+    if job["compile"]:
+        try:
+            result = compile_package(pkg)
+        except MemoryError:
+            _say({"phase": "compiled", "ok": False, "reason": f"compiling exceeded the sandbox memory limit of "
+                                                             f"{memory} bytes (MODELCD_VALIDATION_MEMORY)"})
+            return 0
+        except Exception as exc:  # noqa: BLE001 - compile_package reports what it foresaw; this is the rest
+            _say({"phase": "compiled", "ok": False, "reason": f"compiling failed: {type(exc).__name__}: {exc}"})
+            return 0
+        if result.compiled:
+            Path(job["out"]).write_bytes(result.package.data)
+            pkg = read_package(result.package.data)
+            m = pkg.manifest
+        _say({"phase": "compiled", "ok": True, "compiled": result.compiled, "reason": result.reason})
+    else:
+        _say({"phase": "compiled", "ok": True, "compiled": False,
+              "reason": "compile disabled (MODELCD_COMPILE_ONNX=false)"})
+
+    # 5. serving validation of what will serve
     samples = pkg.samples()
     n = len(next(iter(samples.inputs.values())))
-    _say({"phase": "ready"})
 
     def check(runtime: str | None) -> dict[str, Any]:
         name = runtime or m.runtime
@@ -330,11 +498,12 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m modelcd.ingest.sandbox",
-                                     description="Serving validation of one package (run by ingest).")
-    parser.add_argument("package", help="package archive to validate, or - to warm up and read its path from stdin")
+                                     description="Check, compile and validate one package (run by ingest).")
+    parser.add_argument("package", help="package archive to validate, or - to warm up and read the job from stdin")
     parser.add_argument("--memory", type=int, default=0, help="address-space limit in bytes (0: none)")
+    parser.add_argument("--parent", type=int, default=0, help="pid of ingest: the child dies with it")
     args = parser.parse_args(argv)
-    return _child(args.package, args.memory)
+    return _child(args.package, args.memory, args.parent)
 
 
 if __name__ == "__main__":

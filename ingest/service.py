@@ -35,6 +35,7 @@ from modelcd.store.blobs import open_store
 
 from .api import ApiConfig, DeploymentApi, RoutesFactory
 from .pipeline import Pipeline
+from .policy import parse_file_dirs
 from .sandbox import Sandbox
 from .tracking import TrackingView, run_tracker
 
@@ -110,7 +111,8 @@ async def run_ingest(settings: Settings, *, stop: asyncio.Event, ready: asyncio.
                     "handler_errors": s.handler_errors, "skipped_undecodable": s.skipped_undecodable,
                     "deployments": pipeline.counters.copy()}
 
-        api = DeploymentApi(ApiConfig(settings.api_token, settings.max_upload_bytes), store, publisher, view,
+        api = DeploymentApi(ApiConfig(settings.api_token, settings.max_upload_bytes,
+                                      file_uri_dirs=parse_file_dirs(settings.file_uri_dirs)), store, publisher, view,
                             health=health, routes=routes, traffic=traffic)
         server = _Server(uvicorn.Config(api, lifespan="off", log_config=None, access_log=False,
                                         timeout_graceful_shutdown=int(HTTP_DRAIN_S)))

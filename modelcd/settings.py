@@ -63,6 +63,21 @@ class Settings:
     max_upload_bytes: int = _doc("Largest request body the deployment API accepts (bytes or 512MiB).", 256 * 1024**2)
     max_package_bytes: int = _doc(
         "Largest unpacked size of a package (all its files together, bytes or 2GiB); bounds gzip bombs.", 2 * 1024**3)
+    max_package_ratio: float = _doc(
+        "Largest ratio of a gzip package's unpacked size to its compressed size (above 64 MiB unpacked); bounds "
+        "gzip bombs before MODELCD_MAX_PACKAGE_BYTES is reached.", 100.0)
+    package_read_timeout: float = _doc(
+        "Seconds ingest may take to fetch a package and read it (gunzip, tar walk, checksums) before the "
+        "deployment fails.", 60.0)
+    file_uri_dirs: str | None = _doc(
+        "Directories (separated by ':') under which the deployment API accepts file:// package URIs. Unset: the "
+        "API refuses file:// URIs (the deploy-request topic still takes them; either way only regular files).",
+        None)
+    structural_checks: bool = _doc(
+        "Check a model's structure before anything loads it (tree child and feature indices in range, no cycles "
+        "in scikit-learn, XGBoost and LightGBM trees); turn off only to test the sandbox.", True)
+    compile_timeout: float = _doc(
+        "Seconds the sandbox may spend on the structural checks, and then on compiling, before it is killed.", 60.0)
     validation_timeout: float = _doc("Seconds a package may take in serving validation before it is killed.", 60.0)
     deploy_retry_time: float = _doc(
         "Seconds ingest keeps retrying a deployment whose store, broker or package source fails transiently "
@@ -72,7 +87,8 @@ class Settings:
     upload_retention: float = _doc(
         "Seconds a staged upload (store uploads/) whose deployment never ended is kept before `modelcd gc` "
         "deletes it.", 24 * 3600.0)
-    validation_memory: int = _doc("Address-space limit of the serving-validation sandbox (bytes or 2GiB).", 4 * 1024**3)
+    validation_memory: int = _doc("Address-space limit of the sandbox that checks, compiles and validates a "
+                                  "package (bytes or 2GiB).", 4 * 1024**3)
     validation_warm: bool = _doc("Keep the next serving-validation process started, its libraries imported (about "
                                  "200 MB idle), so a deployment does not wait ~1 s for an interpreter.", True)
     compile_onnx: bool = _doc("Try to compile scikit-learn models to ONNX at ingest.", True)

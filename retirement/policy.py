@@ -11,7 +11,10 @@ Invariants (what `decide` and `apply` guarantee together):
   the protections is decided once per change of reason, only for a model that would
   otherwise be acted on;
 - a use that makes the model no longer idle enough to deserve its warning CANCELs it;
-- after RETIRE the record waits (`retire_requested_at`) for the retired ModelState.
+- after RETIRE the record waits (`retire_requested_at`) for the retired ModelState;
+- a record's `expiry_seconds` is at most `MAX_EXPIRY_SECONDS` (100 years), whatever a ModelState says:
+  ingest refuses longer ones, and a state written by anything else must not overflow the table's
+  int64 JSON encoding (orjson) and stop the processor.
 
 The service keeps one `Record` per `name:version` in a faust table, calls `decide`
 on each check, publishes what the decision says and stores `apply(record, decision, now)`.
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 import msgspec
 
 from modelcd.events.schemas import ModelState, RolloutStep, TrafficPolicy, UsageReport
+from modelcd.store.package import MAX_EXPIRY_SECONDS
 from modelcd.store.safety import ROLLOUT_ENDED, endpoint_uses
 
 class Record(msgspec.Struct, frozen=True, kw_only=True):
@@ -160,7 +164,7 @@ def on_state(record: Record | None, state: ModelState) -> Record:
         base,
         owner=state.owner,
         deployed_at=deployed_at,
-        expiry_seconds=state.expiry_seconds,
+        expiry_seconds=max(min(state.expiry_seconds, MAX_EXPIRY_SECONDS), 0),
         pinned=state.pinned,
         retired=state.target == "retired",
         known=True,

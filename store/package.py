@@ -15,11 +15,17 @@ Invariants:
 - Closed: `Manifest.files` names every member except manifest.json with its sha256; a reader rejects a member the
   manifest does not list, a listed file that is missing, and a checksum mismatch.
 - Defensive reading: `read_package` never extracts; it checks each header (name, type, size, count) before reading
-  the member's content with a bounded read, bounds gzip decompression, and accepts only regular files with
-  plain relative names (no absolute paths, no `..`, no links or devices, no duplicates).
+  the member's content with a bounded read, bounds gzip decompression (in size, in ratio to the compressed size,
+  and in time when given a deadline), and accepts only regular files with plain relative names (no absolute
+  paths, no `..`, no links or devices, no duplicates). manifest.json is at most `MAX_MANIFEST_BYTES`; JSON nested
+  too deeply is a `PackageError`, never a RecursionError. `peek_manifest` reads the first member only, in
+  bounded work whatever the archive's size.
+- Bounded values: `expiry_seconds` is at most `MAX_EXPIRY_SECONDS` (100 years: seconds, milliseconds and
+  nanoseconds of it fit in an int64); expected outputs are finite unless the manifest sets `allow_nonfinite`.
 - Every rejection is a `PackageError` whose message names the problem and, where there is one, the member.
 
-This module is pure: no asyncio, no model library, and no I/O beyond bytes and the paths handed to it. Building a
+This module is pure: no asyncio, no model library, and no I/O beyond bytes and the paths handed to it (a
+`deadline` is a `time.monotonic()` value the caller hands in). Building a
 package from a model object (which needs the model's own runtime) is `modelcd.runtimes.build`; this module only
 assembles and reads archives.
 """
@@ -32,6 +38,7 @@ import io
 import json
 import re
 import tarfile
+import time
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -64,6 +71,7 @@ __all__ = [
     "extract_package",
     "numpy_dtype",
     "parse_duration",
+    "peek_manifest",
     "read_package",
 ]
 
@@ -109,6 +117,11 @@ _VERSION_RE: Final = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,62}$"
 _MEMBER_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
 _MEMBER_MAX_LEN: Final = 100
 _SHA256_RE: Final = r"^[0-9a-f]{64}$"
+#: The longest expiry period: 100 years. Its seconds, milliseconds and nanoseconds all fit in an int64, so
+#: no reader (the retirement processor's timers, a JSON encoder, a datetime) overflows on it.
+MAX_EXPIRY_SECONDS: Final = 100 * 365 * 86400
+#: The largest manifest.json: signatures and labels, never data (samples live in their own file).
+MAX_MANIFEST_BYTES: Final = 1 << 20
 
 ModelName = Annotated[str, msgspec.Meta(pattern=_NAME_RE, description="lowercase model name")]
 ModelVersion = Annotated[str, msgspec.Meta(pattern=_VERSION_RE, description="model version")]
@@ -142,9 +155,13 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     owner: Annotated[str, msgspec.Meta(min_length=1)]
-    expiry_seconds: Annotated[int, msgspec.Meta(gt=0)]
+    expiry_seconds: Annotated[int, msgspec.Meta(gt=0, le=MAX_EXPIRY_SECONDS)]
     samples_file: str = "samples.json"
     tolerance: Annotated[float, msgspec.Meta(ge=0)] = 1e-5
+    # The model may legitimately return NaN or infinity (its expected outputs may hold them; JSON writes them as
+    # the literals NaN / Infinity). Off: a non-finite expected output is refused, and so is a model producing one
+    # on its samples.
+    allow_nonfinite: bool = False
     description: str = ""
     labels: dict[str, str] = {}
     files: dict[str, Annotated[str, msgspec.Meta(pattern=_SHA256_RE)]]
@@ -186,12 +203,21 @@ def _check_member_name(path: str) -> None:
 
 def decode_manifest(data: bytes) -> Manifest:
     """Decode and validate manifest.json; raises `PackageError` naming the bad or missing field."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise PackageError(f"{MANIFEST_NAME} is {len(data)} bytes, the limit is {MAX_MANIFEST_BYTES}: a manifest "
+                           "holds the signature and labels; sample data belongs in the samples file")
     try:
         raw = msgspec.json.decode(data)
     except msgspec.DecodeError as exc:
         raise PackageError(f"invalid {MANIFEST_NAME}: not JSON ({exc})") from None
+    except RecursionError:
+        raise PackageError(f"invalid {MANIFEST_NAME}: JSON nested too deeply") from None
     if not isinstance(raw, dict):
         raise PackageError(f"invalid {MANIFEST_NAME}: expected an object, got {type(raw).__name__}")
+    expiry = raw.get("expiry_seconds")
+    if isinstance(expiry, int | float) and not isinstance(expiry, bool) and expiry > MAX_EXPIRY_SECONDS:
+        raise PackageError(f"invalid {MANIFEST_NAME}: expiry_seconds {expiry:g} is longer than the longest expiry "
+                           f"of 100 years ({MAX_EXPIRY_SECONDS} s)")
     flavor = raw.get("flavor")
     if isinstance(flavor, str) and flavor not in FLAVORS:
         raise PackageError(f"invalid {MANIFEST_NAME}: unknown flavor {flavor!r} (supported: {', '.join(FLAVORS)})")
@@ -258,12 +284,18 @@ def encode_samples(inputs: Mapping[str, npt.NDArray[Any]], outputs: Mapping[str,
 
 
 def decode_samples(data: bytes, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
-                   *, where: str = "samples.json") -> Samples:
-    """Parse samples.json into arrays typed by the signature; every tensor must be there with one batch size."""
+                   *, where: str = "samples.json", allow_nonfinite: bool = True) -> Samples:
+    """Parse samples.json into arrays typed by the signature; every tensor must be there with one batch size.
+
+    With `allow_nonfinite=False` an expected output holding NaN or infinity is refused (`read_package` passes
+    the manifest's `allow_nonfinite`).
+    """
     try:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise PackageError(f"{where}: not JSON ({exc})") from None
+    except RecursionError:
+        raise PackageError(f"{where}: JSON nested too deeply") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), dict) or not isinstance(
             doc.get("outputs"), dict):
         raise PackageError(f'{where}: expected {{"inputs": {{...}}, "outputs": {{...}}}}')
@@ -286,6 +318,9 @@ def decode_samples(data: bytes, inputs: Sequence[TensorSpec], outputs: Sequence[
             if not arr.ndim or arr.shape[0] != batch or batch == 0:
                 raise PackageError(f"{where}: {section}.{spec.name} must hold the same non-empty batch "
                                    f"({batch}) as the other tensors")
+            if section == "outputs" and not allow_nonfinite and arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+                raise PackageError(f"{where}: outputs.{spec.name} holds NaN or infinity; expected outputs must be "
+                                   "finite unless the manifest sets allow_nonfinite: true (the model may return them)")
             arrays[spec.name] = arr
         result.append(arrays)
     return Samples(result[0], result[1])
@@ -315,6 +350,8 @@ def parse_duration(value: str | int) -> int:
         raise PackageError(f"invalid duration {value!r}: must be a positive duration; {hint}") from None
     if seconds < 1 or not seconds.is_integer():
         raise PackageError(f"invalid duration {value!r}: must be a whole number of seconds; {hint}")
+    if seconds > MAX_EXPIRY_SECONDS:
+        raise PackageError(f"invalid duration {value!r}: longer than 100 years ({MAX_EXPIRY_SECONDS} s)")
     return int(seconds)
 
 
@@ -400,25 +437,62 @@ class Package:
     def samples(self) -> Samples:
         """The sample inputs and expected outputs as numpy arrays typed by the signature (fresh arrays each call)."""
         m = self.manifest
-        return decode_samples(self.contents[m.samples_file], m.inputs, m.outputs, where=m.samples_file)
+        return decode_samples(self.contents[m.samples_file], m.inputs, m.outputs, where=m.samples_file,
+                              allow_nonfinite=m.allow_nonfinite)
 
     def built(self) -> BuiltPackage:
         return BuiltPackage(data=self.data, sha256=self.sha256, manifest=self.manifest)
 
 
-def _gunzip_bounded(data: bytes, limit: int) -> bytes:
-    d = zlib.decompressobj(wbits=31)
-    try:
-        out = d.decompress(data, limit + 1)
-    except zlib.error as exc:
-        raise PackageError(f"corrupt gzip stream: {exc}") from None
-    if len(out) > limit:
-        raise PackageError(f"archive too large: decompresses to more than {limit} bytes")
-    if not d.eof:
-        raise PackageError("corrupt gzip stream: truncated")
-    if d.unused_data:
-        raise PackageError("corrupt gzip stream: trailing data after the compressed archive")
-    return out
+#: Below this unpacked size the ratio limit does not apply: a small package of zeros compresses very well.
+RATIO_FLOOR_BYTES: Final = 64 << 20
+
+
+def _past(deadline: float | None, what: str) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise PackageError(f"reading the package took too long ({what}); MODELCD_PACKAGE_READ_TIMEOUT bounds it")
+
+
+class _Gunzip:
+    """A read-only stream of a gzip member's decompressed bytes, decompressed only as far as it is read, and
+    never past `limit` bytes or `deadline`. `finish()` reads to the end and checks the stream is whole."""
+
+    def __init__(self, data: bytes, limit: int, deadline: float | None) -> None:
+        self._d = zlib.decompressobj(wbits=31)
+        self._pending = data
+        self._buf = b""
+        self._out = 0
+        self._limit = limit
+        self._deadline = deadline
+
+    def read(self, n: int = -1) -> bytes:
+        want = self._limit + 1 if n is None or n < 0 else n
+        parts = [self._buf]
+        have = len(self._buf)
+        while have < want and not self._d.eof:
+            try:
+                chunk = self._d.decompress(self._pending, max(want - have, 1 << 16))
+            except zlib.error as exc:
+                raise PackageError(f"corrupt gzip stream: {exc}") from None
+            self._pending = self._d.unconsumed_tail
+            if not chunk and not self._pending and not self._d.eof:
+                raise PackageError("corrupt gzip stream: truncated")
+            self._out += len(chunk)
+            if self._out > self._limit:
+                raise PackageError(f"archive too large: decompresses to more than {self._limit} bytes")
+            parts.append(chunk)
+            have += len(chunk)
+            _past(self._deadline, "gunzip")
+        data = b"".join(parts)
+        self._buf = data[want:]
+        return data[:want]
+
+    def finish(self) -> None:
+        while not self._d.eof:
+            if not self.read(1 << 20) and not self._d.eof:
+                raise PackageError("corrupt gzip stream: truncated")
+        if self._d.unused_data:
+            raise PackageError("corrupt gzip stream: trailing data after the compressed archive")
 
 
 def _member_kind(info: tarfile.TarInfo) -> str:
@@ -436,21 +510,32 @@ def _member_kind(info: tarfile.TarInfo) -> str:
 
 
 def read_package(data: bytes, *, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
-                 max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES, max_members: int = DEFAULT_MAX_MEMBERS) -> Package:
+                 max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES, max_members: int = DEFAULT_MAX_MEMBERS,
+                 max_ratio: float | None = None, deadline: float | None = None) -> Package:
     """Check an untrusted archive and return its `Package`, or raise `PackageError` naming the first problem.
 
-    Checks, in order: tar (or gzip tar) at all; for each member, before reading it: count, name (no absolute
-    path, no `..`, plain relative name), type (regular files only), duplicates, size and running total; then the
-    manifest (present, valid), the file set against `manifest.files` (missing, unlisted), checksums, and that the
-    samples file decodes against the signature.
+    Checks, in order: tar (or gzip tar) at all, gunzip bounded by `max_total_bytes`, `max_ratio` and
+    `deadline`; for each member, before reading it: count, name (no absolute path, no `..`, plain relative
+    name), type (regular files only), duplicates, size (manifest.json: `MAX_MANIFEST_BYTES`) and running total;
+    then the manifest (present, valid), the file set against `manifest.files` (missing, unlisted), checksums,
+    and that the samples file decodes against the signature. Past `deadline` (a `time.monotonic()` value),
+    between steps, it stops with a `PackageError`.
     """
     archive = data
-    if data[:2] == b"\x1f\x8b":
-        # Tar headers and padding: at most 3 KiB per member (header, PAX record, last block) plus the end blocks.
-        data = _gunzip_bounded(data, max_total_bytes + 3072 * (max_members + 1) + 10240)
+    gunzip: _Gunzip | None = None
+    budget, by_ratio = max_total_bytes, False
     try:
-        tf = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
-    except tarfile.TarError as exc:
+        if data[:2] == b"\x1f\x8b":
+            if max_ratio is not None and (cap := max(RATIO_FLOOR_BYTES, int(max_ratio * len(data)))) < budget:
+                budget, by_ratio = cap, True
+            # Streamed: each header is checked before its content is decompressed, so a bomb declaring a
+            # huge member is refused at its header; tar headers and padding take at most 3 KiB per member
+            # (header, PAX record, last block) plus the end blocks.
+            gunzip = _Gunzip(data, budget + 3072 * (max_members + 1) + 10240, deadline)
+            tf = tarfile.open(fileobj=gunzip, mode="r|", bufsize=1 << 20)  # type: ignore[call-overload]
+        else:
+            tf = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
+    except (tarfile.TarError, EOFError) as exc:
         raise PackageError(f"not a tar archive: {exc}") from None
     contents: dict[str, bytes] = {}
     total = 0
@@ -475,18 +560,28 @@ def read_package(data: bytes, *, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTE
                 if name in contents:
                     raise PackageError(f"member {name!r}: duplicate member")
                 if info.size > max_member_bytes:
-                    raise PackageError(f"member {name!r}: oversized ({info.size} bytes, limit {max_member_bytes})")
+                    raise PackageError(f"member {name!r}: oversized, archive too large ({info.size} bytes, "
+                                       f"limit {max_member_bytes})")
+                if name == MANIFEST_NAME and info.size > MAX_MANIFEST_BYTES:
+                    raise PackageError(f"member {name!r}: oversized ({info.size} bytes, limit {MAX_MANIFEST_BYTES}): "
+                                       "a manifest holds the signature and labels; sample data belongs in the "
+                                       "samples file")
                 total += info.size
-                if total > max_total_bytes:
-                    raise PackageError(f"archive too large: members exceed {max_total_bytes} bytes "
-                                       f"(at member {name!r})")
+                if total > budget:
+                    raise PackageError(
+                        f"archive too large: members exceed {max_ratio:g} times the {len(archive)} compressed bytes "
+                        f"(at member {name!r}; MODELCD_MAX_PACKAGE_RATIO bounds gzip bombs)" if by_ratio else
+                        f"archive too large: members exceed {max_total_bytes} bytes (at member {name!r})")
                 fh = tf.extractfile(info)
                 assert fh is not None  # a regular file always has a reader
                 content = fh.read(info.size)
                 if len(content) != info.size:
                     raise PackageError(f"member {name!r}: truncated ({len(content)} of {info.size} bytes)")
                 contents[name] = content
-    except tarfile.TarError as exc:
+                _past(deadline, "tar walk")
+        if gunzip is not None:
+            gunzip.finish()
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
         raise PackageError(f"corrupt tar archive: {exc}") from None
 
     if MANIFEST_NAME not in contents:
@@ -503,9 +598,35 @@ def read_package(data: bytes, *, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTE
         actual = hashlib.sha256(contents[path]).hexdigest()
         if actual != expected:
             raise PackageError(f"member {path!r}: checksum mismatch (manifest {expected}, content {actual})")
-    decode_samples(contents[manifest.samples_file], manifest.inputs, manifest.outputs, where=manifest.samples_file)
+        _past(deadline, "checksums")
+    decode_samples(contents[manifest.samples_file], manifest.inputs, manifest.outputs, where=manifest.samples_file,
+                   allow_nonfinite=manifest.allow_nonfinite)
     return Package(manifest=manifest, contents=MappingProxyType(contents), sha256=hashlib.sha256(archive).hexdigest(),
                    data=archive, manifest_json=manifest_json)
+
+
+def peek_manifest(data: bytes) -> bytes | None:
+    """manifest.json's bytes if it is the archive's first member (as every package writes it), else None.
+
+    Bounded work whatever the archive: at most one tar header and `MAX_MANIFEST_BYTES` are decompressed, so
+    a caller may use it on an untrusted upload (e.g. to key a request by model name) before validation.
+    """
+    need = tarfile.BLOCKSIZE + MAX_MANIFEST_BYTES
+    if data[:2] == b"\x1f\x8b":
+        try:
+            head = zlib.decompressobj(wbits=31).decompress(data, need)
+        except zlib.error:
+            return None
+    else:
+        head = data[:need]
+    try:
+        info = tarfile.TarInfo.frombuf(head[:tarfile.BLOCKSIZE], "utf-8", "surrogateescape")
+    except tarfile.TarError:
+        return None
+    if info.name != MANIFEST_NAME or not info.isreg() or info.size > MAX_MANIFEST_BYTES:
+        return None
+    body = head[tarfile.BLOCKSIZE:tarfile.BLOCKSIZE + info.size]
+    return body if len(body) == info.size else None
 
 
 def extract_package(data: bytes, dest_dir: str | Path, **limits: int) -> Package:

@@ -22,10 +22,11 @@ class FakeSink:
         self.events.append(event)
 
 
-def client_for(tmp_path: Path, *, token: str | None = None, limit: int = 1 << 20) -> tuple[
-        httpx.AsyncClient, FakeSink, LocalStore]:
+def client_for(tmp_path: Path, *, token: str | None = None, limit: int = 1 << 20,
+               file_dirs: tuple[str, ...] = ()) -> tuple[httpx.AsyncClient, FakeSink, LocalStore]:
     store, sink = LocalStore(tmp_path / "store"), FakeSink()
-    app = DeploymentApi(ApiConfig(api_token=token, max_upload_bytes=limit), store, sink, TrackingView())
+    app = DeploymentApi(ApiConfig(api_token=token, max_upload_bytes=limit, file_uri_dirs=file_dirs), store, sink,
+                        TrackingView())
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingest"), sink, store
 
 
@@ -105,6 +106,38 @@ async def test_json_request_is_published_as_is(tmp_path: Path) -> None:
     (event,) = sink.events
     assert isinstance(event, DeployRequested) and event.package_uri == "s3://bucket/m.tar" and event.owner == "eve"
     assert await store.list("") == []
+
+
+async def test_file_uri_refused_unless_its_directory_is_allowed(tmp_path: Path) -> None:
+    """file:// through the API: 400 with one message for any path by default; accepted under an allowed dir."""
+    client, sink, _ = client_for(tmp_path)
+    async with client:
+        answers = set()
+        for path in ("/etc/passwd", "/nonexistent/x.tar", "/proc/self/fd/0", str(tmp_path)):
+            resp = await client.post("/deployments", json={"package_uri": f"file://{path}"})
+            assert resp.status_code == 400, resp.text
+            answers.add(resp.json()["error"])
+        assert len(answers) == 1 and "MODELCD_FILE_URI_DIRS" in answers.pop()
+    allowed, sink2, _ = client_for(tmp_path, file_dirs=(str(tmp_path / "pkgs"),))
+    async with allowed:
+        ok = await allowed.post("/deployments", json={"package_uri": f"file://{tmp_path}/pkgs/m.tar"})
+        out = await allowed.post("/deployments", json={"package_uri": f"file://{tmp_path}/pkgs/../m.tar"})
+    assert ok.status_code == 202 and out.status_code == 400
+    assert sink.events == [] and len(sink2.events) == 1
+
+
+@pytest.mark.parametrize("expiry", ["0", "-5", "1000000000000000000000000000000"])
+async def test_unbounded_or_nonpositive_expiry_is_400(tmp_path: Path, expiry: str) -> None:
+    """An expiry of 0, negative or 10^30 seconds is refused (400) on the upload and the JSON door alike."""
+    client, sink, store = client_for(tmp_path)
+    async with client:
+        upload = await client.post(f"/deployments?expiry_seconds={expiry}", content=b"x",
+                                   headers={"content-type": "application/x-tar"})
+        body = await client.post("/deployments", content=f'{{"package_uri": "s3://b/k", "expiry_seconds": {expiry}}}',
+                                 headers={"content-type": "application/json"})
+    assert upload.status_code == 400 and body.status_code == 400, (upload.text, body.text)
+    assert "expiry_seconds" in upload.json()["error"] and "expiry_seconds" in body.json()["error"]
+    assert sink.events == [] and await store.list("") == []
 
 
 async def test_routes_and_methods(tmp_path: Path) -> None:

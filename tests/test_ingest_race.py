@@ -12,7 +12,7 @@ import msgspec
 
 from modelcd.events.schemas import DeploymentCompleted, DeploymentFailed, DeployRequested, Event, ModelState
 from modelcd.ingest.pipeline import Pipeline
-from modelcd.ingest.sandbox import Sandbox, SandboxReport
+from modelcd.ingest.sandbox import Sandbox, SandboxJob
 from modelcd.settings import Settings
 from modelcd.store.blobs import LocalStore
 from modelcd.store.targets import TargetState
@@ -35,10 +35,10 @@ class RacingSandbox:
         self.inner = Sandbox(timeout_s=60, memory_bytes=4 << 30, warm=False)
         self.store, self.theirs = store, theirs
 
-    async def validate(self, package: bytes) -> SandboxReport:
+    async def start(self, package: bytes, *, compile: bool, checks: bool) -> SandboxJob:
         if self.theirs is not None:
             await TargetState(self.store).put_model(self.theirs)
-        return await self.inner.validate(package)
+        return await self.inner.start(package, compile=compile, checks=checks)
 
 
 async def deploy(tmp_path: Path, data: bytes, theirs: ModelState | None) -> tuple[LocalStore, Sink]:

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from modelcd.ingest.errors import ServingValidationFailed
+from modelcd.ingest.errors import ValidationFailed
 from modelcd.ingest.sandbox import Sandbox
 
 from ._ingest import iris_package, with_tampered_member
@@ -22,13 +22,14 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("warm", [True, False])
 async def test_verdicts_warm_and_cold_and_no_child_left(warm: bool) -> None:
+    """A warm spare and a cold start give the same verdicts, and closing leaves no child behind."""
     sandbox = Sandbox(timeout_s=60, memory_bytes=4 << 30, warm=warm)
     sandbox.prestart()
     try:
         for version in ("1", "2"):  # the second validation takes the spare the first one started
             report = await sandbox.validate(iris_package("sbx", version).data)
             assert report.samples > 0 and report.runtime in ("sklearn", "onnx")
-        with pytest.raises(ServingValidationFailed, match="invalid package"):
+        with pytest.raises(ValidationFailed, match="invalid package"):
             await sandbox.validate(with_tampered_member(iris_package("sbx", "3"), "model.skops"))
         spare = sandbox._spare  # noqa: SLF001 - the process the next validation would take
         assert (spare is not None) == warm

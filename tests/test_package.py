@@ -214,8 +214,68 @@ def test_rejects_total_too_large(built: BuiltPackage) -> None:
 
 def test_rejects_gzip_bomb() -> None:
     """A gzip stream that inflates past the total limit is refused without inflating it all."""
-    bomb = gzip.compress(make_tar([reg("manifest.json", b"\0" * (4 << 20))]), mtime=0)
+    bomb = gzip.compress(make_tar([reg("zeros.bin", b"\0" * (4 << 20))]), mtime=0)
     rejects(bomb, "archive too large", max_total_bytes=1 << 20)
+
+
+def test_gzip_bomb_refused_at_its_header_by_ratio() -> None:
+    """A member declaring more than max_ratio times the compressed size is refused at its header."""
+    bomb = gzip.compress(make_tar([reg("zeros.bin", b"\0" * (80 << 20))]), mtime=0)
+    rejects(bomb, "archive too large", "times the", max_ratio=30)
+    rejects(bomb, "archive too large", max_total_bytes=1 << 20)
+
+
+def test_gzip_lying_header_bounded_and_trailing_data_refused(built: BuiltPackage) -> None:
+    """A gzip tar with zeros hidden past its end blocks is bounded; trailing bytes after gzip are refused."""
+    hidden = gzip.compress(built.data + b"\0" * (8 << 20), mtime=0)
+    rejects(hidden, "archive too large", max_total_bytes=1 << 20)
+    rejects(gzip.compress(built.data, mtime=0) + b"junk", "trailing data")
+    rejects(gzip.compress(built.data, mtime=0)[:-20], "gzip")
+
+
+def test_manifest_size_and_depth_bounded(built: BuiltPackage) -> None:
+    """manifest.json over 1 MiB, or nested 100,000 deep, is a PackageError (never a RecursionError)."""
+    files = members_of(built)
+    big = files["manifest.json"][:-1] + b', "description": "' + b"x" * (1 << 20) + b'"}'
+    rejects(make_tar([reg("manifest.json", big), *[reg(n, d) for n, d in files.items() if n != "manifest.json"]]),
+            "oversized", "manifest")
+    deep = b'{"labels": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    rejects(make_tar([reg("manifest.json", deep)]), "manifest.json")
+
+
+def test_peek_manifest_reads_the_first_member_only(built: BuiltPackage) -> None:
+    """peek_manifest finds the manifest of a package, and answers None for a bomb without inflating it."""
+    from modelcd.store.package import peek_manifest
+
+    assert peek_manifest(built.data) == members_of(built)["manifest.json"]
+    assert peek_manifest(gzip.compress(built.data, mtime=0)) == members_of(built)["manifest.json"]
+    bomb = gzip.compress(make_tar([reg("zeros.bin", b"\0" * (256 << 20))]), mtime=0)
+    assert peek_manifest(bomb) is None
+    assert peek_manifest(b"garbage") is None
+
+
+def test_expiry_and_nonfinite_outputs_bounded(built: BuiltPackage) -> None:
+    """expiry_seconds 10^30 and NaN expected outputs are refused; allow_nonfinite admits NaN outputs."""
+    import json
+
+    files = members_of(built)
+    manifest = json.loads(files["manifest.json"])
+    rest = [reg(n, d) for n, d in files.items() if n != "manifest.json"]
+    rejects(make_tar([reg("manifest.json", json.dumps({**manifest, "expiry_seconds": 10**30}).encode()), *rest]),
+            "expiry_seconds", "100 years")
+    samples = json.loads(files["samples.json"])
+    samples["outputs"]["probabilities"][0][0] = float("nan")
+    nan_bytes = json.dumps(samples).encode()
+    for allow in (False, True):
+        m = {**manifest, "allow_nonfinite": allow,
+             "files": {**manifest["files"], "samples.json": hashlib.sha256(nan_bytes).hexdigest()}}
+        tar = make_tar([reg("manifest.json", json.dumps(m).encode()),
+                        *[reg(n, nan_bytes if n == "samples.json" else d) for n, d in files.items()
+                          if n != "manifest.json"]])
+        if allow:
+            assert read_package(tar).manifest.allow_nonfinite
+        else:
+            rejects(tar, "NaN or infinity", "allow_nonfinite")
 
 
 @pytest.mark.parametrize("data", [b"", b"hello, not a tar", b"\x1f\x8bnot gzip either", b"PK\x03\x04zip"])

@@ -125,3 +125,17 @@ def test_check_emits_decision_then_retire_request() -> None:
     again = handlers.handle_check(handlers.ModelEntry(versions={"1": rec(warned_at=T0 + 80)}), T0 + 100, 0.8)
     assert [i for _, i in again[0].events] == [id1, id2]
     assert entry.versions["1"].retire_requested_at == T0 + 100
+
+
+def test_an_expiry_of_10_to_the_30_is_clamped_and_the_table_value_encodes() -> None:
+    """A ModelState with expiry 10^30 s (which overflowed the table's int64 JSON) folds into a bounded record."""
+    from faust.utils import json as faust_json
+
+    from modelcd.store.package import MAX_EXPIRY_SECONDS
+
+    state = ModelState(name="m", version="1", target="serving", owner="ann", expiry_seconds=10**30, deployed_at=T0)
+    entry = handlers.ModelEntry()
+    handlers.handle_state(entry, state)
+    assert entry.versions["1"].expiry_seconds == MAX_EXPIRY_SECONDS
+    faust_json.dumps(handlers.entry_to_table(entry))  # what the processor writes to its table: no OverflowError
+    assert policy.decide(entry.versions["1"], T0 + 10 * 365 * 86400).action is Action.NONE

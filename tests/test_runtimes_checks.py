@@ -1,0 +1,129 @@
+"""Structural checks of model files, pure: healthy models of every tree flavor pass, edited ones are refused
+naming the tree and node, and nothing is loaded (no model library needed to refuse)."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from modelcd.runtimes.checks import StructureError, check_model, check_package_models, check_tree
+from modelcd.store.package import read_package
+
+from ._hostile import (
+    edit_skops_nodes,
+    edited_lightgbm,
+    edited_tree,
+    edited_xgboost,
+    healthy,
+    model_bytes,
+)
+
+
+def check(pkg_data: bytes) -> str:
+    p = read_package(pkg_data)
+    return check_package_models(p.manifest, p.contents)
+
+
+@pytest.mark.parametrize("kind", ["tree", "forest", "hgb", "xgboost", "lightgbm"])
+def test_healthy_models_pass(kind: str) -> None:
+    """Healthy scikit-learn trees, forests, HistGradientBoosting, XGBoost and LightGBM models pass the checks."""
+    summary = check(healthy(kind).data)
+    assert "trees" in summary and "nodes checked" in summary, summary
+
+
+@pytest.mark.parametrize(("how", "words"), [
+    ("far", ["1000000000", "outside"]),  # the finding: a child index of 10^9
+    ("cycle", ["node 0", "left child 0"]),  # the finding: children_left[0] = 0
+    ("feature", ["feature 1000000", "outside 0..3"]),
+])
+def test_edited_skops_tree_refused(how: str, words: list[str]) -> None:
+    """The skops decision tree of the finding, edited (child 10^9, cycle at the root, feature 10^6), is refused."""
+    with pytest.raises(StructureError) as info:
+        check(edited_tree("edited", how).data)
+    assert all(w in info.value.reason for w in words), info.value.reason
+
+
+@pytest.mark.parametrize("how", ["far", "cycle", "feature"])
+def test_edited_xgboost_and_lightgbm_refused(how: str) -> None:
+    """XGBoost JSON and LightGBM text with an out-of-range child, a cycle or an out-of-range feature are refused."""
+    for pkg in (edited_xgboost("x", how), edited_lightgbm("l", how)):
+        with pytest.raises(StructureError) as info:
+            check(pkg.data)
+        assert "tree" in info.value.reason, info.value.reason
+
+
+def test_forest_member_and_hist_predictor_edits_refused() -> None:
+    """A forest's third tree splitting past n_features, and a HistGradientBoosting predictor cycle, are refused."""
+    forest = model_bytes(healthy("forest"))
+
+    def far_feature(arr: np.ndarray) -> None:
+        arr["feature"][0] = 4
+
+    with pytest.raises(StructureError, match="feature 4"):
+        check_model("sklearn", "model.skops", edit_skops_nodes(forest, far_feature, which=2), n_features=None)
+
+    def loop(arr: np.ndarray) -> None:
+        arr["left"][0] = 0
+
+    hgb = model_bytes(healthy("hgb"))
+    with pytest.raises(StructureError, match="TreePredictor"):
+        check_model("sklearn", "model.skops", edit_skops_nodes(hgb, loop, predictor=True), n_features=4)
+
+
+def test_detached_cycle_and_shared_child_refused() -> None:
+    """A cycle away from the root (unreachable nodes) and a node with two parents are refused by check_tree."""
+    # 0 -> (1, 2); 3 <-> 4 detached
+    left, right = np.array([1, -1, -1, 4, 3]), np.array([2, -1, -1, 4, 3])
+    internal = left != -1
+    with pytest.raises(StructureError, match="child of 2 nodes|cannot be reached"):
+        check_tree(left, right, internal, np.zeros(5), 4, where="t")
+    left, right = np.array([1, 2, -1]), np.array([2, -1, -1])  # node 2 has parents 0 and 1 (a DAG)
+    left[1], right[1] = 2, 2
+    with pytest.raises(StructureError, match="child of"):
+        check_tree(left, right, left != -1, np.zeros(3), 4, where="t")
+
+
+def test_skops_array_shared_by_id_is_checked_wherever_it_appears() -> None:
+    """A malicious node array hidden elsewhere under the tree array's __id__ (what skops' memo would load) is found."""
+    data = model_bytes(healthy("tree"))
+    src = zipfile.ZipFile(io.BytesIO(data))
+    schema = json.loads(src.read("schema.json"))
+    nodes_ref = schema["content"]["content"]["tree_"]["content"]["content"]["nodes"]
+    arr = np.load(io.BytesIO(src.read(nodes_ref["file"])), allow_pickle=False)
+    arr["left_child"][0] = 10**9
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    schema["content"]["content"]["decoy"] = {**nodes_ref, "file": "decoy.npy"}
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, json.dumps(schema) if info.filename == "schema.json" else src.read(info))
+        dst.writestr("decoy.npy", buf.getvalue())
+    with pytest.raises(StructureError, match="outside"):
+        check_model("sklearn", "model.skops", out.getvalue(), n_features=4)
+
+
+@pytest.mark.parametrize(("runtime", "data"), [
+    ("sklearn", b"PK\x03\x04 not a zip"),
+    ("xgboost", b"\x7b" * 200_000 + b"}" * 200_000),
+    ("xgboost", json.dumps({"learner": {"gradient_booster": {"name": "gbtree"}}}).encode()),
+    ("lightgbm", b"tree\nversion=v4\n"),
+    ("lightgbm", b"\xff\xfe not utf-8"),
+])
+def test_unreadable_model_files_refused(runtime: str, data: bytes) -> None:
+    """A model file that cannot be read as its format (or nests JSON 200,000 deep) is refused: unchecked is unloaded."""
+    with pytest.raises(StructureError):
+        check_model(runtime, "model", data, n_features=4)
+
+
+def test_skops_schema_nested_deeply_refused() -> None:
+    """A skops schema.json nested 100,000 deep is refused, not a RecursionError."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        z.writestr("schema.json", b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    with pytest.raises(StructureError, match="nested too deeply"):
+        check_model("sklearn", "model.skops", out.getvalue(), n_features=4)

@@ -65,7 +65,7 @@ class Settings:
         "Largest unpacked size of a package (all its files together, bytes or 2GiB); bounds gzip bombs.", 2 * 1024**3)
     max_package_ratio: float = _doc(
         "Largest ratio of a gzip package's unpacked size to its compressed size (above 64 MiB unpacked); bounds "
-        "gzip bombs before MODELCD_MAX_PACKAGE_BYTES is reached.", 100.0)
+        "gzip bombs before MODELCD_MAX_PACKAGE_BYTES is reached.", 30.0)
     package_read_timeout: float = _doc(
         "Seconds ingest may take to fetch a package and read it (gunzip, tar walk, checksums) before the "
         "deployment fails.", 60.0)

@@ -413,6 +413,8 @@ async def test_versions_that_do_not_serve_are_refused_everywhere(tmp_path: Path)
     async with client:
         r = await client.put("/endpoints/test/traffic", json=routes(iris_9=100))
         assert r.status_code == 409 and "route iris:9 is not deployed (serving versions of iris: 1, 2)" in r.text
+        forced = await client.put("/endpoints/test/traffic", json={**routes(iris_9=100), "force": True})
+        assert forced.status_code == 409 and "iris:9 is not deployed" in forced.text  # never forced
         assert (await client.put("/endpoints/iris/traffic", json=routes(iris_1=100))).status_code == 200
         r = await client.post("/endpoints/iris/rollout", json={"to": "iris:9"})
         assert r.status_code == 409 and "canary iris:9 is not deployed" in r.text

@@ -54,9 +54,8 @@ from modelcd.logs import get_logger
 from modelcd.settings import Settings
 from modelcd.store.blobs import Store, StoreError, StoreNotFound, StoreUnavailable, package_key, put_package
 from modelcd.store.package import Package, PackageError, read_package
-from modelcd.store.targets import TargetState
-
 from modelcd.store.safety import Unsafe, check_retire
+from modelcd.store.targets import TargetState
 
 from .api import EventSink, TrafficReader, retire_world
 from .errors import (

@@ -32,6 +32,7 @@ from modelcd.events.schemas import ModelState, RolloutStep, TrafficPolicy, Usage
 from modelcd.store.package import MAX_EXPIRY_SECONDS
 from modelcd.store.safety import ROLLOUT_ENDED, endpoint_uses
 
+
 class Record(msgspec.Struct, frozen=True, kw_only=True):
     """What the processor knows about one `name:version` (a faust table value)."""
 

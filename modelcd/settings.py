@@ -96,6 +96,12 @@ class Settings:
     serving_port: int = _doc("Port of the (first) serving node.", 8081)
     node_id: str | None = _doc("Name of this serving node. Unset: hostname:port.", None)
     memory_budget: int = _doc("Resident bytes of loaded models a node may hold (bytes or 2GiB); LRU beyond.", 2 * 1024**3)
+    replicas: int = _doc("Serving nodes each model is placed on (a model's own `replicas` wins); nodes load only "
+                         "what is placed on them. 0: every node loads every model.", 2)
+    handoff_timeout: float = _doc("Seconds a stopping node keeps serving while its models load on the nodes they "
+                                  "move to (0: stop at once).", 60.0)
+    frontdoor_admin_port: int = _doc("Port of the front door's (Caddy's) admin API, on 127.0.0.1.", 2019)
+    frontdoor_health_interval: float = _doc("Seconds between the front door's health checks of each node.", 1.0)
     load_concurrency: int = _doc("Models a node loads at once.", 2)
     reconcile_interval: float = _doc("Seconds between a node's reconciliations against the store.", 30.0)
     predict_timeout: float = _doc("Seconds a prediction may take before it answers 504.", 10.0)

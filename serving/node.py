@@ -43,6 +43,7 @@ from .budget import ESTIMATE_FACTOR, Candidate, estimate_size, hot_set
 from .cache import PackageCache
 from .hooks import NodeHooks, ShadowFactory, ShadowHook
 from .metrics import NodeMetrics, StateCollector
+from .placement import NodePlacement
 from .protocol import tensors_to_log
 from .registry import Registry, RuntimeLoader, default_loader
 from .telemetry import Telemetry
@@ -50,6 +51,7 @@ from .telemetry import Telemetry
 log = get_logger("modelcd.serving.node")
 
 STATE_TOPICS = [topics.MODEL_STATE, topics.TRAFFIC]
+HEALTH_BACKLOG = 5000  # records per partition of modelcd.health read at start (recent heartbeats: the membership)
 
 
 class _Server(uvicorn.Server):
@@ -78,10 +80,14 @@ class ServingNode:
         self._shadow_factory = shadow  # None: this node runs no shadows (modelcd up / serve pass shadow.node.attach)
         self.shadow: ShadowHook | None = None
         self._loads: set[asyncio.Task[None]] = set()
+        self.placement: NodePlacement | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.settings.serving_host}:{self.port}"
+        host = self.settings.serving_host
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostname()  # what others (the front door) dial: listening on all addresses says nothing
+        return f"http://{host}:{self.port}"
 
     async def run(self, *, stop: asyncio.Event, ready: asyncio.Event) -> None:
         s = self.settings
@@ -96,6 +102,7 @@ class ServingNode:
             cache = PackageCache(s.home / "cache" / re.sub(r"[^A-Za-z0-9._-]", "_", self.node_id), store)
             registry = self.registry = Registry(s, node=self.node_id, cache=cache, metrics=self.metrics,
                                                 telemetry=telemetry, loader=self.loader)
+            self.placement = NodePlacement(self.node_id, registry, s)
             self.metrics.add_collector(StateCollector(self._gauges))
             shadow = None
             if self._shadow_factory is not None:
@@ -118,9 +125,14 @@ class ServingNode:
                     server_task = tg.create_task(server.serve(sockets=[sock]), name="http")
                     publisher_task = tg.create_task(telemetry.run(), name="telemetry")
                     shadow_tasks = [tg.create_task(shadow.run(), name="shadow")] if shadow is not None else []
-                    caught_up = asyncio.Event()
-                    background = [tg.create_task(self._follow(cfg, caught_up), name="state-follower")]
-                    if await _first(caught_up.wait(), stop.wait()) and not stop.is_set():
+                    caught_up, fleet_known = asyncio.Event(), asyncio.Event()
+                    background = [tg.create_task(self._follow(cfg, caught_up), name="state-follower"),
+                                  tg.create_task(self._follow_fleet(cfg, fleet_known), name="fleet-follower"),
+                                  # Heartbeats from the start: the fleet counts a loading node in its placement.
+                                  tg.create_task(self._every(s.heartbeat_interval, self._heartbeat), name="heartbeat")]
+                    self._heartbeat_now()
+                    both = asyncio.gather(caught_up.wait(), fleet_known.wait())
+                    if await _first(both, stop.wait()) and not stop.is_set():
                         await self._reconcile(targets, cache)
                         await self._load_hot_set(cache, stop)
                     registry.eager = True
@@ -128,8 +140,8 @@ class ServingNode:
                         tg.create_task(self._every(s.reconcile_interval, self._reconcile, targets, cache),
                                        name="reconciler"),
                         tg.create_task(self._every(s.usage_interval, self._usage), name="usage"),
-                        tg.create_task(self._every(s.heartbeat_interval, self._heartbeat), name="heartbeat"),
                         tg.create_task(self._every(s.health_interval, self._health), name="health"),
+                        tg.create_task(self._every(min(0.5, s.heartbeat_interval / 2), self._place), name="placement"),
                     ]
                     if not stop.is_set():
                         # Start-up objects (libraries, clients, loaded models) live as long as the node: moving
@@ -141,6 +153,7 @@ class ServingNode:
                         log.info("serving node ready", node=self.node_id, url=self.url,
                                  loaded=len(registry.loaded_keys()), known=len(registry.entries))
                     await stop.wait()
+                    await self._hand_off()
                     await self._drain(server, server_task, publisher_task, [*shadow_tasks, *background])
             finally:
                 await registry.aclose()
@@ -171,8 +184,8 @@ class ServingNode:
 
     async def _follow(self, cfg: KafkaConfig, caught_up: asyncio.Event) -> None:
         """Apply every model-state and traffic event, from the beginning, for as long as the node runs."""
-        assert self.registry is not None
-        registry = self.registry
+        assert self.registry is not None and self.placement is not None
+        registry, placement = self.registry, self.placement
         consumer = AIOKafkaConsumer(bootstrap_servers=cfg.bootstrap, client_id=f"{cfg.client_id}-{self.node_id}",
                                     group_id=None, enable_auto_commit=False, auto_offset_reset="earliest")
         await consumer.start()
@@ -196,9 +209,10 @@ class ServingNode:
                             continue
                         match event:
                             case ModelState():
-                                registry.apply_model(event)
+                                placement.on_model(event)
                             case TrafficPolicy():
                                 registry.apply_traffic(event)
+                                placement.on_traffic(event)
                                 if self.shadow is not None:
                                     self.shadow.update_policy(event)
                             case _:
@@ -211,6 +225,67 @@ class ServingNode:
                         caught_up.set()
         finally:
             await consumer.stop()
+
+    async def _follow_fleet(self, cfg: KafkaConfig, caught_up: asyncio.Event) -> None:
+        """Fold the fleet's heartbeats into the placement: recent ones at start (the membership), then live."""
+        assert self.placement is not None
+        placement = self.placement
+        consumer = AIOKafkaConsumer(bootstrap_servers=cfg.bootstrap, client_id=f"{cfg.client_id}-{self.node_id}-fleet",
+                                    group_id=None, enable_auto_commit=False, auto_offset_reset="earliest")
+        await consumer.start()
+        try:
+            tps = await partitions_of(consumer, [topics.HEALTH])
+            consumer.assign(tps)
+            ends = await consumer.end_offsets(tps)
+            begins = await consumer.beginning_offsets(tps)
+            for tp in tps:
+                consumer.seek(tp, max(begins[tp], ends[tp] - HEALTH_BACKLOG))
+            pending = {tp for tp in tps if ends[tp] > begins[tp]}
+            if not pending:
+                caught_up.set()
+            while True:
+                batches = await consumer.getmany(timeout_ms=200, max_records=1000)
+                for tp, records in batches.items():
+                    for r in records:
+                        try:
+                            event, _env = decode(tp.topic, r.value, r.headers)
+                        except DecodeError:
+                            continue
+                        if isinstance(event, NodeStatus):
+                            # Received "as of" its own time: an old heartbeat read at start is not a live node.
+                            age = max(0.0, time.time() - event.at)
+                            placement.on_status(event, time.monotonic() - age)
+                if pending:
+                    for tp in list(pending):
+                        if await consumer.position(tp) >= ends[tp]:
+                            pending.discard(tp)
+                    if not pending:
+                        caught_up.set()
+        finally:
+            await consumer.stop()
+
+    def _place(self) -> None:
+        p = self.placement
+        if p is not None and p.enabled and (p.dirty or p.members(time.monotonic()) != p._members):
+            changes = p.refresh()
+            if changes:
+                log.info("placement applied", node=self.node_id, changes=changes, load=len(p.plan.load),
+                         keep=len(p.plan.keep))
+
+    async def _hand_off(self) -> None:
+        """Stopping: leave the placement, keep serving until what this node holds is ready elsewhere."""
+        p, s = self.placement, self.settings
+        if p is None or not p.enabled or s.handoff_timeout <= 0 or not self.state.ready:
+            return
+        p.leaving = True
+        self._heartbeat_now(stopping=True)
+        deadline = time.monotonic() + s.handoff_timeout
+        log.info("serving node leaving the fleet: handing off", node=self.node_id, held=len(p.registry.entries))
+        while not p.handed_off() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        done = p.handed_off()
+        log.info("hand-off " + ("done" if done else "timed out"), node=self.node_id, keep=sorted(p.plan.keep))
+        await asyncio.sleep(p.grace)  # the front door sees the same heartbeats; give it time to move its routes
 
     def _hooks(self, registry: Registry, telemetry: Telemetry) -> NodeHooks:
         """What this node lends its shadow executor: its own predict path, signatures, telemetry buffer."""
@@ -244,6 +319,8 @@ class ServingNode:
         except Exception as exc:  # the store is down: events still flow, try again next period
             log.warning("reconciliation skipped: store unavailable", reason=repr(exc))
             return
+        assert self.placement is not None
+        models = self.placement.on_snapshot(models, traffic, started)
         changes = self.registry.reconcile(models, traffic, started)
         if self.shadow is not None:
             self.shadow.reconcile(traffic, started)
@@ -290,7 +367,8 @@ class ServingNode:
         self.telemetry.offer(NodeStatus(
             node=self.node_id, url=self.url, ready=self.state.ready and not stopping,
             models=self.registry.describe(), memory_bytes=self.registry.resident_bytes,
-            memory_budget=self.settings.memory_budget, stopping=stopping))
+            memory_budget=self.settings.memory_budget,
+            stopping=stopping or (self.placement is not None and self.placement.leaving)))
 
     async def _health(self) -> None:
         assert self.registry is not None and self.telemetry is not None

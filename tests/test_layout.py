@@ -1,8 +1,8 @@
 """The parts' layering, read from the imports of the installed package (no module is executed).
 
 Parts from the bottom up (docs/ARCHITECTURE.md): the base of `modelcd/` (settings, logs, runner,
-errors), events.schemas, events, store, runtimes, ingest, serving, shadow, rollout, retirement,
-console, and the shell of `modelcd/` (cli, up, demo). A part imports only parts below it; no two parts import
+errors), events.schemas, events, store, placement, runtimes, ingest, serving, shadow, rollout,
+retirement, fleet, console, and the shell of `modelcd/` (cli, up, demo). A part imports only parts below it; no two parts import
 each other (directly or through others); no part's CLI imports another part's CLI.
 """
 
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 # Bottom first. A module belongs to the most specific entry whose package contains it.
-ORDER = ["base", "events.schemas", "events", "store", "runtimes", "ingest", "serving", "shadow", "rollout",
-         "retirement", "console", "shell"]
+ORDER = ["base", "events.schemas", "events", "store", "placement", "runtimes", "ingest", "serving", "shadow",
+         "rollout", "retirement", "fleet", "console", "shell"]
 BASE_MODULES = {"__init__", "settings", "logs", "runner", "errors", "units"}  # modelcd/'s bottom half; the rest is the shell
 
 Edge = tuple[str, str]
@@ -40,9 +40,9 @@ def part_of(module: str) -> str | None:
 def installed_modules() -> dict[str, Path]:
     """Every module of the installed `modelcd` package (its subpackages live in folders of their own)."""
     out: dict[str, Path] = {}
-    for pkg in ["modelcd", "modelcd.events", "modelcd.events.schemas", "modelcd.store", "modelcd.runtimes",
-                "modelcd.ingest", "modelcd.serving", "modelcd.shadow", "modelcd.rollout", "modelcd.retirement",
-                "modelcd.console"]:
+    for pkg in ["modelcd", "modelcd.events", "modelcd.events.schemas", "modelcd.store", "modelcd.placement",
+                "modelcd.runtimes", "modelcd.ingest", "modelcd.serving", "modelcd.shadow", "modelcd.rollout",
+                "modelcd.retirement", "modelcd.fleet", "modelcd.console"]:
         spec = importlib.util.find_spec(pkg)
         assert spec is not None and spec.submodule_search_locations, f"{pkg} is not installed"
         for folder in spec.submodule_search_locations:

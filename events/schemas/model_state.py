@@ -50,6 +50,10 @@ class ModelState(Event, frozen=True, kw_only=True, tag="modelcd.model.state.v1")
     ] = ""
     deployed_at: Annotated[float, Doc("When it was deployed, seconds since the Unix epoch (UTC, fractional).")] = 0.0
     resources: Annotated[Resources, Doc("What serving validation measured.")] = Resources()
+    replicas: Annotated[
+        int,
+        Doc("Serving nodes that hold it (placement); 0: the fleet's default (MODELCD_REPLICAS)."),
+    ] = 0
     reason: Annotated[str, Doc("Why it was retired (empty while serving).")] = ""
     at: Annotated[
         float,

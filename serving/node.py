@@ -275,7 +275,7 @@ class ServingNode:
     async def _hand_off(self) -> None:
         """Stopping: leave the placement, keep serving until what this node holds is ready elsewhere."""
         p, s = self.placement, self.settings
-        if p is None or not p.enabled or s.handoff_timeout <= 0 or not self.state.ready:
+        if p is None or not p.enabled or s.handoff_timeout <= 0 or not self.state.ready or p.alone():
             return
         p.leaving = True
         self._heartbeat_now(stopping=True)

@@ -36,6 +36,8 @@ from .registry import Registry
 
 log = get_logger("modelcd.serving.placement")
 
+RELEASE_GRACE = 1.0  # seconds between "every new owner holds it" and releasing a moved model
+
 
 def membership_ttl(settings: Settings) -> float:
     """How long a node counts as alive after its last heartbeat: three missed heartbeats."""
@@ -48,7 +50,8 @@ class NodePlacement:
         self.registry = registry
         self.default_replicas = settings.replicas
         self.weight = float(settings.memory_budget or 1)
-        self.grace = max(1.0, settings.heartbeat_interval)
+        # The front door reads the same heartbeats and moves its routes within a fraction of a second.
+        self.grace = RELEASE_GRACE
         self.fleet = Membership(membership_ttl(settings))
         self.states: dict[str, Known[ModelState]] = {}
         self.policies: dict[str, Known[TrafficPolicy]] = {}
@@ -191,6 +194,11 @@ class NodePlacement:
             changes += 1
         self.dirty = bool(self._releasable) or bool(plan.keep)
         return changes
+
+    def alone(self, now: float | None = None) -> bool:
+        """No other member to hand anything off to."""
+        now = time.monotonic() if now is None else now
+        return all(m.node == self.node for m in self.fleet.members(now))
 
     def handed_off(self, now: float | None = None) -> bool:
         """While leaving: every model this node holds is ready on the nodes it moves to (or has no other home)."""

@@ -12,7 +12,7 @@ Routes:
                                                  poll that answers once the view moved past REV
     GET    /models                               every name:version in the target state
     GET    /models/{name}                        the versions of one model             -> 404 if none
-    DELETE /models/{name}/versions/{version}[?force=true]
+    DELETE /models/{name}/versions/{version}[?force=true]   (or a body {"force": true, "reason": ...})
                                                  retire                                -> 202 / 404 / 409
                                                  (409 while an endpoint, rollout or shadow uses it:
                                                  the store's safety check, `modelcd.store.safety`)
@@ -124,6 +124,26 @@ class DeployBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 _deploy_body = msgspec.json.Decoder(DeployBody)
+
+
+class RetireBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The optional JSON body of `DELETE /models/{name}/versions/{version}` (the query works as well)."""
+
+    force: bool = False
+    reason: str = ""
+
+
+_retire_body = msgspec.json.Decoder(RetireBody)
+
+
+def _decode_retire(raw: bytes) -> RetireBody:
+    if not raw.strip():
+        return RetireBody()
+    try:
+        return _retire_body.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ApiError(400, f"malformed JSON body: {exc}; expected {{\"force\": true, \"reason\": \"...\"}} "
+                            "or nothing") from None
 _SHA = re.compile(r"[0-9a-f]{64}")
 
 
@@ -207,7 +227,8 @@ class DeploymentApi:
                 return 200, {"name": name, "versions": versions}, []
             case ["models", name, "versions", version]:
                 ApiError.allow(method, "DELETE")
-                return await self._retire(name, version, query)
+                return await self._retire(name, version, query,
+                                          await _read_body(scope, receive, self.config.max_upload_bytes))
             case [prefix, *rest] if prefix in self.mounted:
                 return await self.mounted[prefix].handle(
                     method, rest, lambda: _read_body(scope, receive, self.config.max_upload_bytes), query)
@@ -333,16 +354,21 @@ class DeploymentApi:
             "nodes_serving": self.view.nodes_serving(m.name, m.version, m.sha256) if m.target == "serving" else 0,
         }
 
-    async def _retire(self, name: str, version: str,
-                      query: dict[str, str]) -> tuple[int, Any, list[tuple[bytes, bytes]]]:
+    async def _retire(self, name: str, version: str, query: dict[str, str],
+                      raw: bytes = b"") -> tuple[int, Any, list[tuple[bytes, bytes]]]:
+        """Retire name:version unless something uses it: `?force=true` (or a JSON body `{"force": true,
+        "reason": ...}`) retires it anyway."""
+        body = _decode_retire(raw)
         if await self.targets.get_model(name, version) is None:
             raise ApiError(404, f"no model {name}:{version} in the target state; GET /models lists them")
-        force = query.get("force", "").lower() in ("1", "true", "yes")
+        force = body.force or query.get("force", "").lower() in ("1", "true", "yes")
         try:
             broken = check_retire(f"{name}:{version}", await retire_world(self.targets, self.traffic), force=force,
-                                  force_hint="?force=true (`modelcd retire --force`)")
+                                  force_hint='?force=true or {"force": true} (`modelcd retire --force`)')
         except Unsafe as exc:
             raise ApiError(409, str(exc)) from None
+        if body.reason:
+            query = {**query, "reason": body.reason}
         reason = query.get("reason", "retired through the API")
         if broken:
             reason += " (forced: " + "; ".join(f"it {u.what}" for u in broken) + ")"

@@ -470,6 +470,11 @@ async def test_retire_through_the_api_is_refused_while_in_use(tmp_path: Path) ->
         assert free.status_code == 202
         forced = await client.delete("/models/wine/versions/1?force=true")
         assert forced.status_code == 202
+        bad = await client.request("DELETE", "/models/wine/versions/3", content=b'{"force": "yes"}')
+        assert bad.status_code == 400 and "malformed JSON body" in bad.text
+        body = await client.request("DELETE", "/models/wine/versions/3", json={"force": True, "reason": "leaks"})
+        assert body.status_code == 202
     retires = [e for e in sink.events if type(e).__name__ == "RetireRequested"]
-    assert [(e.version, e.force) for e in retires] == [("2", False), ("1", True)]  # type: ignore[attr-defined]
+    assert [(e.version, e.force) for e in retires] == [("2", False), ("1", True), ("3", True)]  # type: ignore[attr-defined]
     assert "forced: it serves 100% of endpoint winep" in retires[1].reason  # type: ignore[attr-defined]
+    assert retires[2].reason == "leaks (forced: it shadows wine:1 on endpoint winep)"  # type: ignore[attr-defined]

@@ -4,7 +4,8 @@ The user commands talk to the deployment API over HTTP (MODELCD_INGEST_URL, bear
 MODELCD_API_TOKEN), never to Kafka, so they work from any machine that reaches the API.
 `deploy` follows the deployment with long polls (`GET /deployments/{id}?after=REV`): on a terminal
 it redraws one line per step in place, otherwise it prints one plain line per step change.
-Exit codes: 0 done, 1 the deployment failed (the reason on stderr), 2 usage or connection errors.
+Exit codes (modelcd/errors.py): 0 done, 1 refused or failed (the reason on stderr), 2 usage or configuration
+(including an API that cannot be reached or refuses the token).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import getpass
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -20,10 +22,10 @@ from typing import IO, Any
 
 import httpx
 
-from modelcd.errors import CliError
+from modelcd.errors import CliError, UsageError
 from modelcd.runner import run_main
 from modelcd.settings import Settings
-from modelcd.units import UnitError, parse_duration, positive_duration_arg
+from modelcd.units import UnitError, format_duration, parse_duration, positive_duration_arg
 
 DEPLOY_STEPS = ["accepted", "validate", "compile", "serving-validation", "publish"]
 RETIRE_STEPS = ["accepted", "retire"]
@@ -84,7 +86,7 @@ def register(sub: Any, *, routes: RoutesFor | None = None, expiring: Command | N
     p = sub.add_parser("retire", help="retire a model version (its nodes unload it)")
     p.add_argument("name")
     p.add_argument("version")
-    p.add_argument("--reason", default="retired from the CLI")
+    p.add_argument("--reason", help="why, kept with the retired model (default: by <user> with modelcd retire)")
     p.add_argument("--force", action="store_true",
                    help="retire it even while an endpoint routes to it, a rollout moves it or a relation shadows it: "
                         "every request that reaches it then fails (503) until the policy changes")
@@ -102,8 +104,8 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings, *, routes: RoutesFo
     async def main(stop: asyncio.Event) -> int:
         try:
             await run_ingest(settings, stop=stop, ready=asyncio.Event(), routes=routes(settings) if routes else None)
-        except OSError as exc:
-            raise CliError(str(exc)) from None
+        except OSError as exc:  # the port is taken or the address is wrong: configuration
+            raise UsageError(str(exc)) from None
         return 0
 
     return run_main(main)
@@ -122,12 +124,14 @@ def _call(client: httpx.Client, method: str, url: str, **kw: Any) -> dict[str, A
     try:
         resp = client.request(method, url, **kw)
     except httpx.TransportError as exc:
-        raise CliError(f"cannot reach the deployment API at {client.base_url}: {exc}; is `modelcd ingest` (or "
+        raise UsageError(f"cannot reach the deployment API at {client.base_url}: {exc}; is `modelcd ingest` (or "
                        "`modelcd up`) running? MODELCD_INGEST_URL points the CLI elsewhere") from None
     try:
         body: dict[str, Any] = resp.json()
     except ValueError:
         body = {"error": resp.text[:200]}
+    if resp.status_code in (401, 403):  # the token (MODELCD_API_TOKEN) is configuration
+        raise UsageError(f"{resp.status_code}: {body.get('error', body)} (check MODELCD_API_TOKEN)")
     if resp.status_code >= 400:
         raise CliError(f"{resp.status_code}: {body.get('error', body)}")
     return body
@@ -153,7 +157,7 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
         else:
             path: Path = args.package
             if not path.is_file():
-                raise CliError(f"package not found: {path} (build one with `modelcd package build SPEC`)")
+                raise UsageError(f"package not found: {path} (build one with `modelcd package build SPEC`)")
             with path.open("rb") as f:
                 accepted = _call(client, "POST", "/deployments", params=params, content=f,
                                  headers={"content-type": "application/x-tar"})
@@ -166,7 +170,8 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_retire(args: argparse.Namespace, settings: Settings) -> int:
     with _client(settings) as client:
-        params = {"reason": args.reason, **({"force": "true"} if args.force else {})}
+        reason = args.reason or f"by {getpass.getuser()} with modelcd retire"
+        params = {"reason": reason, **({"force": "true"} if args.force else {})}
         accepted = _call(client, "DELETE", f"/models/{args.name}/versions/{args.version}", params=params)
         print(f"retirement {accepted['deployment_id']} accepted", file=sys.stderr if args.wait else sys.stdout)
         if not args.wait:
@@ -211,7 +216,7 @@ def summary(view: dict[str, Any]) -> str:
     if view.get("noop"):
         return f"{name} already serving this package (deployment {view.get('existing_deployment_id')}); nothing changed"
     total = view.get("timings_ms", {}).get("total")
-    took = f" in {total / 1000:.1f} s" if total else ""
+    took = f" in {format_duration(total / 1000)}" if total else ""
     return f"{name} done{took} (runtime {view.get('runtime') or '-'}, sha256 {str(view.get('sha256', ''))[:12]})"
 
 
@@ -242,7 +247,9 @@ class _PlainDisplay:
             self.seen.add((s["step"], s["status"]))
             ms = f" {s['duration_ms']:.0f} ms" if s.get("duration_ms") is not None else ""
             detail = f": {s['detail']}" if s.get("detail") else ""
-            print(f"{s['step']} {s['status']}{ms}{detail}", file=self.out, flush=True)
+            # "accepted succeeded" read oddly: the accepted step is a fact, not something that succeeds.
+            status = "" if s["step"] == "accepted" and s["status"] == "succeeded" else f" {s['status']}"
+            print(f"{s['step']}{status}{ms}{detail}", file=self.out, flush=True)
 
     def close(self) -> None:
         pass

@@ -21,7 +21,7 @@ from typing import Any
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from modelcd import __version__, ops
-from modelcd.errors import CliError
+from modelcd.errors import CliError, UsageError
 from modelcd.logs import configure, get_logger
 from modelcd.runner import run_main
 from modelcd.settings import Settings, SettingsError
@@ -140,6 +140,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `modelcd ... | head`
         sys.stderr.close()
         return 0
+    except Exception as exc:
+        from modelcd.store.blobs import StoreError, StoreUnavailable
+
+        if isinstance(exc, StoreUnavailable):  # where the settings point, nothing answers: configuration
+            print(f"modelcd: cannot reach the store at {settings.resolved_store_url}: {exc} "
+                  "(MODELCD_STORE_URL, MODELCD_S3_ENDPOINT_URL)", file=sys.stderr)
+            return 2
+        if isinstance(exc, StoreError):
+            print(f"modelcd: store error: {exc}", file=sys.stderr)
+            return 1
+        raise
 
 
 # --- shared commands -------------------------------------------------------------------------------
@@ -156,8 +167,8 @@ def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
                                 partitions=settings.topic_partitions)
         try:
             await broker.start()
-        except BrokerError as exc:
-            raise CliError(str(exc)) from None
+        except BrokerError as exc:  # the port is taken or the binary is missing: configuration
+            raise UsageError(str(exc)) from None
         print(f"broker ready on {broker.bootstrap} (storage {storage}); Ctrl-C to stop", file=sys.stderr)
         try:
             await stop.wait()
@@ -257,7 +268,7 @@ def cmd_package_build(args: argparse.Namespace, settings: Settings) -> int:
     from modelcd.store.package import PackageError
 
     if not args.spec.is_file():
-        raise CliError(f"spec file not found: {args.spec}")
+        raise UsageError(f"spec file not found: {args.spec}")
     try:
         built = build_from_spec(args.spec)
     except PackageError as exc:
@@ -276,7 +287,7 @@ def cmd_package_inspect(args: argparse.Namespace, settings: Settings) -> int:
     from modelcd.store.package import PackageError, read_package
 
     if not args.archive.is_file():
-        raise CliError(f"archive not found: {args.archive}")
+        raise UsageError(f"archive not found: {args.archive}")
     data = args.archive.read_bytes()
     try:
         pkg = read_package(data)

@@ -91,7 +91,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     try:
         import sklearn  # noqa: F401
     except ModuleNotFoundError:
-        raise CliError("the demo needs scikit-learn: pip install 'modelcd[sklearn]'") from None
+        raise CliError("the demo needs scikit-learn: pip install 'modelcd[sklearn]'", code=2) from None
     try:
         paths = build_demo(args.out, owner=args.owner, expiry=args.expiry)
     except PackageError as exc:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -30,6 +31,7 @@ def register(sub: Any) -> None:
                        description="Target state from the store, last use from modelcd.usage: each serving model "
                                    "with when it will be warned and retired if it stays unused.")
     p.add_argument("--limit", type=int, default=0, help="show only the first N (soonest) models")
+    p.add_argument("--json", action="store_true", help="print JSON (times as epoch seconds)")
     p.set_defaults(func=cmd_expiring)
 
     p = sub.add_parser("gc", help="delete retired packages from the store after the retention period",
@@ -61,6 +63,7 @@ class ExpiringRow:
     last_used: float
     retire_at: float
     status: str  # "", "warning", "overdue", or the protections that keep it
+    warn_at: float = 0.0  # when the owner is warned if it stays unused
 
 
 def expiring(states: Iterable[ModelState], usage: Iterable[UsageReport], traffic: Mapping[str, TrafficPolicy],
@@ -91,7 +94,8 @@ def expiring(states: Iterable[ModelState], usage: Iterable[UsageReport], traffic
             status = "warning"
         else:
             status = ""
-        rows.append(ExpiringRow(s.name, s.version, s.owner, rec.last_used, rec.retire_at, status))
+        rows.append(ExpiringRow(s.name, s.version, s.owner, rec.last_used, rec.retire_at, status,
+                                rec.warn_at(warn_share)))
     return sorted(rows, key=lambda r: (r.retire_at, r.model, r.version))
 
 
@@ -121,14 +125,21 @@ def cmd_expiring(args: argparse.Namespace, settings: Settings) -> int:
         limit = getattr(args, "limit", 0)  # `modelcd models --expiring` has no --limit
         if limit:
             rows = rows[:limit]
+        if getattr(args, "json", False):
+            print(json.dumps([{"model": r.model, "version": r.version, "owner": r.owner, "last_used": r.last_used or None,
+                               "warn_at": r.warn_at, "retire_at": r.retire_at, "status": r.status} for r in rows],
+                             indent=2))
+            return 0
         if not rows:
             print("no serving model has an expiry", file=sys.stderr)
             return 0
-        print(f"{'NAME':<20} {'VERSION':<10} {'OWNER':<16} {'LAST USED':>10} {'RETIRES IN':>10}  STATUS")
+        print(f"{'NAME':<20} {'VERSION':<10} {'OWNER':<16} {'LAST USED':>10} {'WARNED IN':>10} {'RETIRES IN':>10}  "
+              "STATUS")
         for r in rows:
             used = f"{_ago(now - r.last_used)} ago" if r.last_used else "never"
+            warn = _ago(r.warn_at - now) if r.warn_at > now else "now"
             left = _ago(r.retire_at - now) if r.retire_at > now else "now"
-            print(f"{r.model:<20} {r.version:<10} {r.owner or '-':<16} {used:>10} {left:>10}  {r.status}")
+            print(f"{r.model:<20} {r.version:<10} {r.owner or '-':<16} {used:>10} {warn:>10} {left:>10}  {r.status}")
         return 0
 
     return run_main(run)

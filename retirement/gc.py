@@ -73,6 +73,7 @@ async def run_gc(store: Store, *, now: float, retention: float, dry_run: bool) -
     for item in plan:
         if not dry_run:
             await store.delete(item.key)
-        log.info("package garbage-collected" if not dry_run else "package would be garbage-collected",
-                 key=item.key, models=list(item.models), retired_at=item.retired_at)
+        # debug: `modelcd gc` prints each package itself (at info, a terminal showed every package twice)
+        log.debug("package garbage-collected" if not dry_run else "package would be garbage-collected",
+                  key=item.key, models=list(item.models), retired_at=item.retired_at)
     return plan

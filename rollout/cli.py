@@ -165,12 +165,12 @@ def parse_routes(items: list[str]) -> list[Route]:
     for item in items:
         ref, sep, weight = item.rpartition("=")
         if not sep:
-            raise CliError(f"expected MODEL:VERSION=WEIGHT, got {item!r}")
+            raise CliError(f"expected MODEL:VERSION=WEIGHT, got {item!r}", code=2)
         try:
             name, version = split_ref(ref)
             w = float(weight.rstrip("%"))
         except (RolloutError, ValueError):
-            raise CliError(f"expected MODEL:VERSION=WEIGHT with a number, got {item!r}") from None
+            raise CliError(f"expected MODEL:VERSION=WEIGHT with a number, got {item!r}", code=2) from None
         routes.append(Route(model=name, version=version, weight=w))
     try:
         check_routes(routes)

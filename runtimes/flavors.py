@@ -499,14 +499,19 @@ def outputs_match(expected: Mapping[str, Any], actual: Mapping[str, Any], tolera
                 idx = np.unravel_index(int(np.nanargmax(np.where(bad, diff, -1.0))), diff.shape)
                 return (f"output {name!r}: {int(bad.sum())} of {e.size} values differ beyond tolerance {tolerance} "
                         f"(max abs diff {float(diff[idx]):.6g} at index {list(map(int, idx))}: "
-                        f"expected {ef[idx]!r}, got {af[idx]!r})")
+                        f"expected {ef[idx].item()!r}, got {af[idx].item()!r})")
         else:
             bad = np.asarray(e != a)
             if bad.any():
                 idx = tuple(int(i) for i in np.argwhere(bad)[0])
                 return (f"output {name!r}: {int(bad.sum())} of {e.size} values differ (first at index {list(idx)}: "
-                        f"expected {e[idx]!r}, got {a[idx]!r})")
+                        f"expected {_plain(e[idx])!r}, got {_plain(a[idx])!r})")
     return None
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python value it holds, so messages say `0`, not `np.int64(0)`."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ door share one path.
 Routes:
     POST   /deployments                          upload (multipart/form-data or application/x-tar)
                                                  or JSON {"package_uri": ...}        -> 202
+    GET    /deployments[?model=&version=&status=&since=1h&limit=50]  recent deployments, newest first
     GET    /deployments/{id}[?after=REV&wait=S]  steps, status, nodes serving; with `after`, a long
                                                  poll that answers once the view moved past REV
     GET    /models                               every name:version in the target state
@@ -211,7 +212,9 @@ class DeploymentApi:
         query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1")).items()}
         match parts:
             case ["deployments"]:
-                ApiError.allow(method, "POST")
+                ApiError.allow(method, "GET", "POST")
+                if method == "GET":
+                    return 200, {"deployments": self._recent_deployments(query)}, []
                 return await self._deploy(scope, receive, query)
             case ["deployments", deployment_id]:
                 ApiError.allow(method, "GET")
@@ -322,6 +325,33 @@ class DeploymentApi:
         location = f"/deployments/{deployment_id}"
         return 202, {"deployment_id": deployment_id, "status_url": location, "model": event.model}, [
             (b"location", location.encode())]
+
+    # -- GET /deployments ------------------------------------------------------------------------------
+
+    def _recent_deployments(self, query: dict[str, str]) -> list[dict[str, Any]]:
+        """Newest first, filtered by `model`, `version`, `status`, `since` (a duration: 1h, 7d); at most `limit`."""
+        from modelcd.units import UnitError, parse_duration
+
+        try:
+            limit = int(query.get("limit", "50"))
+            since = time.time() - parse_duration(query["since"]) if "since" in query else None
+        except (ValueError, UnitError) as exc:
+            raise ApiError(400, f"limit must be a whole number and since a duration (1h, 7d): {exc}") from None
+        if limit < 1:
+            raise ApiError(400, "limit must be at least 1")
+        views = self.view.deployments()
+        picked = [v for v in views
+                  if (not query.get("model") or v.model == query["model"])
+                  and (not query.get("version") or v.version == query["version"])
+                  and (not query.get("status") or v.status == query["status"])
+                  and (since is None or (v.requested_at or v.finished_at or 0) >= since)]
+        picked.sort(key=lambda v: v.requested_at or v.finished_at or 0, reverse=True)
+        out = []
+        for v in picked[:limit]:
+            row = msgspec.to_builtins(v)
+            row.pop("steps", None)
+            out.append(row)
+        return out
 
     # -- GET /deployments/{id} ---------------------------------------------------------------------
 

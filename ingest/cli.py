@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import functools
 import getpass
+import json
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -25,7 +26,7 @@ import httpx
 from modelcd.errors import CliError, UsageError
 from modelcd.runner import run_main
 from modelcd.settings import Settings
-from modelcd.units import UnitError, format_duration, parse_duration, positive_duration_arg
+from modelcd.units import UnitError, duration_arg, format_duration, parse_duration, positive_duration_arg
 
 DEPLOY_STEPS = ["accepted", "validate", "compile", "serving-validation", "publish"]
 RETIRE_STEPS = ["accepted", "retire"]
@@ -73,14 +74,23 @@ def register(sub: Any, *, routes: RoutesFor | None = None, expiring: Command | N
                    help="how long to follow before giving up (e.g. 10m; default 600 s)")
     p.set_defaults(func=cmd_deploy)
 
-    p = sub.add_parser("deployments", help="show one deployment: each step with status and duration")
-    p.add_argument("id", help="deployment id (printed by `modelcd deploy`)")
+    p = sub.add_parser("deployments", help="list recent deployments, or show one: each step with status and duration",
+                       description="Without ID: recent deployments, newest first (filter with --model, --status, "
+                                   "--since). With ID: that deployment's steps, status and duration.")
+    p.add_argument("id", nargs="?", help="deployment id (printed by `modelcd deploy`); omit it to list")
+    p.add_argument("--model", help="list only this model's deployments")
+    p.add_argument("--status", choices=["pending", "running", "completed", "failed"], help="list only these")
+    p.add_argument("--since", metavar="DURATION", type=duration_arg, help="list only those of the last DURATION (1h)")
+    p.add_argument("--limit", type=int, default=20, help="list at most N (default 20)")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_deployments)
 
     p = sub.add_parser("models", help="list deployed models: version, state, owner, expiry, nodes serving")
     p.add_argument("name", nargs="?", help="only this model's versions")
     p.add_argument("--expiring", action="store_true",
-                   help="order serving models by time to auto-retirement instead (same as `modelcd expiring`)")
+                   help="serving models with their time to warning and to auto-retirement instead (same as "
+                        "`modelcd expiring`)")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=functools.partial(cmd_models, expiring=expiring))
 
     p = sub.add_parser("retire", help="retire a model version (its nodes unload it)")
@@ -279,8 +289,13 @@ class _TtyDisplay:
 
 
 def cmd_deployments(args: argparse.Namespace, settings: Settings) -> int:
+    if not args.id:
+        return _list_deployments(args, settings)
     with _client(settings) as client:
         view = _call(client, "GET", f"/deployments/{args.id}")
+    if args.json:
+        print(json.dumps(view, indent=2))
+        return 1 if view["status"] == "failed" else 0
     steps = RETIRE_STEPS if any(s["step"] == "retire" for s in view.get("steps", [])) else DEPLOY_STEPS
     print(f"deployment {view['deployment_id']}  {view.get('model')}:{view.get('version')}  {view['status']}")
     for line in step_lines(view, steps):
@@ -293,6 +308,31 @@ def cmd_deployments(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if view["status"] == "failed" else 0
 
 
+def _list_deployments(args: argparse.Namespace, settings: Settings) -> int:
+    params = {"limit": str(args.limit)}
+    for name in ("model", "status"):
+        if getattr(args, name):
+            params[name] = getattr(args, name)
+    if args.since is not None:
+        params["since"] = f"{args.since:g}"
+    with _client(settings) as client:
+        rows = _call(client, "GET", "/deployments", params=params)["deployments"]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no deployments recorded" + (" that match" if len(params) > 1 else ""), file=sys.stderr)
+        return 0
+    print(f"{'DEPLOYMENT':<34} {'MODEL:VERSION':<24} {'STATUS':<10} {'REQUESTED':<16}  DETAIL")
+    for r in rows:
+        at = r.get("requested_at") or r.get("finished_at")
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(at)) if at else "-"
+        ref = f"{r.get('model') or '?'}:{r.get('version') or '?'}"
+        detail = r.get("reason") or ("no change" if r.get("noop") else "")
+        print(f"{r['deployment_id']:<34} {ref:<24} {r['status']:<10} {when:<16}  {detail}".rstrip())
+    return 0
+
+
 def cmd_models(args: argparse.Namespace, settings: Settings, *, expiring: Command | None = None) -> int:
     if args.expiring:
         if expiring is None:
@@ -303,6 +343,9 @@ def cmd_models(args: argparse.Namespace, settings: Settings, *, expiring: Comman
             models = _call(client, "GET", f"/models/{args.name}")["versions"]
         else:
             models = _call(client, "GET", "/models")["models"]
+    if args.json:
+        print(json.dumps(models, indent=2))
+        return 0
     if not models:
         print("no models deployed yet (`modelcd deploy PACKAGE`)", file=sys.stderr)
         return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from modelcd.errors import CliError, UsageError
 from modelcd.logs import configure, get_logger
 from modelcd.runner import run_main
 from modelcd.settings import Settings, SettingsError
+from modelcd.units import format_duration
 
 log = get_logger("modelcd.cli")
 
@@ -63,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, help="directory to write to")
     e.set_defaults(func=cmd_schemas_export)
     e = ssub.add_parser("list", help="list topics and the event types each carries")
+    e.add_argument("--json", action="store_true", help="print JSON: {topic: [event types]}")
     e.set_defaults(func=cmd_schemas_list)
     e = ssub.add_parser("docs", help="write docs/events.md: every topic, key, field (type, unit, meaning), "
                                      "an example record with its headers")
@@ -77,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="list every MODELCD_* setting with its default and current value")
     p.add_argument("--markdown", action="store_true", help="print the table the README carries")
+    p.add_argument("--json", action="store_true", help="print JSON: each variable with its default, value and meaning")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("package", help="build and inspect model packages")
@@ -87,8 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("spec", type=Path, help="spec file (YAML or JSON)")
     b.add_argument("-o", "--out", type=Path, help="archive to write (default: <name>-<version>.tar next to the spec)")
     b.set_defaults(func=cmd_package_build)
-    i = psub.add_parser("inspect", help="check an archive and print its manifest")
+    i = psub.add_parser("inspect", help="check an archive and show its manifest: signature, owner, expiry, files",
+                        description="Check an archive as ingest would (safe reading, checksums, samples) and show "
+                                    "its id, flavor, owner, expiry, input/output signature, files and samples.")
     i.add_argument("archive", type=Path)
+    i.add_argument("--json", action="store_true", help="print the id and the whole manifest as JSON")
     i.set_defaults(func=cmd_package_inspect)
 
     ops.register(sub)
@@ -243,9 +250,13 @@ def cmd_schemas_list(args: argparse.Namespace, settings: Settings) -> int:
 
     from modelcd.events.schemas import TOPIC_EVENTS
 
-    for topic, union in TOPIC_EVENTS.items():
-        members = typing.get_args(union) or (union,)
-        print(f"{topic:32} {', '.join(m.ce_type() for m in members)}")
+    topics = {topic: [m.ce_type() for m in (typing.get_args(union) or (union,))]
+              for topic, union in TOPIC_EVENTS.items()}
+    if args.json:
+        print(json.dumps(topics, indent=2))
+        return 0
+    for topic, types in topics.items():
+        print(f"{topic:32} {', '.join(types)}")
     return 0
 
 
@@ -254,6 +265,14 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
         print("| variable | default | meaning |\n| --- | --- | --- |")
         for name, default, doc in Settings.describe():
             print(f"| `{name}` | {f'`{default}`' if default else '-'} | {doc} |")
+        return 0
+    if args.json:
+        rows = []
+        for name, default, doc in Settings.describe():
+            current = getattr(settings, name.removeprefix("MODELCD_").lower())
+            rows.append({"variable": name, "default": default or None,
+                         "value": None if current is None else str(current), "meaning": doc})
+        print(json.dumps(rows, indent=2))
         return 0
     for name, default, doc in Settings.describe():
         current = getattr(settings, name.removeprefix("MODELCD_").lower())
@@ -293,8 +312,30 @@ def cmd_package_inspect(args: argparse.Namespace, settings: Settings) -> int:
         pkg = read_package(data)
     except PackageError as exc:
         raise CliError(f"invalid package: {exc}") from None
-    print(f"sha256:{hashlib.sha256(data).hexdigest()}")
-    print(msgspec.json.format(msgspec.json.encode(pkg.manifest)).decode())
+    sha = hashlib.sha256(data).hexdigest()
+    m = pkg.manifest
+    if args.json:
+        print(json.dumps({"sha256": sha, "manifest": msgspec.to_builtins(m)}, indent=2))
+        return 0
+    expiry = format_duration(m.expiry_seconds) if m.expiry_seconds else "never"
+    print(f"package    {m.name}:{m.version}  sha256:{sha}")
+    print(f"flavor     {m.flavor} (runtime {m.runtime}"
+          + (f", fallback {m.fallback_runtime})" if m.fallback_runtime else ")"))
+    print(f"owner      {m.owner or '-'}; retired after {expiry} unused")
+    if m.description:
+        print(f"about      {m.description}")
+    print("signature")
+    for kind, specs in (("input ", m.inputs), ("output", m.outputs)):
+        for t in specs:
+            print(f"  {kind}  {t.name:<20} {t.datatype:<6} {list(t.shape)}")
+    try:
+        rows = len(next(iter(pkg.samples().inputs.values())))
+        print(f"samples    {rows} rows in {m.samples_file} (expected outputs included)")
+    except (PackageError, StopIteration):
+        pass
+    print("files")
+    for path, digest in sorted(m.files.items()):
+        print(f"  {path:<24} sha256:{digest[:16]}…")
     return 0
 
 

@@ -38,6 +38,7 @@ def register(sub: Any) -> None:
                        description="Delete packages that only retired models refer to, once retired for "
                                    "MODELCD_GC_RETENTION seconds (or --retention). --dry-run deletes nothing.")
     p.add_argument("--dry-run", action="store_true", help="print what would be deleted, delete nothing")
+    p.add_argument("--json", action="store_true", help="print JSON: each package with the models that used it")
     p.add_argument("--retention", type=duration_arg,
                    help="how long a retired package is kept, e.g. 1h, 7d (default MODELCD_GC_RETENTION)")
     p.set_defaults(func=cmd_gc)
@@ -157,6 +158,10 @@ def cmd_gc(args: argparse.Namespace, settings: Settings) -> int:
         async with open_store(settings.resolved_store_url, endpoint_url=settings.s3_endpoint_url) as store:
             plan = await run_gc(store, now=time.time(), retention=retention, dry_run=args.dry_run)
         verb = "would delete" if args.dry_run else "deleted"
+        if args.json:
+            print(json.dumps([{"key": i.key, "sha256": i.sha256, "models": list(i.models), "retired_at": i.retired_at,
+                               "deleted": not args.dry_run} for i in plan], indent=2))
+            return 0
         for item in plan:
             print(f"{verb} {item.key}  (retired: {', '.join(item.models)}, {_ago(time.time() - item.retired_at)} ago)")
         print(f"{verb} {len(plan)} package(s); retention {_ago(retention)}", file=sys.stderr)

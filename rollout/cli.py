@@ -174,8 +174,8 @@ def parse_routes(items: list[str]) -> list[Route]:
         routes.append(Route(model=name, version=version, weight=w))
     try:
         check_routes(routes)
-    except TrafficError as exc:
-        raise CliError(str(exc)) from None
+    except TrafficError as exc:  # weights that cannot be a split: what was typed is wrong (usage)
+        raise CliError(str(exc), code=2) from None
     return routes
 
 
@@ -278,8 +278,8 @@ def cmd_rollout_start(args: argparse.Namespace, settings: Settings) -> int:
                          max_latency_p50_ms=args.max_latency_p50_ms,
                          max_latency_p99_ms=args.max_latency_p99_ms, min_agreement=args.min_agreement,
                          output=args.output)
-    except RolloutError as exc:
-        raise CliError(str(exc)) from None
+    except RolloutError as exc:  # an unknown plan or a bad threshold: usage
+        raise CliError(str(exc), code=2) from None
     cfg = KafkaConfig.from_settings(settings)
 
     async def run(stop: asyncio.Event) -> int:

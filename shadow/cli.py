@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
+
+import msgspec
 
 from modelcd.events.schemas import ShadowComparison, TrafficPolicy
 from modelcd.runner import run_main
@@ -53,11 +56,13 @@ def register(sub: Any) -> None:
 
     li = ssub.add_parser("list", help="list shadow relations (endpoint, primary, shadow, rate, window, criteria)")
     li.add_argument("--all", action="store_true", help="include ended relations")
+    li.add_argument("--json", action="store_true", help="print JSON (times as epoch seconds)")
     li.set_defaults(func=cmd_list)
 
     rep = ssub.add_parser("report", help="the latest windowed comparisons of PRIMARY with its shadows, as a table")
     rep.add_argument("primary", help="primary model name or name:version")
     rep.add_argument("--windows", type=int, default=1, help="windows per pair, newest first (default 1)")
+    rep.add_argument("--json", action="store_true", help="print the comparisons as JSON (ShadowComparison events)")
     rep.set_defaults(func=cmd_report)
 
     c = ssub.add_parser("compare", help="run the comparison stream processor until Ctrl-C "
@@ -65,10 +70,11 @@ def register(sub: Any) -> None:
     c.set_defaults(func=cmd_compare)
 
 
-def _fail(message: str) -> Exception:
+def _fail(message: str, code: int = 1) -> Exception:
+    """Refused (1), or with code=2 a usage error: what was typed cannot be a relation."""
     from modelcd.errors import CliError
 
-    return CliError(message)
+    return CliError(message, code=code)
 
 
 def _fmt_time(t: float | None) -> str:
@@ -109,7 +115,7 @@ def cmd_add(args: argparse.Namespace, settings: Settings) -> int:
         relation = make_relation(args.primary, args.shadow, now=now, sample_rate=args.rate, start=args.start or None,
                                  end=args.until, where=args.where)
     except RelationError as exc:
-        raise _fail(str(exc)) from None
+        raise _fail(str(exc), code=2) from None
     endpoint = args.endpoint or args.primary.partition(":")[0]
 
     async def run(stop: asyncio.Event) -> int:
@@ -118,8 +124,8 @@ def cmd_add(args: argparse.Namespace, settings: Settings) -> int:
             world = World(models={f"{m.name}:{m.version}": m for m in await targets.models()})
             try:
                 policy = add_relation(await targets.get_traffic(endpoint), endpoint, relation, now=now, world=world)
-            except RelationError as exc:
-                raise _fail(str(exc)) from None
+            except RelationError as exc:  # a version that does not serve is refused; bad input is usage
+                raise _fail(str(exc), code=1 if exc.kind == "conflict" else 2) from None
             await _save(settings, targets, policy)
         crit = "; ".join(describe_criterion(c) for c in relation.criteria) or "all requests"
         print(f"{relation.shadow} shadows {relation.primary} on endpoint {endpoint}: {relation.sample_rate:.0%} of "
@@ -165,6 +171,7 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
         async with _targets(settings) as store:
             policies = await TargetState(store).traffic()
         rows = []
+        found = []
         for endpoint, policy in sorted(policies.items()):
             if policy.deleted:
                 continue
@@ -172,9 +179,13 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
                 st = status(rel, now)
                 if st == "ended" and not args.all:
                     continue
+                found.append({"endpoint": endpoint, **msgspec.to_builtins(rel), "status": st})
                 rows.append([endpoint, rel.primary, rel.shadow, f"{rel.sample_rate:.0%}", _fmt_time(rel.start),
                              _fmt_time(rel.end), st,
                              "; ".join(describe_criterion(c) for c in rel.criteria) or "-"])
+        if getattr(args, "json", False):
+            print(json.dumps(found, indent=2))
+            return 0
         if not rows:
             print("no shadow relations (add one with `modelcd shadow add PRIMARY SHADOW`)")
             return 0
@@ -223,6 +234,9 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
         records = await read_topic(KafkaConfig.from_settings(settings), SHADOW_COMPARISONS)
         events = [e for e, _env, _r in records if isinstance(e, ShadowComparison)]
         latest = latest_comparisons(events, args.primary, args.windows)
+        if getattr(args, "json", False):
+            print(json.dumps(msgspec.to_builtins(latest), indent=2))
+            return 0 if latest else 1
         if not latest:
             print(f"no comparisons for {args.primary} yet: is a shadow configured (`modelcd shadow list`) and "
                   "the comparison processor running (`modelcd up` or `modelcd shadow compare`)? "

@@ -543,7 +543,11 @@ def read_package(data: bytes, *, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTE
     try:
         with tf:
             while (info := tf.next()) is not None:
-                name = info.name
+                # `tar cf pkg.tar -C dir .` writes the directory itself as "." or "./" and every file as
+                # "./name": the root is skipped and the prefix dropped; every check below still applies.
+                if info.isdir() and info.name in (".", "./"):
+                    continue
+                name = info.name[2:] if info.name.startswith("./") and len(info.name) > 2 else info.name
                 count += 1
                 if count > max_members:
                     raise PackageError(f"too many members: more than {max_members}")
@@ -552,7 +556,10 @@ def read_package(data: bytes, *, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTE
                 if ".." in re.split(r"[/\\]", name):
                     raise PackageError(f"member {name!r}: path has a '..' component")
                 if not info.isreg():
-                    raise PackageError(f"member {name!r}: not a regular file ({_member_kind(info)})")
+                    hint = (" (a package holds files only: archive them by name, e.g. `tar cf pkg.tar -C dir "
+                            "manifest.json model.onnx samples.json`, or use `modelcd package build`)"
+                            if info.isdir() else "")
+                    raise PackageError(f"member {name!r}: not a regular file ({_member_kind(info)}){hint}")
                 try:
                     _check_member_name(name)
                 except ValueError as exc:

@@ -452,6 +452,25 @@ def time_to_verdict(evidence: Mapping[str, Any]) -> dict[str, Any] | None:
     return unknown[0] if unknown else max(rows, key=lambda r: r["seconds"])
 
 
+def samples_eta(t: AnalysisThresholds, log_rate: float, canary_rps: float, baseline_rps: float) -> dict[str, Any] | None:
+    """Before a step's first analysis: how long its minimum samples take at the arms' request rates.
+
+    Error rates need `min_requests` per arm; divergence needs `min_divergence_samples` logged rows
+    per arm (requests × the plan's log rate); latency bounds need `min_latency_samples` logged
+    canary rows. The slowest decides, as in `time_to_verdict` (None: nothing to wait for).
+    """
+    slow = min(canary_rps, baseline_rps)
+    rows: list[tuple[str, int, float]] = [("error_rate", t.min_requests, slow)]
+    if t.kind != "none":
+        rows.append(("divergence", t.min_divergence_samples, slow * log_rate))
+    if t.max_latency_p50_ms is not None or t.max_latency_p99_ms is not None:
+        rows.append(("latency", t.min_latency_samples, canary_rps * log_rate))
+    out = [{"check": name, "n": 0, "need": need, "rate_per_s": rate or None,
+            "seconds": need / rate if rate > 0 else None} for name, need, rate in rows]
+    unknown = [r for r in out if r["seconds"] is None]
+    return unknown[0] if unknown else max(out, key=lambda r: r["seconds"])
+
+
 # --- helpers ------------------------------------------------------------------------------------
 
 

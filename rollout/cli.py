@@ -18,13 +18,14 @@ from typing import Any
 import msgspec
 
 from modelcd.errors import CliError
-from modelcd.events.bus import KafkaConfig, Publisher
-from modelcd.events.schemas import RolloutStep, Route, TrafficPolicy
+from modelcd.events.bus import KafkaConfig, Publisher, read_topic
+from modelcd.events.schemas import RolloutStep, Route, TrafficPolicy, UsageReport
+from modelcd.events.topics import USAGE
 from modelcd.runner import run_main
 from modelcd.settings import Settings
 from modelcd.store.safety import World
 
-from .analysis import time_to_verdict
+from .analysis import samples_eta, time_to_verdict
 from .machine import PLANS, Phase, Rollout, RolloutError, make_plan, parse_duration, parse_steps, split_ref, summary
 from .traffic_ops import (
     TrafficError,
@@ -326,17 +327,35 @@ async def _send(cfg: KafkaConfig, cmd: RolloutStep, wait: float) -> int:
 
 def cmd_rollout_status(args: argparse.Namespace, settings: Settings) -> int:
     async def run(stop: asyncio.Event) -> int:
-        view = await load_view(KafkaConfig.from_settings(settings), args.endpoint)
+        cfg = KafkaConfig.from_settings(settings)
+        view = await load_view(cfg, args.endpoint)
         r = view.rollout
         if r is None:
             raise CliError(f"no rollout of {args.endpoint!r} on record", code=1)
         if args.json:
             print(json.dumps(status_dict(r), default=str))
         else:
-            print(render_status(r))
+            print(render_status(r, rates=await _arm_rates(cfg, r)))
         return 0
 
     return run_main(run)
+
+
+async def _arm_rates(cfg: KafkaConfig, r: Rollout) -> tuple[float, float] | None:
+    """Canary and baseline requests per second since the step began, from the nodes' usage reports;
+    None when the step already has an analysis (it says more), or at 0 % (the canary only shadows)."""
+    ev = r.last_evidence
+    if not r.active or r.weight == 0 or (ev.get("checks") and ev.get("analyzed_step", r.step) == r.step):
+        return None
+    now = time.time()
+    counts = {r.canary: 0, r.baseline: 0}
+    for event, _env, _rec in await read_topic(cfg, USAGE, since=r.window_start):
+        if isinstance(event, UsageReport) and event.interval_end >= r.window_start:
+            ref = f"{event.model}:{event.version}"
+            if ref in counts:
+                counts[ref] += event.count + event.errors - event.client_errors
+    span = max(now - r.window_start, 1e-3)
+    return counts[r.canary] / span, counts[r.baseline] / span
 
 
 def render_step(s: RolloutStep, steps: int | None = None) -> str:
@@ -354,13 +373,22 @@ def _eta(seconds: float) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
-def render_wait(r: Rollout, now: float) -> list[str]:
-    """The hold's outlook: time to enough samples at the current traffic, and when max_hold ends it."""
+def render_wait(r: Rollout, now: float, rates: tuple[float, float] | None = None) -> list[str]:
+    """The step's outlook: time to enough samples at the current traffic, and when max_hold ends it.
+
+    After a hold, from that analysis (`time_to_verdict`); before the step's first analysis, from
+    `rates` (canary and baseline requests per second, from the usage reports) and the plan's minimums.
+    """
     ev = r.last_evidence
-    if r.phase is not Phase.RUNNING or ev.get("verdict") != "hold" or ev.get("analyzed_step", r.step) != r.step:
+    if r.phase is not Phase.RUNNING:
         return []
     lines = []
-    w = time_to_verdict(ev)
+    if ev.get("verdict") == "hold" and ev.get("analyzed_step", r.step) == r.step:
+        w = time_to_verdict(ev)
+    elif rates is not None:
+        w = samples_eta(r.plan.thresholds, r.plan.log_rate, *rates)
+    else:
+        return []
     if w is not None:
         rate = w["rate_per_s"]
         if w["seconds"] is None and rate is None:
@@ -370,7 +398,8 @@ def render_wait(r: Rollout, now: float) -> list[str]:
         else:
             at = time.strftime("%H:%M:%S", time.gmtime(now + w["seconds"]))
             lines.append(f"  enough samples in ~{_eta(w['seconds'])} (about {at} UTC) at the current traffic: "
-                         f"{w['check']} has {w['n']} of ~{w['need']}, {rate:.3g}/s")
+                         f"{w['check']} has {w['n']} of ~{w['need']}, {rate:.3g}/s"
+                         + (" since the step began" if rates is not None and w["n"] == 0 else ""))
             if now + w["seconds"] > r.hold_deadline:
                 lines.append("  that is past max_hold: more traffic, a higher --log-rate or a longer --max-hold "
                              "would let it decide")
@@ -381,7 +410,7 @@ def render_wait(r: Rollout, now: float) -> list[str]:
     return lines
 
 
-def render_status(r: Rollout, now: float | None = None) -> str:
+def render_status(r: Rollout, now: float | None = None, rates: tuple[float, float] | None = None) -> str:
     now = time.time() if now is None else now
     n = len(r.plan.steps)
     steps = " → ".join(f"[{w:g}%]" if i == r.step and r.active else f"{w:g}%" for i, w in enumerate(r.plan.steps))
@@ -393,7 +422,7 @@ def render_status(r: Rollout, now: float | None = None) -> str:
     ]
     if r.due_at is not None:
         lines.append(f"  next analysis in {max(0.0, r.due_at - now):.0f}s")
-    lines.extend(render_wait(r, now))
+    lines.extend(render_wait(r, now, rates))
     ev = r.last_evidence
     if ev.get("checks"):
         at = ev.get("analyzed_step")

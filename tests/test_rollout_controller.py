@@ -253,6 +253,8 @@ async def test_operator_pause_resume_promote_and_abort(broker: EmbeddedBroker, t
     async with controller(cfg, sink) as c:
         rid = await start_rollout(cfg, fast_plan(interval_s=3600.0))  # no automatic step in this test
         await wait_for(lambda: "iris" in c.rollouts, "the rollout starts")
+        before = await cli(env, "rollout", "status", "iris")  # no traffic: the outlook says so, and the deadline
+        assert "waiting for samples: error_rate has none yet" in before and "max_hold" in before
         for action in ("pause", "resume", "promote"):
             assert await _send(cfg, RolloutStep(endpoint="iris", rollout_id=rid, action=action, command=True,  # type: ignore[arg-type]
                                                 command_id=new_id()), WAIT) == 0

@@ -21,7 +21,7 @@ from modelcd.events.schemas import (
     UsageReport,
     new_id,
 )
-from modelcd.rollout.analysis import ArmWindow, Status, Verdict, analyze, time_to_verdict
+from modelcd.rollout.analysis import ArmWindow, Status, Verdict, analyze, samples_eta, time_to_verdict
 from modelcd.rollout.cli import render_report, render_status
 from modelcd.rollout.machine import Phase, Rollout, apply, make_plan, on_analysis, on_command, policy_for, summary
 from modelcd.rollout.service import Evidence
@@ -229,3 +229,13 @@ def test_requests_another_relation_shadowed_still_count_for_their_arm() -> None:
                                         at=T0 + 10))  # a second shadow of the same request: one row
     _canary, baseline, _pairs = ev.window(r)
     assert baseline.requests == 150 and len(baseline.outputs) == 150 and baseline.latencies_ms[0] == 4.0
+
+
+def test_status_estimates_before_the_first_analysis_from_the_request_rate() -> None:
+    """Just started, fast plan, 10 req/s (1/s on the canary), logging 10 %: 100 rows per arm take ~17 minutes."""
+    r = begin(make_plan("fast"))
+    text = render_status(r, now=T0 + 5, rates=(1.0, 9.0))
+    assert "enough samples in ~17m" in text and "divergence has 0 of ~100, 0.1/s since the step began" in text
+    assert "waiting for samples: error_rate has none yet" in render_status(r, now=T0 + 5, rates=(0.0, 0.0))
+    wait = samples_eta(r.plan.thresholds, r.plan.log_rate, 1.0, 9.0)
+    assert wait is not None and wait["seconds"] == pytest.approx(1000.0)

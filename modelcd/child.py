@@ -40,6 +40,7 @@ ServiceFn = Callable[..., Awaitable[None]]
 
 def services(settings: Settings) -> dict[str, tuple[ServiceFn, dict[str, Any]]]:
     """KIND -> (run function, extra kwargs): what each component runs, wired as `modelcd up` wires it."""
+    from modelcd.fleet.frontdoor import run_frontdoor
     from modelcd.ingest.service import run_ingest
     from modelcd.retirement.service import run_retirement
     from modelcd.rollout.service import run_controller
@@ -50,13 +51,14 @@ def services(settings: Settings) -> dict[str, tuple[ServiceFn, dict[str, Any]]]:
     return {
         "ingest": (run_ingest, {"routes": api_routes(settings)}),
         "serving": (run_node, {"shadow": node_shadow()}),
+        "frontdoor": (run_frontdoor, {}),
         "shadow-comparison": (run_comparison, {}),
         "rollout-controller": (run_controller, {}),
         "retirement": (run_retirement, {}),
     }
 
 
-KINDS = ("ingest", "serving", "shadow-comparison", "rollout-controller", "retirement")
+KINDS = ("ingest", "serving", "frontdoor", "shadow-comparison", "rollout-controller", "retirement")
 
 
 def _test_hooks(name: str, environ: dict[str, str]) -> tuple[Path | None, bool]:

@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "serving nodes, processors) until Ctrl-C",
                        description="Start the embedded broker (unless MODELCD_KAFKA_BOOTSTRAP is set), the store, "
                                    "ingest, serving nodes and the stream processors; stop them all on Ctrl-C.")
-    p.add_argument("--nodes", type=int, default=1, help="serving nodes to start (ports from MODELCD_SERVING_PORT up)")
+    p.add_argument("--nodes", type=int, default=1,
+                   help="serving nodes to start; with more than one, the front door (Caddy) answers on "
+                        "MODELCD_SERVING_PORT and the nodes listen on the ports after it")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("status", help="what `modelcd up` runs with this home: each component's pid, state, restarts",
@@ -106,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 def register_parts(sub: Any) -> None:
     """Each part's subcommands, with what one part's command needs from another handed in here."""
     from modelcd import demo
+    from modelcd.fleet import cli as fleet_cli
     from modelcd.ingest import cli as ingest_cli
     from modelcd.retirement import cli as retirement_cli
     from modelcd.rollout import cli as rollout_cli
@@ -115,6 +118,7 @@ def register_parts(sub: Any) -> None:
 
     ingest_cli.register(sub, routes=api_routes, expiring=retirement_cli.cmd_expiring)
     serving_cli.register(sub, shadow=node_shadow())
+    fleet_cli.register(sub)
     rollout_cli.register(sub)
     shadow_cli.register(sub)
     retirement_cli.register(sub)

@@ -1,8 +1,8 @@
 """`modelcd up`: the whole system on one machine, as a supervisor of child processes.
 
 Tiers, started in order and stopped in reverse: the embedded broker (unless
-MODELCD_KAFKA_BOOTSTRAP is set), then the services (ingest, each serving node, the shadow
-comparison, the rollout controller, retirement), each a child process (`python -m
+MODELCD_KAFKA_BOOTSTRAP is set), then the services (ingest, each serving node, the front
+door when there are several nodes, the shadow comparison, the rollout controller, retirement), each a child process (`python -m
 modelcd.child KIND`) that gets every setting as `MODELCD_*` variables. A child that dies is
 restarted with backoff while the others keep serving (modelcd/supervisor.py). Adding a
 component (a proxy, more nodes) is one `Component` entry in `components()`.
@@ -90,8 +90,11 @@ def components(settings: Settings, nodes: int) -> list[list[Component]]:
     if settings.kafka_bootstrap is None:
         tiers.append([broker_component(settings)])
     services = [internal("ingest", url=settings.resolved_ingest_url)]
+    if nodes > 1:
+        # The fleet's one address: the front door on MODELCD_SERVING_PORT, the nodes on the ports after it.
+        services.append(internal("frontdoor", url=f"http://{settings.serving_host}:{settings.serving_port}/v2"))
     for i in range(nodes):
-        port = settings.serving_port + i
+        port = node_port(settings, nodes, i)
         services.append(internal("serving", f"serving-{i}", url=f"http://{settings.serving_host}:{port}/v2",
                                  env={"MODELCD_SERVING_PORT": str(port), "MODELCD_NODE_ID": f"node-{i}"}))
     services += [internal("shadow-comparison"), internal("rollout-controller"), internal("retirement")]
@@ -99,10 +102,19 @@ def components(settings: Settings, nodes: int) -> list[list[Component]]:
     return tiers
 
 
+def node_port(settings: Settings, nodes: int, i: int) -> int:
+    """Node i's port: MODELCD_SERVING_PORT for a lone node; behind the front door, the ports after it."""
+    return settings.serving_port + i + (1 if nodes > 1 else 0)
+
+
 def _ports(settings: Settings, nodes: int) -> list[tuple[str, str, int, str]]:
     """(what, host, port, setting) of every port `up` will listen on."""
     out = [("the deployment API", settings.ingest_host, settings.ingest_port, "MODELCD_INGEST_PORT")]
-    out += [(f"serving node {i}", settings.serving_host, settings.serving_port + i, "MODELCD_SERVING_PORT")
+    if nodes > 1:
+        out += [("the front door", settings.serving_host, settings.serving_port, "MODELCD_SERVING_PORT"),
+                ("the front door's admin API", "127.0.0.1", settings.frontdoor_admin_port,
+                 "MODELCD_FRONTDOOR_ADMIN_PORT")]
+    out += [(f"serving node {i}", settings.serving_host, node_port(settings, nodes, i), "MODELCD_SERVING_PORT")
             for i in range(nodes)]
     if settings.kafka_bootstrap is None:
         out.insert(0, ("the embedded broker", "127.0.0.1", settings.broker_port, "MODELCD_BROKER_PORT"))

@@ -34,3 +34,13 @@ def test_environment_names_real_settings_and_parses() -> None:
         settings = Settings.from_env(env)
         assert settings.kafka_bootstrap == "kafka:9092" and settings.idempotence  # real Kafka: idempotent producer
         assert settings.resolved_store_url.startswith("s3://")
+
+
+def test_front_door_takes_the_serving_port_and_nodes_move() -> None:
+    """Clients keep :8081 (the front door, Caddy); serving nodes listen on a port of their own behind it."""
+    services = modelcd_services()
+    front = Settings.from_env({k: str(v) for k, v in services["frontdoor"]["environment"].items()})
+    node = Settings.from_env({k: str(v) for k, v in services["serving"]["environment"].items()})
+    assert services["frontdoor"]["command"] == ["frontdoor"] and front.serving_port == 8081
+    assert services["frontdoor"]["ports"] == ["8081:8081"]
+    assert node.serving_port != 8081 and "ports" not in services["serving"]

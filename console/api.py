@@ -47,9 +47,9 @@ COALESCE_S = 0.2  # changes within this window go out as one update per section
 TICK_S = 5.0  # relative times ("12 s ago", "retires in") are re-rendered this often while someone watches
 PING_S = 15.0
 SECURITY_HEADERS = [
-    (b"content-security-policy", b"default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
-                                 b"img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; "
-                                 b"form-action 'self'; base-uri 'none'"),
+    (b"content-security-policy", (b"default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                                  b"img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; "
+                                  b"form-action 'self'; base-uri 'none'")),
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
     (b"cache-control", b"no-store"),

@@ -59,7 +59,7 @@ class Feed:
                 self.on_change(frozenset())
                 log.warning("console feed lost the bus", error=repr(exc), retry_s=delay)
                 await asyncio.sleep(delay)
-            except Exception:  # noqa: BLE001 - a bug in a fold must not take the API down; it is logged loudly
+            except Exception:
                 log.exception("console feed failed; restarting it")
                 self.status = "feed error (see the ingest log); restarting"
                 self.on_change(frozenset())

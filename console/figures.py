@@ -15,6 +15,7 @@ Every figure names where it comes from; one that no event carries is None, and t
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,7 +132,7 @@ def series(windows: dict[float, ShadowComparison]) -> tuple[list[ShadowCompariso
     the relation outside its time window, or no traffic: no event says which).
     """
     ordered = [windows[k] for k in sorted(windows)]
-    gaps = [Gap(a.window_end, b.window_start) for a, b in zip(ordered, ordered[1:])
+    gaps = [Gap(a.window_end, b.window_start) for a, b in itertools.pairwise(ordered)
             if b.window_start - a.window_end > 1e-6]
     kind = "agreement" if any(w.agreement is not None for w in ordered) else (
         "mean_abs_diff" if any(w.mean_abs_diff is not None for w in ordered) else "errors")

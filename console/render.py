@@ -439,7 +439,7 @@ def login_page(error: str = "") -> str:
             "<p>This deployment API requires its token (<code>MODELCD_API_TOKEN</code>).</p>"
             f'{err}<form method="post" action="/console/login">'
             '<label for="token">API token</label>'
-            '<input id="token" name="token" type="password" autocomplete="current-password" required'
+            '<input id="token" name="token" type="password" autocomplete="current-password" required autofocus'
             f'{" aria-describedby=login-error aria-invalid=true" if error else ""}>'
             '<button type="submit">Sign in</button></form></main></body></html>')
 

@@ -22,8 +22,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from modelcd.events.schemas import (
-    DeploymentCompleted, DeploymentFailed, DeploymentProgress, Event, ModelHealth, ModelState, NodeStatus,
-    RetirementDecision, RetirementWarning, RolloutStep, ShadowComparison, TrafficPolicy, UsageReport,
+    DeploymentCompleted,
+    DeploymentFailed,
+    DeploymentProgress,
+    Event,
+    ModelHealth,
+    ModelState,
+    NodeStatus,
+    RetirementDecision,
+    RetirementWarning,
+    RolloutStep,
+    ShadowComparison,
+    TrafficPolicy,
+    UsageReport,
 )
 from modelcd.ingest.tracking import TrackingView
 from modelcd.retirement import policy as retirement

@@ -40,8 +40,8 @@ def line_plot(points: Sequence[tuple[float, float | None]], *, gaps: Sequence[tu
     def y(v: float) -> float:
         return PAD_T + (1.0 - (v - lo) / (hi - lo)) * (H - PAD_T - PAD_B)
 
-    parts = [f'<svg class="plot" viewBox="0 0 {W} {H}" width="100%" role="img" '
-             f'aria-labelledby="{plot_id}-t {plot_id}-d" id="{escape(plot_id)}">',
+    parts = [(f'<svg class="plot" viewBox="0 0 {W} {H}" width="100%" role="img" '
+              f'aria-labelledby="{plot_id}-t {plot_id}-d" id="{escape(plot_id)}">'),
              f'<title id="{plot_id}-t">{escape(label)}</title>',
              f'<desc id="{plot_id}-d">{escape(_describe(points, values, gaps, unit))}</desc>']
     for g0, g1 in gaps:

@@ -18,8 +18,20 @@ from modelcd.console.fanout import PING, Hub, frame
 from modelcd.console.figures import model_rows
 from modelcd.console.state import ConsoleState
 from modelcd.events.schemas import (
-    DeploymentCompleted, DeploymentFailed, DeploymentProgress, LoadedModel, ModelHealth, ModelState, NodeStatus,
-    RolloutPlan, RolloutStep, Route, ShadowComparison, ShadowRelation, TrafficPolicy, UsageReport,
+    DeploymentCompleted,
+    DeploymentFailed,
+    DeploymentProgress,
+    LoadedModel,
+    ModelHealth,
+    ModelState,
+    NodeStatus,
+    RolloutPlan,
+    RolloutStep,
+    Route,
+    ShadowComparison,
+    ShadowRelation,
+    TrafficPolicy,
+    UsageReport,
 )
 from modelcd.ingest import session
 from modelcd.ingest.api import ApiConfig, DeploymentApi

@@ -6,8 +6,16 @@ Routes:
     GET  /v2/models/{name}[/versions/{v}]          model metadata (loads the model if it was evicted)
     GET  /v2/models/{name}[/versions/{v}]/ready    200 if it answers now, else 503 (404 if unknown)
     POST /v2/models/{name}[/versions/{v}]/infer    inference; {name} may be an endpoint (traffic policy)
+    POST /v2/repository/index                      every model version on this node with its state (the
+                                                   repository extension's index; GET works too)
     GET  /metrics                                  Prometheus
     GET  /openapi.json                             OpenAPI 3 document of the above
+
+A method a route does not take is a 405 with `Allow` (GET on `.../infer` included). A request
+body may be `Content-Encoding: gzip` or `deflate`: it is inflated up to `max_request_bytes`
+(more is a 413, so a small bomb cannot grow past the limit). Every inference response carries
+the request id (the body's `id`, else the `x-request-id` header, else one the node makes) in its
+`id` field and its `x-request-id` header: the id the prediction log records.
 
 Bounds (each a `MODELCD_*` setting): a body over `max_request_bytes` is a 413, checked on
 Content-Length before reading and while reading chunks; the bodies of requests in flight add
@@ -35,8 +43,11 @@ import math
 import random
 import time
 import uuid
+import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+
+import msgspec
 
 from modelcd import __version__
 from modelcd.events.schemas import PredictionLog
@@ -71,6 +82,7 @@ _TEXT = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
 _HLEN = b"inference-header-content-length"
 _REQUEST_ID = b"x-request-id"
 _CONTENT_LENGTH = b"content-length"
+_CONTENT_ENCODING = b"content-encoding"
 _MODELS = "/v2/models/"
 _OK = b"{}"
 _JSON_RETRY = [*_JSON, (b"retry-after", b"1")]
@@ -138,11 +150,20 @@ class ServingApp:
             return
         path: str = scope["path"]
         method: str = scope["method"]
-        if method == "POST" and path.startswith(_MODELS) and path.endswith("/infer"):
-            await self._infer(scope, receive, send, path[len(_MODELS):-len("/infer")])
+        if path.startswith(_MODELS) and path.endswith("/infer"):
+            if method == "POST":
+                await self._infer(scope, receive, send, path[len(_MODELS):-len("/infer")])
+            else:
+                await _not_allowed(send, method, path, b"POST")
+            return
+        if path == "/v2/repository/index":
+            if method in ("POST", "GET"):
+                await self._repository_index(receive)(send)
+            else:
+                await _not_allowed(send, method, path, b"POST, GET")
             return
         if method not in ("GET", "HEAD"):
-            await _respond(send, 405, error_body(f"{method} {path}: method not allowed"))
+            await _not_allowed(send, method, path, b"GET, HEAD")
             return
         if path.startswith(_MODELS):
             await self._model_get(send, path[len(_MODELS):])
@@ -179,6 +200,7 @@ class ServingApp:
         request_id: str | None = None
         entry: ModelEntry | None = None
         endpoint = ""
+        encoding = ""
         log_rate = self.log_rate
         try:
             name, version = _split(tail)
@@ -192,11 +214,17 @@ class ServingApp:
                     if length > self.max_body:
                         raise RequestTooLarge(self._too_large())
                     self._hold(held, length)
+                elif k == _CONTENT_ENCODING:
+                    encoding = v.decode(errors="replace").strip().lower()
             body = await self._body(receive, held)
             if body is None:
                 return  # the client went away
+            if encoding not in ("", "identity"):
+                body = self._inflate(body, encoding, held)
             req, binary = decode_request(body, header_length)
-            request_id = req.id or request_id
+            # The id the caller finds in the response (field and header) and in its prediction log.
+            request_id = req.id or request_id or uuid.uuid4().hex
+            req.id = request_id
             entry, endpoint, route_rate = self._route(name, version, headers, req.parameters)
             if route_rate is not None:
                 log_rate = route_rate
@@ -215,11 +243,12 @@ class ServingApp:
             await self._failed(send, ServingError(f"internal error: {type(exc).__name__}: {exc}"), entry,
                                request_id, tail, t0)
             return
+        rid = (_REQUEST_ID, request_id.encode(errors="replace"))
         if out_header_length is None:
-            await _respond(send, 200, out)
+            await _respond(send, 200, out, [*_JSON, rid])
         else:
             await _respond(send, 200, out, [(b"content-type", b"application/octet-stream"),
-                                            (_HLEN, str(out_header_length).encode())])
+                                            (_HLEN, str(out_header_length).encode()), rid])
         elapsed = time.perf_counter() - t0
         m = entry.metrics
         m.requests.inc()
@@ -229,7 +258,6 @@ class ServingApp:
         usage.last_used = time.time()
         shadowed = 0
         if self.shadow is not None and self.shadow.rules:  # after the response: off the request's path
-            request_id = request_id or uuid.uuid4().hex
             params = req.parameters or {}
             shadowed = self.shadow.offer(PrimaryResult(
                 request_id=request_id, model=entry.name, version=entry.version, inputs=inputs,
@@ -238,7 +266,7 @@ class ServingApp:
         # A shadowed request's primary output is published in its ShadowPrediction: not logged twice.
         if log_rate and not shadowed and random.random() < log_rate:
             self.telemetry.offer(PredictionLog(
-                request_id=request_id or uuid.uuid4().hex, model=entry.name, version=entry.version,
+                request_id=request_id, model=entry.name, version=entry.version,
                 endpoint=endpoint, node=self.node, inputs=tensors_to_log(inputs), outputs=tensors_to_log(outputs),
                 latency_ms=elapsed * 1000))
 
@@ -278,6 +306,68 @@ class ServingApp:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    def _inflate(self, body: bytes, encoding: str, held: _Held) -> bytes:
+        """A gzip or deflate body inflated, never past `max_body` bytes (a 413 says so)."""
+        if encoding in ("gzip", "x-gzip"):
+            modes = [16 + zlib.MAX_WBITS]
+        elif encoding == "deflate":
+            modes = [zlib.MAX_WBITS, -zlib.MAX_WBITS]  # zlib-wrapped as RFC 9110 says; raw, as some clients send
+        else:
+            raise UnsupportedEncoding(f"Content-Encoding {encoding!r} is not supported: send gzip, deflate or "
+                                      "identity")
+        for i, wbits in enumerate(modes):
+            inflater = zlib.decompressobj(wbits)
+            try:
+                out = inflater.decompress(body, self.max_body + 1)
+            except zlib.error as exc:
+                if i + 1 < len(modes):
+                    continue
+                raise InvalidRequest(f"the body is not valid {encoding} data: {exc}") from None
+            if len(out) > self.max_body or inflater.unconsumed_tail:
+                raise RequestTooLarge(f"the inflated {encoding} body exceeds {self.max_body} bytes "
+                                      "(MODELCD_MAX_REQUEST_BYTES); send smaller batches")
+            if not inflater.eof:
+                raise InvalidRequest(f"the {encoding} body is truncated")
+            self._hold(held, len(out) + len(body))
+            return out
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _repository_index(self, receive: Receive) -> Callable[[Send], Awaitable[None]]:
+        """POST /v2/repository/index: [{name, version, state, reason}] (`{"ready": true}` keeps the ready ones)."""
+
+        async def answer(send: Send) -> None:
+            body = b""
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    return
+                body += msg.get("body", b"")
+                if len(body) > 65536:
+                    await _respond(send, 413, error_body("a repository index request is at most 64 KiB"))
+                    return
+                if not msg.get("more_body", False):
+                    break
+            ready_only = False
+            if body.strip():
+                try:
+                    query = msgspec.json.decode(body)
+                except msgspec.DecodeError as exc:
+                    await _respond(send, 400, error_body(f"the body is not valid JSON: {exc}"))
+                    return
+                if not isinstance(query, dict) or not isinstance(query.get("ready", False), bool):
+                    await _respond(send, 400, error_body('expected {"ready": true|false} or an empty body'))
+                    return
+                ready_only = query.get("ready", False)
+            rows = []
+            for entry in sorted(self.registry.entries.values(), key=lambda e: (e.name, e.version)):
+                state, reason = _repository_state(entry)
+                if ready_only and state != "READY":
+                    continue
+                rows.append({"name": entry.name, "version": entry.version, "state": state, "reason": reason})
+            await _respond(send, 200, encode(rows))
+
+        return answer
+
     def _too_large(self) -> str:
         return (f"request body exceeds {self.max_body} bytes (MODELCD_MAX_REQUEST_BYTES); send smaller batches, "
                 "or binary tensors")
@@ -311,7 +401,10 @@ class ServingApp:
 
     async def _failed(self, send: Send, exc: ServingError, entry: ModelEntry | None, request_id: str | None,
                       target: str, t0: float) -> None:
-        await _respond(send, exc.status, error_body(exc.reason), _error_headers(exc))
+        headers = _error_headers(exc)
+        if request_id:
+            headers = [*headers, (_REQUEST_ID, request_id.encode(errors="replace"))]
+        await _respond(send, exc.status, error_body(exc.reason), headers)
         kind = ("invalid" if isinstance(exc, InvalidRequest) else "timeout" if isinstance(exc, PredictTimeout)
                 else "unavailable" if exc.status == 503 else "predict")
         if entry is None:
@@ -353,6 +446,26 @@ class ServingApp:
                 await _respond(send, 200, loaded.metadata)
         except ServingError as exc:
             await _respond(send, exc.status, error_body(exc.reason), _error_headers(exc))
+
+
+class UnsupportedEncoding(InvalidRequest):
+    status = 415
+
+
+def _repository_state(entry: ModelEntry) -> tuple[str, str]:
+    """Triton's repository states: READY, LOADING or UNAVAILABLE, with the reason."""
+    if entry.status == "ready" or (entry.evicted and entry.status not in ("failed", "quarantined")):
+        return "READY", ""
+    if entry.status in ("queued", "loading", "restarting"):
+        return "LOADING", entry.status
+    if entry.status in ("failed", "quarantined"):
+        return "UNAVAILABLE", entry.error or entry.status
+    return "UNAVAILABLE", "not loaded yet: loads on its first request"
+
+
+async def _not_allowed(send: Send, method: str, path: str, allow: bytes) -> None:
+    await _respond(send, 405, error_body(f"{method} {path}: method not allowed; use {allow.decode()}"),
+                   [*_JSON, (b"allow", allow)])
 
 
 def _error_headers(exc: ServingError) -> list[tuple[bytes, bytes]]:

@@ -32,7 +32,9 @@ def _json(ref: str) -> dict[str, Any]:
 def _errors(*codes: int) -> dict[str, Any]:
     why = {400: "invalid request, or a response over MODELCD_MAX_RESPONSE_BYTES (the reason says what)",
            404: "no such model, version or endpoint (once the node has read the target state)",
-           413: "body over MODELCD_MAX_REQUEST_BYTES",
+           405: "method not allowed (the Allow header names the ones that are)",
+           413: "body over MODELCD_MAX_REQUEST_BYTES (inflated, for a compressed body)",
+           415: "a Content-Encoding other than gzip, deflate or identity",
            500: "the model raised while predicting",
            503: "node starting, model deployed but still loading or failed to load, model busy, or "
                 "MODELCD_MAX_INFLIGHT_BYTES in flight; Retry-After says when to retry",
@@ -45,12 +47,23 @@ def _errors(*codes: int) -> dict[str, Any]:
 _name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
          "description": "model name, or endpoint name (routed through its traffic policy)"}
 _version = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+_request_id_header = {"x-request-id": {"description": "the request id: the body's `id`, else the request's "
+                                                      "x-request-id header, else one the node made; the "
+                                                      "`request_id` of the prediction log",
+                                       "schema": {"type": "string"}}}
 _infer = {
     "post": {
         "summary": "Inference",
+        "parameters": [{"name": "Content-Encoding", "in": "header", "required": False,
+                        "schema": {"type": "string", "enum": ["gzip", "deflate", "identity"]},
+                        "description": "a compressed body is inflated up to MODELCD_MAX_REQUEST_BYTES"},
+                       {"name": "x-request-id", "in": "header", "required": False, "schema": {"type": "string"},
+                        "description": "the request id when the body has no `id`"}],
         "requestBody": {"required": True, **_json("InferenceRequest")},
-        "responses": {"200": {"description": "outputs, and the model name and version that answered",
-                              **_json("InferenceResponse")}, **_errors(400, 404, 413, 500, 503, 504)},
+        "responses": {"200": {"description": "outputs, the model name and version that answered, and the "
+                                             "request id (`id`)",
+                              "headers": _request_id_header, **_json("InferenceResponse")},
+                      **_errors(400, 404, 405, 413, 415, 500, 503, 504)},
     }
 }
 _meta = {"get": {"summary": "Model metadata", "responses": {"200": {"description": "signature",
@@ -80,12 +93,22 @@ OPENAPI: dict[str, Any] = {
         "/v2/models/{name}/versions/{version}": _with([_name, _version], _meta),
         "/v2/models/{name}/versions/{version}/ready": _with([_name, _version], _ready),
         "/v2/models/{name}/versions/{version}/infer": _with([_name, _version], _infer),
+        "/v2/repository/index": {"post": {
+            "summary": "Repository index: every model version on this node and its state",
+            "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"ready": {"type": "boolean",
+                                                           "description": "only the READY ones"}}}}}},
+            "responses": {"200": {"description": "one entry per model version", "content": {"application/json": {
+                "schema": {"type": "array", "items": {"type": "object", "properties": {
+                    "name": {"type": "string"}, "version": {"type": "string"},
+                    "state": {"type": "string", "enum": ["READY", "LOADING", "UNAVAILABLE"]},
+                    "reason": {"type": "string"}}}}}}}, **_errors(400)}}},
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text format"}}}},
     },
     "components": {"schemas": {
         "InferenceRequest": {"type": "object", "required": ["inputs"], "properties": {
             "id": {"type": "string"}, "parameters": {"type": "object"},
-            "inputs": {"type": "array", "items": _tensor_in},
+            "inputs": {"type": "array", "minItems": 1, "items": _tensor_in},
             "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
                 "name": {"type": "string"}, "parameters": {"type": "object"}}}}}},
         "InferenceResponse": {"type": "object", "required": ["model_name", "outputs"], "properties": {

@@ -48,15 +48,26 @@ import msgspec
 
 from modelcd.events.schemas import DeployRequested, Event, ModelState, RetireRequested, new_id
 from modelcd.logs import get_logger
-from modelcd.store.blobs import Store, StoreError, StoreUnavailable
+from modelcd.store.blobs import Store, StoreError, StoreNotFound, StoreUnavailable
 from modelcd.store.package import peek_manifest
 from modelcd.store.safety import Unsafe, World, check_retire, world
 from modelcd.store.targets import TargetState
 
 from . import session
 from .errors import ApiError
-from .policy import UPLOAD_PREFIX, check_api_file_uri, check_expiry, parse_package_uri, upload_key
-from .tracking import TrackingView
+from .policy import (
+    AcceptedRequest,
+    accepted_decoder,
+    accepted_encoder,
+    check_api_file_uri,
+    check_expiry,
+    parse_package_uri,
+    record_decoder,
+    record_key,
+    request_key,
+    upload_key,
+)
+from .tracking import DeploymentView, TrackingView, view_of_record, view_of_request
 
 log = get_logger("modelcd.ingest.api")
 
@@ -146,6 +157,7 @@ def _decode_retire(raw: bytes) -> RetireBody:
         raise ApiError(400, f"malformed JSON body: {exc}; expected {{\"force\": true, \"reason\": \"...\"}} "
                             "or nothing") from None
 _SHA = re.compile(r"[0-9a-f]{64}")
+_ID = re.compile(r"[0-9A-Za-z_-]{1,128}")  # a deployment id, safe as a store key
 
 
 @dataclass
@@ -270,6 +282,7 @@ class DeploymentApi:
         mime = ctype.split(";", 1)[0].strip().lower()
         body = await _read_body(scope, receive, self.config.max_upload_bytes)
         deployment_id = new_id()
+        staged: tuple[str, bytes] | None = None
         if mime == "application/json":
             try:
                 req = _deploy_body.decode(body)
@@ -307,19 +320,24 @@ class DeploymentApi:
                 raise ApiError(400, str(exc)) from None
             sha, name = await asyncio.to_thread(_hash_and_peek, archive)
             key = upload_key(deployment_id)
-            # Staged, not yet a package: the pipeline moves it to packages/ only once it validated,
-            # and deletes it when the deployment ends.
-            await self.store.put(key, archive)
+            staged = (key, archive)
             event = DeployRequested(deployment_id=deployment_id, model=query.get("model") or name,
                                     package_uri=f"store:{key}", sha256=sha, owner=query.get("owner"),
                                     expiry_seconds=expiry_seconds, pinned=query.get("pinned") in ("1", "true"),
                                     requested_by="api")
+        # The request is on record before anything else (ingest resumes it after a restart that lost the
+        # topic; gc tells an upload in flight from an orphan by it). An upload is staged, not yet a
+        # package: the pipeline moves it to packages/ only once it validated, and deletes it at the end.
+        await self._accept(event)
+        if staged is not None:
+            await self.store.put(*staged)
         self.view.requested(deployment_id, event.model)
         try:
             await self.sink.publish(event)
         except Exception as exc:
-            if event.package_uri.startswith(f"store:{UPLOAD_PREFIX}"):
-                await self.store.delete(event.package_uri.removeprefix("store:"))
+            if staged is not None:
+                await self.store.delete(staged[0])
+            await self.store.delete(request_key(deployment_id))
             raise ApiError(503, f"could not publish the deploy request to Kafka, retry later: {exc}") from exc
         log.info("deploy requested", deployment_id=deployment_id, model=event.model, package_uri=event.package_uri)
         location = f"/deployments/{deployment_id}"
@@ -364,10 +382,33 @@ class DeploymentApi:
             except ValueError:
                 raise ApiError(400, "after must be an integer revision and wait a number of seconds") from None
             await self.view.wait_changed(after, wait)
-        view = self.view.deployment(deployment_id)
+        view = self.view.deployment(deployment_id) or await self._stored_deployment(deployment_id)
         if view is None:
             raise ApiError(404, f"no deployment {deployment_id!r} (ids come from POST /deployments)")
         return 200, msgspec.to_builtins(view), []
+
+    async def _accept(self, event: DeployRequested | RetireRequested) -> None:
+        await self.store.put(request_key(event.deployment_id),
+                             accepted_encoder.encode(AcceptedRequest(request=event, accepted_at=time.time())))
+
+    async def _stored_deployment(self, deployment_id: str) -> DeploymentView | None:
+        """A deployment the topics no longer hold (a broker that lost them, or retention): its record in the
+        store if it ended, else the request accepted and not ended yet. The store is its durable home."""
+        if not _ID.fullmatch(deployment_id):
+            return None
+        try:
+            record = record_decoder.decode(await self.store.get(record_key(deployment_id)))
+        except StoreNotFound:
+            pass
+        except msgspec.DecodeError:
+            log.warning("unreadable deployment record", deployment_id=deployment_id)
+        else:
+            return view_of_record(record, self.view)
+        try:
+            accepted = accepted_decoder.decode(await self.store.get(request_key(deployment_id)))
+        except (StoreNotFound, msgspec.DecodeError):
+            return None
+        return view_of_request(accepted, self.view)
 
     # -- models -------------------------------------------------------------------------------------
 
@@ -403,10 +444,12 @@ class DeploymentApi:
         if broken:
             reason += " (forced: " + "; ".join(f"it {u.what}" for u in broken) + ")"
         event = RetireRequested(model=name, version=version, reason=reason, requested_by="api", force=force)
+        await self._accept(event)
         self.view.requested(event.deployment_id, name)
         try:
             await self.sink.publish(event)
         except Exception as exc:
+            await self.store.delete(request_key(event.deployment_id))
             raise ApiError(503, f"could not publish the retire request to Kafka, retry later: {exc}") from exc
         location = f"/deployments/{event.deployment_id}"
         return 202, {"deployment_id": event.deployment_id, "status_url": location}, [(b"location", location.encode())]

@@ -69,12 +69,17 @@ from .errors import (
     VersionConflict,
 )
 from .policy import (
+    MAX_PICKUPS,
     UPLOAD_PREFIX,
+    AcceptedRequest,
     Conflict,
     DeploymentRecord,
     Noop,
     Proceed,
+    RecordStep,
     Resume,
+    accepted_decoder,
+    accepted_encoder,
     check_compiled,
     check_expiry,
     check_requested_sha,
@@ -86,6 +91,7 @@ from .policy import (
     record_decoder,
     record_encoder,
     record_key,
+    request_key,
     retired_state,
 )
 from .reading import OffLoopTimeout, TooLarge, Unreadable, off_loop, read_regular_file
@@ -120,8 +126,12 @@ class _Run:
     version: str = ""
     timings_ms: dict[str, float] = field(default_factory=dict)
     step_now: Step = "accepted"
+    # Each step as it last stood, in first-seen order: the record keeps them (the topic may lose them).
+    steps: dict[str, RecordStep] = field(default_factory=dict)
 
     async def emit(self, step: Step, status: StepStatus, detail: str = "", duration_ms: float | None = None) -> None:
+        self.steps[step] = RecordStep(step=step, status=status, detail=detail, duration_ms=duration_ms,
+                                      at=time.time())
         await self.sink.publish(DeploymentProgress(deployment_id=self.deployment_id, model=self.model,
                                                    version=self.version, step=step, status=status,
                                                    detail=detail, duration_ms=duration_ms))
@@ -159,6 +169,7 @@ class Pipeline:
         self.sink = sink
         self.sandbox = sandbox
         self.instance = instance
+        self._runs: dict[str, _Run] = {}  # the request in hand (one per consumer), for its record's steps
         self.counters: dict[str, int] = {"completed": 0, "noop": 0, "failed": 0, "resumed": 0, "skipped": 0,
                                          "retried": 0}
 
@@ -182,16 +193,25 @@ class Pipeline:
         started = time.monotonic()
         delay = RETRY_FIRST_DELAY_S
         attempt = 0
+        picked_up = False
         while True:
             attempt += 1
             run = _Run(self.sink, req.deployment_id, model=req.model,
                        version=req.version if isinstance(req, RetireRequested) else "")
+            self._runs[req.deployment_id] = run
             try:
+                if not picked_up:
+                    crashed = await self._pick_up(req)
+                    picked_up = True
+                    if crashed:
+                        await self._give_up(req, run, crashed)
+                        return
                 async with asyncio.timeout(self.settings.deploy_timeout):
                     if isinstance(req, DeployRequested):
                         await self.deploy(req, run)
                     else:
                         await self.retire(req, run)
+                await self._ended(req)
                 return
             except TimeoutError:
                 await self._give_up(req, run, f"took longer than {self.settings.deploy_timeout:g} s in step "
@@ -233,6 +253,7 @@ class Pipeline:
         ]
         if isinstance(req, DeployRequested):
             writes.append(("upload", self._drop_upload(req)))
+        writes.append(("request", self._ended(req)))
         for what, write in writes:
             try:
                 async with asyncio.timeout(GIVE_UP_WRITE_S):
@@ -457,7 +478,32 @@ class Pipeline:
         return False
 
     async def _record(self, record: DeploymentRecord) -> None:
+        run = self._runs.get(record.deployment_id)
+        if run is not None and not record.steps:
+            record.steps = list(run.steps.values())
         await self.store.put(record_key(record.deployment_id), record_encoder.encode(record))
+
+    async def _pick_up(self, req: DeployRequested | RetireRequested) -> str:
+        """Count this pickup in `requests/<id>.json` (written here if the request came straight from the
+        topic); returns why to fail it at once when it was picked up MAX_PICKUPS times without ending."""
+        if await self.store.exists(record_key(req.deployment_id)):
+            return ""  # ended before; `deploy`/`retire` skip it
+        try:
+            accepted = accepted_decoder.decode(await self.store.get(request_key(req.deployment_id)))
+        except StoreNotFound:
+            accepted = AcceptedRequest(request=req, accepted_at=req.requested_at or time.time())
+        except ValueError:  # unreadable marker: start counting again
+            accepted = AcceptedRequest(request=req, accepted_at=req.requested_at or time.time())
+        if accepted.pickups >= MAX_PICKUPS:
+            return (f"ingest stopped {accepted.pickups} times while handling this deployment (it may crash or "
+                    "exhaust the ingest process); see the ingest log, fix the package and deploy again")
+        accepted.pickups += 1
+        await self.store.put(request_key(req.deployment_id), accepted_encoder.encode(accepted))
+        return ""
+
+    async def _ended(self, req: DeployRequested | RetireRequested) -> None:
+        await self.store.delete(request_key(req.deployment_id))
+        self._runs.pop(req.deployment_id, None)
 
     async def _source_sha(self, existing: ModelState | None) -> str | None:
         if existing is None or not existing.deployment_id:

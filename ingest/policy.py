@@ -22,22 +22,14 @@ from urllib.parse import unquote, urlsplit
 
 import msgspec
 
-from modelcd.events.schemas import DeployRequested, ModelState, Resources
+from modelcd.events.schemas import DeployRequested, ModelState, Resources, RetireRequested
 from modelcd.store.package import MAX_EXPIRY_SECONDS, Manifest, Package
+
+# The keys live with the store's other layouts (gc reads them too); re-exported for ingest.
+from modelcd.store.targets import RECORD_PREFIX, UPLOAD_PREFIX, record_key, request_key, upload_key  # noqa: F401
 
 from .errors import CompileFailed, ValidationFailed
 
-UPLOAD_PREFIX = "uploads/"
-RECORD_PREFIX = "deployments/"
-
-
-def upload_key(deployment_id: str) -> str:
-    """Where the API stages an uploaded archive until its deployment ends."""
-    return f"{UPLOAD_PREFIX}{deployment_id}.tar"
-
-
-def record_key(deployment_id: str) -> str:
-    return f"{RECORD_PREFIX}{deployment_id}.json"
 
 
 # --- package locations --------------------------------------------------------------------------
@@ -216,6 +208,31 @@ def retired_state(existing: ModelState, reason: str, now: float) -> ModelState:
     return msgspec.structs.replace(existing, target="retired", reason=reason or "retired", at=now)
 
 
+class RecordStep(msgspec.Struct, kw_only=True):
+    """One step of a deployment as it last stood (the record keeps the history the topic may lose)."""
+
+    step: str
+    status: str
+    detail: str = ""
+    duration_ms: float | None = None
+    at: float = 0.0
+
+
+class AcceptedRequest(msgspec.Struct, kw_only=True):
+    """`requests/<id>.json`: a request accepted and not ended yet. Written by the API before it publishes
+    (and by the pipeline when a request came straight from the topic), deleted once the record exists.
+    On start ingest publishes again each one the deploy-request topic lost; `pickups` counts how often
+    a pipeline started it, so a request that keeps killing ingest fails instead of looping."""
+
+    request: DeployRequested | RetireRequested
+    accepted_at: float
+    pickups: int = 0
+    step: str = ""
+
+
+MAX_PICKUPS = 3
+
+
 class DeploymentRecord(msgspec.Struct, kw_only=True):
     """`deployments/<id>.json`: written once, when a deployment ends (completed or failed)."""
 
@@ -234,7 +251,10 @@ class DeploymentRecord(msgspec.Struct, kw_only=True):
     timings_ms: dict[str, float] = {}
     requested_at: float = 0.0
     finished_at: float = 0.0
+    steps: list[RecordStep] = []
 
 
 record_encoder = msgspec.json.Encoder()
 record_decoder = msgspec.json.Decoder(DeploymentRecord)
+accepted_decoder = msgspec.json.Decoder(AcceptedRequest)
+accepted_encoder = msgspec.json.Encoder()

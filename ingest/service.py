@@ -7,7 +7,9 @@
     tracker   `modelcd.deployments` + `modelcd.health` from the beginning -> `TrackingView`
     mounted   the mounted route groups' background work (the console's bus feed), if any
 
-`ready` is set once the API listens, the consumer joined its group and the tracker caught up.
+Before any of them starts, `resume` puts back on the topics what a broker loss took (the target
+state and policies from the store, requests accepted and not ended). `ready` is set once the
+API listens, the consumer joined its group and the tracker caught up.
 On `stop` it drains in a fixed order, each with a deadline: end the mounted groups' background
 work (the console's live streams close with it) → stop accepting HTTP (in-flight
 requests finish) → let the consumer finish the request in hand (its offset is committed only
@@ -36,6 +38,7 @@ from modelcd.store.blobs import open_store
 from .api import ApiConfig, DeploymentApi, RoutesFactory
 from .pipeline import Pipeline
 from .policy import parse_file_dirs
+from .resume import resume
 from .sandbox import Sandbox
 from .tracking import TrackingView, run_tracker
 
@@ -93,6 +96,9 @@ async def run_ingest(settings: Settings, *, stop: asyncio.Event, ready: asyncio.
         store = await stack.enter_async_context(
             open_store(settings.resolved_store_url, endpoint_url=settings.s3_endpoint_url))
         publisher = await stack.enter_async_context(Publisher(cfg, instance))
+        # Before taking requests: what the broker lost (targets, policies, requests in flight) back on
+        # the topics, from the store (ingest/resume.py).
+        await resume(store, cfg, publisher)
         view = TrackingView()
         sandbox = Sandbox.from_settings(settings)
         sandbox.prestart()

@@ -2,7 +2,8 @@
 `modelcd.health` from the beginning.
 
 `TrackingView` is sans-I/O: `apply(event)` folds one event in, `deployment(id)` answers the
-API's `GET /deployments/{id}`. `run_tracker` is the I/O shell that feeds it from the broker.
+API's `GET /deployments/{id}`; a deployment the topics no longer hold is answered from the store
+(`view_of_record`, `view_of_request`: the API reads `deployments/<id>.json`, `requests/<id>.json`). `run_tracker` is the I/O shell that feeds it from the broker.
 
 Invariants:
 - a deployment's steps keep their first-seen order (accepted, validate, compile, ...); a
@@ -30,6 +31,8 @@ from modelcd.events.schemas import (
 )
 from modelcd.events.topics import DEPLOYMENTS, HEALTH
 from modelcd.logs import get_logger
+
+from .policy import AcceptedRequest, DeploymentRecord
 
 log = get_logger("modelcd.ingest.tracking")
 
@@ -182,6 +185,28 @@ class TrackingView:
             await asyncio.wait_for(self._changed.wait(), timeout)
         except TimeoutError:
             pass
+
+
+def view_of_record(record: DeploymentRecord, tracking: TrackingView) -> DeploymentView:
+    """`GET /deployments/{id}` from the store's record of an ended deployment (the topic lost its events)."""
+    view = DeploymentView(
+        deployment_id=record.deployment_id, model=record.model, version=record.version, status=record.status,
+        steps=[StepView(step=s.step, status=s.status, detail=s.detail, duration_ms=s.duration_ms, at=s.at)
+               for s in record.steps],
+        reason=record.reason, failed_step=record.failed_step, sha256=record.sha256, runtime=record.runtime,
+        noop=record.noop, existing_deployment_id=record.existing_deployment_id, timings_ms=dict(record.timings_ms),
+        requested_at=record.requested_at, finished_at=record.finished_at, revision=tracking.revision)
+    if record.status == "completed" and record.kind == "deploy":
+        view.nodes_serving = tracking.nodes_serving(record.model, record.version, record.sha256)
+    return view
+
+
+def view_of_request(accepted: AcceptedRequest, tracking: TrackingView) -> DeploymentView:
+    """`GET /deployments/{id}` of a request accepted and not ended yet, that the topic does not (yet) hold."""
+    req = accepted.request
+    return DeploymentView(deployment_id=req.deployment_id, model=req.model,
+                          version=getattr(req, "version", ""), status="running" if accepted.pickups else "pending",
+                          requested_at=accepted.accepted_at, revision=tracking.revision)
 
 
 async def run_tracker(cfg: KafkaConfig, view: TrackingView, *, ready: asyncio.Event,

@@ -34,9 +34,11 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print JSON (times as epoch seconds)")
     p.set_defaults(func=cmd_expiring)
 
-    p = sub.add_parser("gc", help="delete retired packages from the store after the retention period",
+    p = sub.add_parser("gc", help="delete retired packages and orphaned uploads from the store",
                        description="Delete packages that only retired models refer to, once retired for "
-                                   "MODELCD_GC_RETENTION seconds (or --retention). --dry-run deletes nothing.")
+                                   "MODELCD_GC_RETENTION seconds (or --retention), and staged uploads whose "
+                                   "deployment ended, was never accepted, or was accepted more than "
+                                   "MODELCD_UPLOAD_RETENTION seconds ago. --dry-run deletes nothing.")
     p.add_argument("--dry-run", action="store_true", help="print what would be deleted, delete nothing")
     p.add_argument("--json", action="store_true", help="print JSON: each package with the models that used it")
     p.add_argument("--retention", type=duration_arg,
@@ -150,13 +152,15 @@ def cmd_gc(args: argparse.Namespace, settings: Settings) -> int:
     from modelcd.runner import run_main
     from modelcd.store.blobs import open_store
 
-    from .gc import run_gc
+    from .gc import run_gc, run_gc_uploads
 
     retention = settings.gc_retention if args.retention is None else args.retention
 
     async def run(stop: asyncio.Event) -> int:
         async with open_store(settings.resolved_store_url, endpoint_url=settings.s3_endpoint_url) as store:
             plan = await run_gc(store, now=time.time(), retention=retention, dry_run=args.dry_run)
+            uploads = await run_gc_uploads(store, now=time.time(), retention=settings.upload_retention,
+                                           dry_run=args.dry_run)
         verb = "would delete" if args.dry_run else "deleted"
         if args.json:
             print(json.dumps([{"key": i.key, "sha256": i.sha256, "models": list(i.models), "retired_at": i.retired_at,
@@ -164,7 +168,10 @@ def cmd_gc(args: argparse.Namespace, settings: Settings) -> int:
             return 0
         for item in plan:
             print(f"{verb} {item.key}  (retired: {', '.join(item.models)}, {_ago(time.time() - item.retired_at)} ago)")
-        print(f"{verb} {len(plan)} package(s); retention {_ago(retention)}", file=sys.stderr)
+        for upload in uploads:
+            print(f"{verb} {upload.key}  (staged upload: {upload.reason})")
+        print(f"{verb} {len(plan)} package(s) and {len(uploads)} staged upload(s); retention {_ago(retention)}, "
+              f"uploads {_ago(settings.upload_retention)}", file=sys.stderr)
         return 0
 
     return run_main(run)

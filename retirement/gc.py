@@ -6,6 +6,15 @@ Rules, in order:
 - a package any non-retired target still refers to (another version, or a redeploy of
   the same content) is kept: packages are content-addressed and shared;
 - a candidate goes once its latest retirement is `retention` seconds old.
+
+Staged uploads (`uploads/<deployment id>.tar`) are collected too, so none is orphaned:
+- an upload whose deployment ended (its record exists) goes: the pipeline deletes it at the
+  end, so it outlived a crash between the two;
+- an upload whose request is on record as accepted (`requests/<id>.json`) is in flight: it goes
+  only once accepted `upload_retention` seconds ago (ingest then fails the deployment, saying
+  its package is gone, when it resumes it);
+- an upload with neither was never accepted (the API writes the request first, and deletes
+  both when it cannot publish): it goes.
 """
 
 from __future__ import annotations
@@ -76,4 +85,64 @@ async def run_gc(store: Store, *, now: float, retention: float, dry_run: bool) -
         # debug: `modelcd gc` prints each package itself (at info, a terminal showed every package twice)
         log.debug("package garbage-collected" if not dry_run else "package would be garbage-collected",
                   key=item.key, models=list(item.models), retired_at=item.retired_at)
+    return plan
+
+
+@dataclass(frozen=True, slots=True)
+class UploadItem:
+    """One staged upload to delete, and why."""
+
+    key: str
+    deployment_id: str
+    reason: str
+
+
+def plan_uploads(upload_keys: Iterable[str], ended: set[str], accepted_at: dict[str, float], now: float,
+                 retention: float) -> list[UploadItem]:
+    """The staged uploads to delete, sorted by key (pure: `ended` ids have a record, `accepted_at` a request)."""
+    from modelcd.store.targets import id_of
+
+    out = []
+    for key in sorted(upload_keys):
+        deployment_id = id_of(key)
+        if deployment_id in ended:
+            out.append(UploadItem(key, deployment_id, "its deployment ended"))
+        elif deployment_id in accepted_at:
+            age = now - accepted_at[deployment_id]
+            if age >= retention:
+                out.append(UploadItem(key, deployment_id, f"accepted {age:.0f} s ago and never ended"))
+        else:
+            out.append(UploadItem(key, deployment_id, "no deployment was accepted for it"))
+    return out
+
+
+async def run_gc_uploads(store: Store, *, now: float, retention: float, dry_run: bool) -> list[UploadItem]:
+    """Plan the staged uploads of `store` and delete unless `dry_run`; returns the plan."""
+    import msgspec
+
+    from modelcd.store.blobs import StoreNotFound
+    from modelcd.store.targets import UPLOAD_PREFIX, id_of, record_key, request_key
+
+    keys = await store.list(UPLOAD_PREFIX)
+    ended: set[str] = set()
+    accepted_at: dict[str, float] = {}
+    for key in keys:
+        deployment_id = id_of(key)
+        if await store.exists(record_key(deployment_id)):
+            ended.add(deployment_id)
+            continue
+        try:
+            raw = msgspec.json.decode(await store.get(request_key(deployment_id)))
+        except StoreNotFound:
+            continue
+        except msgspec.DecodeError:
+            raw = {}
+        # An unreadable request still says "in flight": count its age from now, never from zero.
+        accepted_at[deployment_id] = float(raw.get("accepted_at", now)) if isinstance(raw, dict) else now
+    plan = plan_uploads(keys, ended, accepted_at, now, retention)
+    for item in plan:
+        if not dry_run:
+            await store.delete(item.key)
+        log.info("upload garbage-collected" if not dry_run else "upload would be garbage-collected",
+                 key=item.key, deployment_id=item.deployment_id, reason=item.reason)
     return plan

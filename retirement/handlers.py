@@ -78,18 +78,19 @@ def entry_to_table(entry: ModelEntry) -> object:
 # --- handlers ------------------------------------------------------------------------------------
 
 
-def handle_usage(entry: ModelEntry, report: UsageReport) -> bool:
-    """Fold a usage report in; True when the entry changed (so the table is written only then)."""
+def handle_usage(entry: ModelEntry, report: UsageReport, now: float = 0.0) -> bool:
+    """Fold a usage report in; True when the entry changed (so the table is written only then). `now` is
+    when the processor handles it: a version new to the table is tracked from then (`Record.tracked_since`)."""
     before = entry.versions.get(report.version)
-    after = policy.on_usage(before, report)
+    after = policy.on_usage(before, report, now)
     if after is before:
         return False
     entry.versions[report.version] = after
     return True
 
 
-def handle_state(entry: ModelEntry, state: ModelState) -> None:
-    entry.versions[state.version] = policy.on_state(entry.versions.get(state.version), state)
+def handle_state(entry: ModelEntry, state: ModelState, now: float = 0.0) -> None:
+    entry.versions[state.version] = policy.on_state(entry.versions.get(state.version), state, now)
 
 
 def handle_protection(entry: ModelEntry, msg: ProtectionChanged) -> None:

@@ -1,7 +1,13 @@
 """Expiry and retirement decisions, sans-I/O: records and events in, decisions out, `now` passed in.
 
 Invariants (what `decide` and `apply` guarantee together):
-- idle time counts from max(deployed_at, last_used): a freshly deployed model is not idle;
+- idle time counts from max(deployed_at, last_used, tracked_since): a freshly deployed model is
+  not idle, and neither is one the processor has only just begun to track. `tracked_since` is when
+  this record was created in the processor's table (`now` of the first event about the version):
+  the table lives on the broker (faust changelog), so a broker that lost it also lost the usage
+  history, and a model used three days ago must not look idle since its deployment 60 days ago.
+  With no usage history since the processor's start, the clock starts at that start: a lost
+  history only ever delays a warning (by at most one expiry period), never brings one forward;
 - a model is warned at most once per idle spell: `apply(WARN)` sets `warned_at`, and a
   warned record is never warned again until a use cancels the warning;
 - a model is never retired without a warning first: RETIRE needs `warned_at`, so the
@@ -48,6 +54,7 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     known: bool = False  # a serving ModelState was seen: usage may arrive before the state
     skip_reason: str = ""  # the last SKIP's reason, so a skip is published once per change
     retire_requested_at: float | None = None
+    tracked_since: float = 0.0  # when the processor's table first held this version (0: unknown)
 
     @property
     def key(self) -> str:
@@ -55,7 +62,7 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def idle_since(self) -> float:
-        return max(self.deployed_at, self.last_used)
+        return max(self.deployed_at, self.last_used, self.tracked_since)
 
     @property
     def retire_at(self) -> float:
@@ -146,19 +153,21 @@ def apply(record: Record, decision: Decision, now: float) -> Record:
 # --- folding events into records -------------------------------------------------------------
 
 
-def on_usage(record: Record | None, report: UsageReport) -> Record:
-    """Last use is the latest across all nodes; reports arrive in any order."""
+def on_usage(record: Record | None, report: UsageReport, now: float = 0.0) -> Record:
+    """Last use is the latest across all nodes; reports arrive in any order. `now`: when a new record starts
+    being tracked (see `tracked_since`)."""
     if record is None:
-        return Record(name=report.model, version=report.version, last_used=report.last_used)
+        return Record(name=report.model, version=report.version, last_used=report.last_used, tracked_since=now)
     if report.last_used <= record.last_used:
         return record
     return msgspec.structs.replace(record, last_used=report.last_used)
 
 
-def on_state(record: Record | None, state: ModelState) -> Record:
-    """Fold a ModelState in; a new deployment of the same version starts a fresh idle spell."""
+def on_state(record: Record | None, state: ModelState, now: float = 0.0) -> Record:
+    """Fold a ModelState in; a new deployment of the same version starts a fresh idle spell. `now`: when a
+    new record starts being tracked (see `tracked_since`)."""
     deployed_at = state.deployed_at or state.at
-    base = record or Record(name=state.name, version=state.version)
+    base = record or Record(name=state.name, version=state.version, tracked_since=now)
     fresh = record is None or (record.retired and state.target == "serving") or (
         record.known and deployed_at != record.deployed_at)
     return msgspec.structs.replace(

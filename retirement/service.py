@@ -144,7 +144,7 @@ class RetirementProcessor:
                 self.stats.usage_reports += 1
                 try:
                     entry = handlers.entry_from_table(models.get(report.model))
-                    if handlers.handle_usage(entry, report):
+                    if handlers.handle_usage(entry, report, self.clock()):
                         models[report.model] = handlers.entry_to_table(entry)
                 except Exception:
                     self._failed("usage", report.model)
@@ -192,7 +192,7 @@ class RetirementProcessor:
                     entry = handlers.entry_from_table(models.get(key))
                     match update:
                         case handlers.StateChanged(state=state):
-                            handlers.handle_state(entry, state)
+                            handlers.handle_state(entry, state, self.clock())
                         case handlers.ProtectionChanged():
                             handlers.handle_protection(entry, update)
                         case handlers.Check():

@@ -1,7 +1,9 @@
 """The rollout controller: a stream processor whose state lives on `modelcd.traffic`.
 
 On start it reads `modelcd.traffic` from the beginning and folds the RolloutStep facts
-(`rollout.fold`), so a restarted controller resumes every rollout at the step it was at. It
+(`rollout.fold`), so a restarted controller resumes every rollout at the step it was at. Each
+rollout's facts are also written to the store (`targets/rollouts/<endpoint>.json`) after the bus:
+a topic that lost them (a broker restarted empty, retention, compaction) gets them back on start. It
 republishes a policy that a crash left unpublished, applies commands written while it was down,
 then follows the traffic topic (commands, policies) and the evidence topics
 (`modelcd.predictions`, `modelcd.usage`, `modelcd.shadow-predictions`) live. Every `tick` it
@@ -48,6 +50,7 @@ from modelcd.events.schemas import (
 from modelcd.events.topics import PREDICTIONS, SHADOW_PREDICTIONS, TRAFFIC, USAGE
 from modelcd.logs import get_logger
 from modelcd.settings import Settings
+from modelcd.store.restore import missing_rollouts, restore_id
 
 from .analysis import Analysis, ArmWindow, analyze, extract_values
 from .machine import (
@@ -55,6 +58,7 @@ from .machine import (
     RolloutError,
     apply,
     due,
+    fold,
     on_analysis,
     on_command,
     pending_commands,
@@ -69,9 +73,13 @@ SOURCE = "rollout-controller"
 
 
 class TrafficSink(Protocol):
-    """Where the policy is written besides the bus: the store's target state (`TargetState`)."""
+    """Where policies and rollout facts are written besides the bus: the store's target state (`TargetState`)."""
 
     async def put_traffic(self, policy: TrafficPolicy) -> None: ...
+
+    async def put_rollout(self, endpoint: str, facts: list[RolloutStep]) -> None: ...
+
+    async def rollouts(self) -> dict[str, list[RolloutStep]]: ...
 
 
 _inputs_encoder = msgspec.json.Encoder(order="deterministic")
@@ -251,6 +259,7 @@ class RolloutController:
                         r = apply(self.rollouts.get(event.endpoint), event)
                         if r is not None:
                             self.rollouts[event.endpoint] = r
+        await self._restore(steps)
         for r in self.rollouts.values():
             if r.active:
                 self.evidence[r.rollout_id] = Evidence(self._max_samples)
@@ -263,6 +272,32 @@ class RolloutController:
         for cmd in pending_commands(steps):
             await self._on_command(cmd)
         return positions
+
+    async def _restore(self, on_topic: list[RolloutStep]) -> None:
+        """The store keeps each endpoint's latest rollout (its facts): a topic that lost them (a broker
+        restarted empty) gets them back, and one that holds fewer (compaction, retention) is read with
+        the store's, so a rollout's state and history survive what the broker forgets."""
+        if self._targets is None:
+            return
+        try:
+            stored = await self._targets.rollouts()
+        except Exception:  # the topic is all we have; say so
+            log.exception("could not read the rollouts kept in the store")
+            return
+        lost = missing_rollouts(stored, on_topic)
+        for endpoint, facts in lost.items():
+            for i, fact in enumerate(facts):
+                event_id = restore_id("rollout", fact.rollout_id, i)
+                self._own.add(event_id)
+                await self._pub.publish(fact, event_id=event_id)
+            log.warning("restored a rollout the broker had lost, from the store", endpoint=endpoint,
+                        rollout_id=facts[0].rollout_id, facts=len(facts))
+        for endpoint, facts in stored.items():
+            r = self.rollouts.get(endpoint)
+            if endpoint in lost or (r is not None and r.rollout_id == facts[0].rollout_id
+                                    and len(r.history) < len(facts)):
+                if (folded := fold(facts).get(endpoint)) is not None:
+                    self.rollouts[endpoint] = folded
 
     async def _assign(self, consumer: AIOKafkaConsumer, positions: dict[TopicPartition, int]) -> None:
         tps = await partitions_of(consumer, [self._prefix + t for t in (TRAFFIC, *EVIDENCE_TOPICS)])
@@ -376,6 +411,7 @@ class RolloutController:
                      step=fact.step, weight=fact.weight, reason=fact.reason)
         r = self.rollouts.get(facts[-1].endpoint)
         if r is not None:
+            await self._persist(r)
             if r.active and r.rollout_id not in self.evidence:
                 self.evidence[r.rollout_id] = Evidence(self._max_samples)
             if not r.active:
@@ -396,6 +432,16 @@ class RolloutController:
                 await self._targets.put_traffic(policy)
             except Exception:  # the bus has it; the nodes' reconciliation will catch up with the store
                 log.exception("could not write the traffic policy to the store", endpoint=r.endpoint)
+
+
+    async def _persist(self, r: Rollout) -> None:
+        """The rollout's facts to the store, after the bus (the commit point): its durable home."""
+        if self._targets is None:
+            return
+        try:
+            await self._targets.put_rollout(r.endpoint, list(r.history))
+        except Exception:  # the bus has them; the next fact writes the whole history again
+            log.exception("could not write the rollout to the store", endpoint=r.endpoint)
 
 
 _NO_POLICY = TrafficPolicy(endpoint="", at=0.0)

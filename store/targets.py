@@ -1,9 +1,13 @@
 """The target state in the store: which `name:version` should serve, and each endpoint's traffic policy.
 
-The store is the source of truth; events are the fast path. Keys:
+The store is the durable home of every view; topics are the change log (docs/ARCHITECTURE.md,
+"Durable state"). Keys:
 - `targets/models/<name>/<version>.json`: the last ModelState of that version;
-- `targets/traffic/<endpoint>.json`: the last TrafficPolicy of that endpoint;
-- `deployments/<deployment id>.json`: the record of one deployment (ingest's tracking view).
+- `targets/traffic/<endpoint>.json`: the last TrafficPolicy of that endpoint (its revision);
+- `targets/rollouts/<endpoint>.json`: the facts (RolloutStep) of the endpoint's latest rollout;
+- `deployments/<deployment id>.json`: the record of one ended deployment (ingest's tracking view);
+- `requests/<deployment id>.json`: a request accepted and not ended yet (ingest resumes it);
+- `uploads/<deployment id>.tar`: an archive staged by the API until its deployment ends.
 Each is written whole by one atomic put, so no reader sees a half-written state.
 """
 
@@ -11,13 +15,36 @@ from __future__ import annotations
 
 import msgspec
 
-from modelcd.events.schemas import ModelState, TrafficPolicy
+from modelcd.events.schemas import ModelState, RolloutStep, TrafficPolicy
 
 from .blobs import Store, StoreNotFound
 
 _model_decoder = msgspec.json.Decoder(ModelState)
 _traffic_decoder = msgspec.json.Decoder(TrafficPolicy)
+_rollout_decoder = msgspec.json.Decoder(list[RolloutStep])
 _encoder = msgspec.json.Encoder()
+
+UPLOAD_PREFIX = "uploads/"
+RECORD_PREFIX = "deployments/"
+REQUEST_PREFIX = "requests/"
+
+
+def upload_key(deployment_id: str) -> str:
+    """Where the API stages an uploaded archive until its deployment ends."""
+    return f"{UPLOAD_PREFIX}{deployment_id}.tar"
+
+
+def record_key(deployment_id: str) -> str:
+    return f"{RECORD_PREFIX}{deployment_id}.json"
+
+
+def request_key(deployment_id: str) -> str:
+    return f"{REQUEST_PREFIX}{deployment_id}.json"
+
+
+def id_of(key: str) -> str:
+    """The deployment id in an upload, record or request key."""
+    return key.rsplit("/", 1)[-1].split(".", 1)[0]
 
 
 def model_key(name: str, version: str) -> str:
@@ -26,6 +53,10 @@ def model_key(name: str, version: str) -> str:
 
 def traffic_key(endpoint: str) -> str:
     return f"targets/traffic/{endpoint}.json"
+
+
+def rollout_key(endpoint: str) -> str:
+    return f"targets/rollouts/{endpoint}.json"
 
 
 class TargetState:
@@ -78,4 +109,25 @@ class TargetState:
             except StoreNotFound:
                 continue
             out[p.endpoint] = p
+        return out
+
+    async def put_rollout(self, endpoint: str, facts: list[RolloutStep]) -> None:
+        """The facts of the endpoint's latest rollout, in order (what `rollout.apply` folds)."""
+        await self.store.put(rollout_key(endpoint), _encoder.encode(facts))
+
+    async def get_rollout(self, endpoint: str) -> list[RolloutStep]:
+        try:
+            return _rollout_decoder.decode(await self.store.get(rollout_key(endpoint)))
+        except StoreNotFound:
+            return []
+
+    async def rollouts(self) -> dict[str, list[RolloutStep]]:
+        out = {}
+        for key in await self.store.list("targets/rollouts/"):
+            try:
+                facts = _rollout_decoder.decode(await self.store.get(key))
+            except StoreNotFound:
+                continue
+            if facts:
+                out[facts[0].endpoint] = facts
         return out

@@ -98,14 +98,15 @@ async def test_malformed_json_is_400(tmp_path: Path, body: bytes) -> None:
 
 
 async def test_json_request_is_published_as_is(tmp_path: Path) -> None:
-    """A JSON request pointing at a package is published unchanged, nothing staged."""
+    """A JSON request pointing at a package is published unchanged, nothing staged; only the accepted request is
+    on record (ingest resumes it after a restart that lost the topic)."""
     client, sink, store = client_for(tmp_path)
     async with client:
         resp = await client.post("/deployments", json={"package_uri": "s3://bucket/m.tar", "owner": "eve"})
         assert resp.status_code == 202
     (event,) = sink.events
     assert isinstance(event, DeployRequested) and event.package_uri == "s3://bucket/m.tar" and event.owner == "eve"
-    assert await store.list("") == []
+    assert await store.list("") == [f"requests/{event.deployment_id}.json"]
 
 
 async def test_file_uri_refused_unless_its_directory_is_allowed(tmp_path: Path) -> None:

@@ -45,8 +45,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from statistics import NormalDist
 from typing import Any
@@ -232,6 +232,30 @@ def _need(value: float, low: float, high: float, bound: float, n: int) -> int | 
     return min(10**9, max(n + 1, math.ceil(n * (half / gap) ** 2)))
 
 
+def _need_scaled(interval_at: Callable[[float], tuple[float, float]], value: float, bound: float,
+                 n: int) -> int | None:
+    """`_need` for proportions: the smallest n·k whose interval, with the same observed rates
+    (`interval_at(k)`: the interval with every count scaled by k), clears `bound`. Wilson-type
+    intervals narrow faster than 1/√n near 0 and 1, so this is searched, not extrapolated."""
+    if abs(bound - value) <= 1e-12 or n <= 0:
+        return None
+
+    def clear(k: float) -> bool:
+        lo, hi = interval_at(k)
+        return hi <= bound or lo > bound if value <= bound else lo >= bound or hi < bound
+
+    hi_k = 2.0
+    while not clear(hi_k):
+        hi_k *= 2
+        if hi_k > 1e7 / n:
+            return None
+    lo_k = 1.0
+    for _ in range(40):
+        mid = (lo_k + hi_k) / 2
+        lo_k, hi_k = (lo_k, mid) if clear(mid) else (mid, hi_k)
+    return max(n + 1, math.ceil(n * hi_k))
+
+
 def _bounded(name: str, value: float, low: float, high: float, bound: float, n: int, *,
              upper: bool, unit: str = "", shown: str | None = None, bound_shown: str | None = None) -> Check:
     """A check of an interval against a bound; `upper`: the figure must stay at or below it."""
@@ -269,8 +293,19 @@ def check_error_rate(canary: ArmWindow, baseline: ArmWindow, t: AnalysisThreshol
                                   z_for(t.confidence))
     shown = (f"canary {canary.errors / canary.requests:.2%} vs baseline {baseline.errors / baseline.requests:.2%}: "
              f"{_pts(d)} in [{_pts(lo)}, {_pts(hi)}]")
-    return _bounded("error_rate", d, lo, hi, t.max_error_rate_increase, n, upper=True, shown=shown,
-                    bound_shown=_pts(t.max_error_rate_increase))
+    c = _bounded("error_rate", d, lo, hi, t.max_error_rate_increase, n, upper=True, shown=shown,
+                 bound_shown=_pts(t.max_error_rate_increase))
+    if c.status is Status.INCONCLUSIVE:
+        z = z_for(t.confidence)
+        pc, pb = canary.errors / canary.requests, baseline.errors / baseline.requests
+
+        def at(k: float) -> tuple[float, float]:
+            n1, n2 = max(1, round(canary.requests * k)), max(1, round(baseline.requests * k))
+            _d, lo_k, hi_k = newcombe_interval(round(pc * n1), n1, round(pb * n2), n2, z)
+            return lo_k, hi_k
+
+        c = replace(c, need=_need_scaled(at, d, t.max_error_rate_increase, n))
+    return c
 
 
 def check_client_errors(canary: ArmWindow, baseline: ArmWindow, t: AnalysisThresholds) -> Check:
@@ -298,8 +333,7 @@ def check_error_ceiling(arm: ArmWindow, t: AnalysisThresholds) -> Check:
         return Check("error_ceiling", Status.SKIPPED, detail="no ceiling in the plan")
     if arm.requests < max(t.min_requests, 1):
         return _too_few("error_ceiling", arm.requests, t.min_requests, t.max_error_rate, "requests")
-    lo, hi = wilson_interval(arm.errors, arm.requests, z_for(t.confidence))
-    return _bounded("error_ceiling", arm.errors / arm.requests, lo, hi, t.max_error_rate, arm.requests, upper=True)
+    return _proportion("error_ceiling", arm.errors, arm.requests, t.max_error_rate, t, upper=True)
 
 
 def check_latency(arm: ArmWindow, q: float, bound: float | None, t: AnalysisThresholds) -> Check:
@@ -319,8 +353,21 @@ def check_agreement(pairs: Sequence[tuple[Any, Any]], t: AnalysisThresholds) -> 
     if n < max(t.min_divergence_samples, 1):
         return _too_few("agreement", n, t.min_divergence_samples, t.min_agreement, "paired rows")
     agree = sum(1 for a, b in pairs if _label(a) == _label(b))
-    lo, hi = wilson_interval(agree, n, z_for(t.confidence))
-    return _bounded("agreement", agree / n, lo, hi, t.min_agreement, n, upper=False)
+    return _proportion("agreement", agree, n, t.min_agreement, t, upper=False)
+
+
+def _proportion(name: str, k: int, n: int, bound: float, t: AnalysisThresholds, *, upper: bool) -> Check:
+    """A Wilson interval of k/n against `bound`; an inconclusive one says how many trials would decide it."""
+    z = z_for(t.confidence)
+    lo, hi = wilson_interval(k, n, z)
+    c = _bounded(name, k / n, lo, hi, bound, n, upper=upper)
+    if c.status is Status.INCONCLUSIVE:
+        def at(scale: float) -> tuple[float, float]:
+            m = max(1, round(n * scale))
+            return wilson_interval(round(k / n * m), m, z)
+
+        c = replace(c, need=_need_scaled(at, k / n, bound, n))
+    return c
 
 
 def label_overlap(canary: Sequence[Any], baseline: Sequence[Any], confidence: float) -> tuple[float, float, float]:

@@ -239,3 +239,13 @@ def test_status_estimates_before_the_first_analysis_from_the_request_rate() -> N
     assert "waiting for samples: error_rate has none yet" in render_status(r, now=T0 + 5, rates=(0.0, 0.0))
     wait = samples_eta(r.plan.thresholds, r.plan.log_rate, 1.0, 9.0)
     assert wait is not None and wait["seconds"] == pytest.approx(1000.0)
+
+
+def test_samples_needed_are_searched_for_proportions() -> None:
+    """0 errors in 50 on both arms: the error check needs ~190 requests per arm for +2 pts, not 1/√n's ~630."""
+    t = make_plan("standard").thresholds
+    a = analyze(ArmWindow(requests=50), ArmWindow(requests=5000), t)
+    c = next(c for c in a.checks if c.name == "error_rate")
+    assert c.status is Status.INCONCLUSIVE and c.need is not None and 180 <= c.need <= 200
+    grown = analyze(ArmWindow(requests=c.need), ArmWindow(requests=c.need * 100), t)
+    assert next(x for x in grown.checks if x.name == "error_rate").status is Status.PASS

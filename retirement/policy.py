@@ -17,7 +17,9 @@ Invariants (what `decide` and `apply` guarantee together):
   the protections is decided once per change of reason, only for a model that would
   otherwise be acted on;
 - a use that makes the model no longer idle enough to deserve its warning CANCELs it;
-- after RETIRE the record waits (`retire_requested_at`) for the retired ModelState;
+- after RETIRE the record waits (`retire_requested_at`) for the retired ModelState, unless the
+  model became protected meanwhile: ingest refuses to retire a model in use (the same check), so
+  a SKIP ends the wait and the model is kept;
 - a record's `expiry_seconds` is at most `MAX_EXPIRY_SECONDS` (100 years), whatever a ModelState says:
   ingest refuses longer ones, and a state written by anything else must not overflow the table's
   int64 JSON encoding (orjson) and stop the processor.
@@ -108,11 +110,15 @@ def decide(record: Record, now: float, protections: Iterable[str] = (), warn_sha
     """What to do about `record` at `now`; `protections` are the traffic reasons (pinned is read from the record)."""
     if record.retired or not record.known or record.expiry_seconds <= 0:
         return Decision.none()
+    reason = protection_reason(record, protections)
     if record.retire_requested_at is not None:
+        if reason and reason != record.skip_reason:
+            # Protected since the decision: ingest refuses to retire a model in use (the same check,
+            # modelcd.store.safety), so the request has ended and the model is kept; stop waiting.
+            return Decision(Action.SKIP, reason)
         return Decision.none()  # retirement is under way; ingest will answer with the retired state
     idle = now - record.idle_since
     warn_after = warn_share * record.expiry_seconds
-    reason = protection_reason(record, protections)
     if reason:
         # Only a model that would otherwise be acted on is worth a "skipped" event.
         due = record.warned_at is not None or idle >= warn_after
@@ -143,7 +149,7 @@ def apply(record: Record, decision: Decision, now: float) -> Record:
         case Action.RETIRE:
             return msgspec.structs.replace(record, retire_requested_at=now)
         case Action.SKIP:
-            return msgspec.structs.replace(record, skip_reason=decision.reason)
+            return msgspec.structs.replace(record, skip_reason=decision.reason, retire_requested_at=None)
         case Action.RESUME:
             return msgspec.structs.replace(record, skip_reason="")
         case _:

@@ -139,3 +139,17 @@ def test_an_expiry_of_10_to_the_30_is_clamped_and_the_table_value_encodes() -> N
     assert entry.versions["1"].expiry_seconds == MAX_EXPIRY_SECONDS
     faust_json.dumps(handlers.entry_to_table(entry))  # what the processor writes to its table: no OverflowError
     assert policy.decide(entry.versions["1"], T0 + 10 * 365 * 86400).action is Action.NONE
+
+
+def test_a_retire_refused_because_the_model_became_protected_ends_the_wait() -> None:
+    """Decided for retirement, then routed: ingest refuses (store.safety); the processor skips instead of waiting forever."""
+    waiting = policy.apply(rec(warned_at=T0 + 80), policy.Decision(Action.RETIRE, "unused"), T0 + 200)
+    assert policy.decide(waiting, T0 + 201, ()).action is Action.NONE  # still under way
+    skip = policy.decide(waiting, T0 + 201, ("serves 100% of endpoint e",))
+    assert skip.action is Action.SKIP and skip.reason == "serves 100% of endpoint e"
+    kept = policy.apply(waiting, skip, T0 + 201)
+    assert kept.retire_requested_at is None and policy.decide(kept, T0 + 202, ("serves 100% of endpoint e",)).action \
+        is Action.NONE
+    # The route goes away: the model is judged again (still idle past its expiry: retired, after its warning).
+    resumed = policy.apply(kept, policy.decide(kept, T0 + 300, ()), T0 + 300)
+    assert policy.decide(resumed, T0 + 301, ()).action is Action.RETIRE

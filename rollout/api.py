@@ -56,6 +56,7 @@ from .traffic_ops import (
     control_command,
     delete_policy,
     load_view,
+    with_store,
     set_policy,
     start_command,
     status_dict,
@@ -196,9 +197,11 @@ class EndpointRoutes:
     async def load_view(self, endpoint: str) -> EndpointView:
         """The endpoint as the traffic topic has it; 503 when the broker cannot be read."""
         try:
-            return await self._load_view(endpoint)
+            view = await self._load_view(endpoint)
         except (KafkaError, OSError) as exc:
             raise ApiError(503, f"could not read the traffic topic from Kafka, retry later: {exc}") from exc
+        # What a short topic lost, from the store: the same merge as the CLI's (traffic_ops.with_store).
+        return with_store(view, await self.targets.get_traffic(endpoint), await self.targets.get_rollout(endpoint))
 
     async def _world(self) -> World:
         """What the safety check needs of the target state: which versions serve."""

@@ -28,6 +28,7 @@ from modelcd.store.safety import World
 from .analysis import samples_eta, time_to_verdict
 from .machine import PLANS, Phase, Rollout, RolloutError, make_plan, parse_duration, parse_steps, split_ref, summary
 from .traffic_ops import (
+    EndpointView,
     TrafficError,
     check_routes,
     control_command,
@@ -185,7 +186,7 @@ def cmd_traffic_set(args: argparse.Namespace, settings: Settings) -> int:
     cfg = KafkaConfig.from_settings(settings)
 
     async def run(stop: asyncio.Event) -> int:
-        view = await load_view(cfg, args.endpoint)
+        view = await _view(settings, args.endpoint)
         try:
             policy = set_policy(view, routes, world=await _world(settings), sticky_key=args.sticky_key,
                                 force=args.force)
@@ -205,7 +206,7 @@ def cmd_traffic_delete(args: argparse.Namespace, settings: Settings) -> int:
 
     async def run(stop: asyncio.Event) -> int:
         try:
-            policy = delete_policy(await load_view(cfg, args.endpoint), reason="deleted from the CLI")
+            policy = delete_policy(await _view(settings, args.endpoint), reason="deleted from the CLI")
         except TrafficError as exc:
             raise CliError(str(exc)) from None
         async with Publisher(cfg, SOURCE) as pub:
@@ -215,6 +216,15 @@ def cmd_traffic_delete(args: argparse.Namespace, settings: Settings) -> int:
         return 0
 
     return run_main(run)
+
+
+async def _view(settings: Settings, endpoint: str) -> EndpointView:
+    """The endpoint from the traffic topic merged with the store: the reader the API uses too."""
+    from modelcd.store.blobs import open_store
+    from modelcd.store.targets import TargetState
+
+    async with open_store(settings.resolved_store_url, endpoint_url=settings.s3_endpoint_url) as store:
+        return await load_view(KafkaConfig.from_settings(settings), endpoint, TargetState(store))
 
 
 async def _world(settings: Settings) -> World:
@@ -237,7 +247,7 @@ async def _write_store(settings: Settings, policy: TrafficPolicy) -> None:
 
 def cmd_traffic_show(args: argparse.Namespace, settings: Settings) -> int:
     async def run(stop: asyncio.Event) -> int:
-        view = await load_view(KafkaConfig.from_settings(settings), args.endpoint)
+        view = await _view(settings, args.endpoint)
         if view.policy is None:
             raise CliError(f"no traffic policy for {args.endpoint!r} (modelcd traffic set {args.endpoint} "
                            f"MODEL:VERSION=100)", code=1)
@@ -284,7 +294,7 @@ def cmd_rollout_start(args: argparse.Namespace, settings: Settings) -> int:
     cfg = KafkaConfig.from_settings(settings)
 
     async def run(stop: asyncio.Event) -> int:
-        view = await load_view(cfg, args.endpoint)
+        view = await _view(settings, args.endpoint)
         try:
             cmd = start_command(view, args.to, plan, world=await _world(settings), reason="started from the CLI")
         except TrafficError as exc:
@@ -298,7 +308,7 @@ def cmd_rollout_command(args: argparse.Namespace, settings: Settings) -> int:
     cfg = KafkaConfig.from_settings(settings)
 
     async def run(stop: asyncio.Event) -> int:
-        view = await load_view(cfg, args.endpoint)
+        view = await _view(settings, args.endpoint)
         try:
             cmd = control_command(view, args.action, reason=args.reason or f"{args.action} from the CLI")
         except TrafficError as exc:
@@ -328,7 +338,7 @@ async def _send(cfg: KafkaConfig, cmd: RolloutStep, wait: float) -> int:
 def cmd_rollout_status(args: argparse.Namespace, settings: Settings) -> int:
     async def run(stop: asyncio.Event) -> int:
         cfg = KafkaConfig.from_settings(settings)
-        view = await load_view(cfg, args.endpoint)
+        view = await _view(settings, args.endpoint)
         r = view.rollout
         if r is None:
             raise CliError(f"no rollout of {args.endpoint!r} on record", code=1)

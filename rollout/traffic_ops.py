@@ -52,8 +52,33 @@ class EndpointView:
                 self.rollout = apply(self.rollout, event)
 
 
-async def load_view(cfg: KafkaConfig, endpoint: str) -> EndpointView:
-    return EndpointView(endpoint, [e for e, _env, _r in await read_topic(cfg, TRAFFIC)])
+async def load_view(cfg: KafkaConfig, endpoint: str, targets: Any = None) -> EndpointView:
+    """The endpoint as the traffic topic has it, merged with the store's (`targets`: a `TargetState`) when given:
+    the one reader of an endpoint's policy and rollout for the CLI and the API (docs/ARCHITECTURE.md, "Durable
+    state")."""
+    view = EndpointView(endpoint, [e for e, _env, _r in await read_topic(cfg, TRAFFIC)])
+    if targets is not None:
+        with_store(view, await targets.get_traffic(endpoint), await targets.get_rollout(endpoint))
+    return view
+
+
+def with_store(view: EndpointView, policy: TrafficPolicy | None, facts: Sequence[RolloutStep]) -> EndpointView:
+    """Fill in what a short topic lost (a broker restarted empty, retention, compaction) from the store: its
+    policy when the topic has none or a lower revision; its rollout's facts when the topic holds none of that
+    rollout (and no later one) or fewer of them. What the topic has newer wins."""
+    if policy is not None and (view.policy is None or view.policy.revision < policy.revision):
+        view.policy = policy
+    if facts:
+        r = view.rollout
+        stored_id, started = facts[0].rollout_id, facts[0].at
+        if r is None or (r.rollout_id == stored_id and len(r.history) < len(facts)) or (
+                r.rollout_id != stored_id and r.started_at < started):
+            rollout = None
+            for fact in facts:
+                rollout = apply(rollout, fact)
+            view.rollout = rollout
+            view.steps = [*facts, *(s for s in view.steps if s not in facts)]
+    return view
 
 
 def check_routes(routes: Sequence[Route]) -> None:

@@ -52,7 +52,9 @@ from modelcd.events.schemas import (
 from modelcd.events.schemas.deployments import Step, StepStatus
 from modelcd.logs import get_logger
 from modelcd.settings import Settings
-from modelcd.store.blobs import Store, StoreError, StoreNotFound, StoreUnavailable, package_key, put_package
+from modelcd.store.blobs import (
+    Store, StoreError, StoreNotFound, StoreUnavailable, get_package, package_key, put_package,
+)
 from modelcd.store.package import Package, PackageError, read_package
 from modelcd.store.safety import Unsafe, check_retire
 from modelcd.store.targets import TargetState
@@ -73,6 +75,7 @@ from .policy import (
     UPLOAD_PREFIX,
     AcceptedRequest,
     Conflict,
+    Decision,
     DeploymentRecord,
     Noop,
     Proceed,
@@ -85,6 +88,7 @@ from .policy import (
     check_requested_sha,
     check_serving_needs,
     decide_deploy,
+    manifest_differences,
     model_state_for,
     parse_file_dirs,
     parse_package_uri,
@@ -291,7 +295,8 @@ class Pipeline:
                     existing = await self.targets.get_model(run.model, run.version)
                     decision = decide_deploy(existing, await self._source_sha(existing), sha, req.deployment_id)
                     if isinstance(decision, Conflict):
-                        raise VersionConflict(decision.reason)
+                        assert existing is not None
+                        decision = await self._same_content(decision, existing, pkg, sha, req)
                     out["detail"] = (f"{pkg.manifest.flavor} package {sha[:12]}, {len(data)} bytes, "
                                      f"{len(pkg.manifest.files)} files")
                     if isinstance(decision, Proceed):
@@ -504,6 +509,23 @@ class Pipeline:
     async def _ended(self, req: DeployRequested | RetireRequested) -> None:
         await self.store.delete(request_key(req.deployment_id))
         self._runs.pop(req.deployment_id, None)
+
+    async def _same_content(self, conflict: Conflict, existing: ModelState, pkg: Package, sha: str,
+                            req: DeployRequested) -> Decision:
+        """Another archive under a taken name:version: a no-op when it holds the same files (re-packed),
+        else a VersionConflict naming both package ids and what differs."""
+        try:
+            _, held = await self._read(await get_package(self.store, existing.sha256))
+            diffs = manifest_differences(pkg.manifest, held.manifest)
+        except Exception as exc:  # noqa: BLE001 - the comparison only improves the message
+            log.warning("could not compare with the existing package", sha256=existing.sha256, error=repr(exc))
+            diffs = None
+        if diffs == [] and existing.target == "serving":
+            return decide_deploy(existing, None, existing.sha256, req.deployment_id)  # the same package: a no-op
+        what = ("the files are the same (only the archive differs), but it is retired: deploy it under a new "
+                "version" if diffs == [] else f"it differs: {'; '.join(diffs)}" if diffs else "")
+        raise VersionConflict(f"{conflict.reason}. This archive is package {sha[:12]}"
+                              + (f" and {what}" if what else ""))
 
     async def _source_sha(self, existing: ModelState | None) -> str | None:
         if existing is None or not existing.deployment_id:

@@ -166,6 +166,37 @@ class Conflict:
 Decision = Proceed | Noop | Resume | Conflict
 
 
+_COMPARED_FIELDS = ("flavor", "inputs", "outputs", "owner", "expiry_seconds", "samples_file", "tolerance")
+
+
+def manifest_differences(requested: Manifest, existing: Manifest) -> list[str]:
+    """What differs between a package and the one a name:version already holds, in words; [] for the same content.
+
+    Two archives of the same files (re-packed: other mtimes, order or compression) have other sha256s
+    but the same manifest, which lists the sha256 of every file. A stored package compiled at ingest
+    (`fallback_model_file` set) holds the original's files plus the compiled model, which is left out.
+    """
+    diffs = []
+    for name in _COMPARED_FIELDS:
+        before, after = getattr(existing, name), getattr(requested, name)
+        if before != after:
+            shown = (lambda v: msgspec.json.encode(v).decode()[:60])  # noqa: E731 - two values, one format
+            diffs.append(f"{name} {shown(before)} -> {shown(after)}")
+    original_model = existing.fallback_model_file or existing.model_file
+    if requested.model_file != original_model:
+        diffs.append(f"model_file {original_model!r} -> {requested.model_file!r}")
+    compiled = {existing.model_file} if existing.fallback_model_file else set()
+    held = {p: d for p, d in existing.files.items() if p not in compiled}
+    for path in sorted(set(held) | set(requested.files)):
+        if path not in requested.files:
+            diffs.append(f"file {path} removed")
+        elif path not in held:
+            diffs.append(f"file {path} added")
+        elif held[path] != requested.files[path]:
+            diffs.append(f"file {path} changed (sha256 {held[path][:12]} -> {requested.files[path][:12]})")
+    return diffs
+
+
 def decide_deploy(existing: ModelState | None, existing_source_sha: str | None, sha256: str,
                   deployment_id: str) -> Decision:
     """Decide from the current target of name:version.

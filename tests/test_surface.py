@@ -288,3 +288,43 @@ async def test_recent_deployments_are_listed(broker: EmbeddedBroker, tmp_path: P
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, err
         assert [d["deployment_id"] for d in json.loads(out)] == [ids[1]]
+
+
+def test_manifest_differences_ignore_the_compiled_model() -> None:
+    """Same files: no difference, even against the stored form compiled to ONNX; other files: named."""
+    from msgspec.structs import replace
+
+    from modelcd.ingest.policy import manifest_differences
+
+    m = read_package(iris_package("same").data).manifest
+    compiled = replace(m, runtime="onnx", model_file="model.onnx", fallback_runtime=m.runtime,
+                       fallback_model_file=m.model_file, files={**m.files, "model.onnx": "ab" * 32})
+    assert manifest_differences(m, m) == [] and manifest_differences(m, compiled) == []
+    other = replace(m, owner="bob", files={**m.files, m.model_file: "cd" * 32})
+    assert manifest_differences(other, compiled) == [
+        'owner "ann" -> "bob"', f"file {m.model_file} changed (sha256 {m.files[m.model_file][:12]} -> cdcdcdcdcdcd)"]
+
+
+async def test_repacked_package_is_the_same_package(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """Re-packing the same files (`tar -C dir .`) under the same version is a no-op, not a conflict; a
+    package with other files under a taken version names both ids and the file that differs."""
+    settings = settings_for(broker.bootstrap, str(tmp_path / "store"), free_port(), tmp_path / "home")
+    await ensure_topics(broker.config)
+    first = iris_package("repack", "1")
+    repacked = tar_dot(members_of(first.data))
+    other = iris_package("repack", "1", c=0.01)
+    async with running_ingest(settings) as watcher:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.ingest_port}", timeout=30) as client:
+            outcomes = []
+            for data in (first.data, repacked, other.data):
+                resp = await client.post("/deployments", content=data, headers={"content-type": "application/x-tar"})
+                assert resp.status_code == 202, resp.text
+                outcomes.append(await watcher.outcome(resp.json()["deployment_id"]))
+    done, again, refused = outcomes
+    assert type(done).__name__ == "DeploymentCompleted" and not done.noop
+    assert type(again).__name__ == "DeploymentCompleted" and again.noop, again
+    assert type(refused).__name__ == "DeploymentFailed", refused
+    import hashlib
+
+    assert hashlib.sha256(other.data).hexdigest()[:12] in refused.reason and done.sha256[:12] in refused.reason
+    assert "file model.skops changed" in refused.reason

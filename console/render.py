@@ -165,7 +165,8 @@ def models(state: ConsoleState, now: float, view: View) -> str:
                else na("no node reported it and serving validation measured none"))
         kept = "; ".join(r.protections) if r.protections else '<span class="muted">none</span>'
         health = " ".join(
-            badge(f"{h.node}: {'ok' if h.ok else 'failing'} {h.latency_ms:.0f} ms", "ok" if h.ok else "bad")
+            badge(f"{h.node}: {'ok' if h.ok else 'quarantined' if h.quarantined else 'failing'} {h.latency_ms:.0f} ms",
+                  "ok" if h.ok else "bad") + (f'<div class="reason small">{e(h.detail)}</div>' if h.detail else "")
             for h in r.health) or '<span class="muted">no check yet</span>'
         retire_note = ""
         if r.retirement is not None:
@@ -363,15 +364,18 @@ def _node_row(s: NodeStatus, now: float, view: View) -> str:
     status = ("stopping", "skip") if s.stopping else ("silent", "bad") if stale else (
         ("ready", "ok") if s.ready else ("not ready", "run"))
     models_html = "".join(
-        f'<li data-model="{e(m.name)}:{e(m.version)}">{e(m.name)}:{e(m.version)} {badge(m.state, _LOADED.get(m.state, "skip"))}'
+        f'<li data-model="{e(m.name)}:{e(m.version)}">{e(m.name)}:{e(m.version)} '
+        f'{badge("quarantined" if m.quarantined else m.state, "bad" if m.quarantined else _LOADED.get(m.state, "skip"))}'
         f"{' ' + size(m.memory_bytes) if m.memory_bytes else ''}"
+        + (f' <span class="muted small">{m.restarts} worker restart(s)</span>' if m.restarts else "")
         + (f' <span class="reason">{e(m.error)}</span>' if m.error else "") + "</li>"
         for m in s.models) or '<li class="muted">none</li>'
     meter = (f'<meter min="0" max="{s.memory_budget}" value="{s.memory_bytes}" high="{int(s.memory_budget * 0.9)}" '
              f'aria-label="memory of {e(s.node)}">{size(s.memory_bytes)}</meter> '
              if s.memory_budget else "")
-    quarantined = [m for m in s.models if m.state == "failed" or getattr(m, "quarantined", False)]
-    q_html = ", ".join(f"{e(m.name)}:{e(m.version)}" for m in quarantined) or '<span class="muted">none</span>'
+    q_html = ", ".join(
+        f'{e(m.name)}:{e(m.version)} ({"quarantined" if m.quarantined else "failed to load"})'
+        for m in s.models if m.quarantined or m.state == "failed") or '<span class="muted">none</span>'
     return (f'<tr data-node="{e(s.node)}"><th scope="row">{e(s.node)}<div class="muted small">{e(s.url)}</div></th>'
             f"<td>{badge(*status)}</td><td>{ago(age)} ago</td>"
             f"<td>{meter}{size(s.memory_bytes)} of {size(s.memory_budget) if s.memory_budget else '–'}</td>"

@@ -252,6 +252,7 @@ def _banner(settings: Settings, sup: Supervisor) -> str:
         where = child.component.url or ""
         lines.append(f"  {child.component.name:20} {where:44} pid {child.pid}")
     lines.append(f"  {'store':20} {settings.resolved_store_url}")
+    lines.append(f"Console: {settings.resolved_ingest_url}/console (live deployments, models, endpoints, shadows, fleet).")
     lines.append(f"Status and restarts: modelcd status (reads {settings.home / STATUS_FILE}).")
     lines.append("Try: modelcd demo && modelcd deploy demo-packages/iris-1.tar  (README: Walkthrough). Ctrl-C to stop.")
     return "\n".join(lines)

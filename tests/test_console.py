@@ -281,13 +281,16 @@ def test_fleet_shows_nodes_memory_silence_and_failed_models() -> None:
     state = folded(
         NodeStatus(node="n1", ready=True, memory_bytes=1 << 20, memory_budget=1 << 30, at=NOW - 1, models=[
             LoadedModel(name="iris", version="1", sha256="s", memory_bytes=1 << 20),
-            LoadedModel(name="bomb", version="1", sha256="b", state="failed", error="crashed 3 times: quarantined")]),
+            LoadedModel(name="bomb", version="1", sha256="b", state="failed", error="worker died 3 times",
+                        quarantined=True, restarts=3),
+            LoadedModel(name="broken", version="2", sha256="c", state="failed", error="no such file")]),
         NodeStatus(node="n2", ready=True, at=NOW - 60),
     )
     html = render.fleet(state, NOW, VIEW)
     n1 = re.search(r'<tr data-node="n1">.*?</tr>', html).group(0)  # type: ignore[union-attr]
     n2 = re.search(r'<tr data-node="n2">.*?</tr>', html).group(0)  # type: ignore[union-attr]
-    assert "ready" in n1 and "1.0 MiB of 1.0 GiB" in n1 and "crashed 3 times" in n1 and "bomb:1" in n1
+    assert "ready" in n1 and "1.0 MiB of 1.0 GiB" in n1 and "worker died 3 times" in n1 and "3 worker restart" in n1
+    assert "bomb:1 (quarantined), broken:2 (failed to load)" in n1
     assert "silent" in n2
 
 

@@ -41,8 +41,9 @@ ROWS = {"inputs": [{"name": "input", "shape": [3, 4], "datatype": "FP32",  # the
 WAIT_MS = 60_000  # an upper bound on every wait in the browser, never a performance threshold
 
 
+@pytest.fixture
 def chromium() -> str:
-    """The browser, or a failure that says how to install it."""
+    """The browser, or a failure (before anything is started) that says how to install it."""
     if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
         pytest.fail(f"chromium not found at {CHROMIUM}: install it with `sudo apt-get install -y chromium` "
                     "(Debian/Ubuntu; ./test.sh does it when run as root), or point MODELCD_CHROMIUM at a "
@@ -61,10 +62,9 @@ def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @asynccontextmanager
-async def browser_page() -> AsyncIterator[Any]:
+async def browser_page(path: str) -> AsyncIterator[Any]:
     from playwright.async_api import async_playwright
 
-    path = chromium()
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=path, args=ARGS)
         try:
@@ -105,10 +105,10 @@ async def system(broker: EmbeddedBroker, tmp_path: Path, *, node: bool) -> Async
         await asyncio.wait_for(ready.wait(), 30)
         out = System(f"http://127.0.0.1:{settings.ingest_port}")
         if node:
-            # The test drives the browser from the node's loop: the busy-share pause would shed every shadow.
+            # The test drives the browser and ingest from the node's loop: its pressure would shed the shadows.
             out.node = await stack.enter_async_context(running_node(
                 node_settings(tmp_path / "node", broker.bootstrap, store_url=str(tmp_path / "store"),
-                              shadow_pause_busy=0.0), node_id="node-a"))
+                              shadow_pause_busy=0.0, shadow_pause_lag_ms=0.0), node_id="node-a"))
             await started(stack, run_comparison, settings)
         yield out
 
@@ -138,10 +138,10 @@ async def sign_in(page: Any, url: str, token: str) -> None:
     await page.get_by_role("button", name="Sign in").click()
 
 
-async def test_wrong_token_is_refused(broker: EmbeddedBroker, tmp_path: Path, shots: Path) -> None:
+async def test_wrong_token_is_refused(chromium: str, broker: EmbeddedBroker, tmp_path: Path, shots: Path) -> None:
     """Without a session the console sends to the sign-in form; a wrong token gets 401 and no cookie, a right one
     gets the live page; the stream and the API refuse a browser without a session."""
-    async with system(broker, tmp_path, node=False) as sys_, browser_page() as page:
+    async with system(broker, tmp_path, node=False) as sys_, browser_page(chromium) as page:
         url = sys_.url
         response = await page.goto(f"{url}/console/events")
         assert response is not None and response.status == 401
@@ -161,10 +161,11 @@ async def test_wrong_token_is_refused(broker: EmbeddedBroker, tmp_path: Path, sh
         await page.locator("#status .feed.live").wait_for()
 
 
-async def test_deploy_rollout_and_pause_live(broker: EmbeddedBroker, tmp_path: Path, shots: Path) -> None:
+async def test_deploy_rollout_and_pause_live(chromium: str, broker: EmbeddedBroker, tmp_path: Path,
+                                            shots: Path) -> None:
     """Deploy through the API and watch the steps appear without reloading; start a rollout and watch the split
     bar move; pause it with the button and see the controller's answer."""
-    async with system(broker, tmp_path, node=True) as sys_, browser_page() as page:
+    async with system(broker, tmp_path, node=True) as sys_, browser_page(chromium) as page:
         url, node = sys_.url, sys_.node
         assert node is not None
         await sign_in(page, url, TOKEN)

@@ -52,6 +52,7 @@ from modelcd.store.blobs import Store, StoreError, StoreNotFound, StoreUnavailab
 from modelcd.store.package import peek_manifest
 from modelcd.store.safety import Unsafe, World, check_retire, world
 from modelcd.store.targets import TargetState
+from modelcd.units import UnitError, parse_duration
 
 from . import session
 from .errors import ApiError
@@ -132,7 +133,23 @@ class DeployBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     sha256: str | None = None
     owner: str | None = None
     expiry_seconds: int | None = None
+    expiry: str | int | None = None  # a duration as the CLI takes it ("7d", "12h", 3600): the same as expiry_seconds
     pinned: bool = False
+
+
+def _expiry(seconds: int | None, duration: str | int | None) -> int | None:
+    """The request's expiry period in seconds, from `expiry_seconds` or an `expiry` duration (7d, 12h)."""
+    if duration is None or duration == "":
+        return seconds
+    if seconds is not None:
+        raise ApiError(400, "give expiry_seconds or expiry, not both")
+    try:
+        value = parse_duration(duration, positive=True)
+    except UnitError as exc:
+        raise ApiError(400, f"expiry: {exc}") from None
+    if not value.is_integer():
+        raise ApiError(400, f"expiry: {duration!r} is not a whole number of seconds")
+    return int(value)
 
 
 _deploy_body = msgspec.json.Decoder(DeployBody)
@@ -288,15 +305,16 @@ class DeploymentApi:
                 req = _deploy_body.decode(body)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 raise ApiError(400, f"malformed JSON body: {exc}; expected {{\"package_uri\": \"s3://...\"}}") from None
+            expiry_seconds = _expiry(req.expiry_seconds, req.expiry)
             try:
                 check_api_file_uri(parse_package_uri(req.package_uri), self.config.file_uri_dirs)
-                check_expiry(req.expiry_seconds)
+                check_expiry(expiry_seconds)
             except ValueError as exc:
                 raise ApiError(400, str(exc)) from None
             if req.sha256 is not None and not _SHA.fullmatch(req.sha256):
                 raise ApiError(400, f"sha256 must be 64 lowercase hex digits, got {req.sha256!r}")
             event = DeployRequested(deployment_id=deployment_id, model=req.model, package_uri=req.package_uri,
-                                    sha256=req.sha256, owner=req.owner, expiry_seconds=req.expiry_seconds,
+                                    sha256=req.sha256, owner=req.owner, expiry_seconds=expiry_seconds,
                                     pinned=req.pinned, requested_by="api")
         else:
             if mime == "multipart/form-data":
@@ -314,6 +332,7 @@ class DeploymentApi:
                 expiry_seconds = int(expiry) if expiry else None
             except ValueError:
                 raise ApiError(400, f"expiry_seconds must be an integer, got {expiry!r}") from None
+            expiry_seconds = _expiry(expiry_seconds, query.get("expiry"))
             try:
                 check_expiry(expiry_seconds)
             except ValueError as exc:
@@ -348,8 +367,6 @@ class DeploymentApi:
 
     def _recent_deployments(self, query: dict[str, str]) -> list[dict[str, Any]]:
         """Newest first, filtered by `model`, `version`, `status`, `since` (a duration: 1h, 7d); at most `limit`."""
-        from modelcd.units import UnitError, parse_duration
-
         try:
             limit = int(query.get("limit", "50"))
             since = time.time() - parse_duration(query["since"]) if "since" in query else None

@@ -55,7 +55,8 @@ def register(sub: Any) -> None:
     p.add_argument("--state", action="store_true", help="only the last event per key (state topics)")
     p.add_argument("--limit", type=int, default=0, help="stop after N records (0: no limit)")
     dest = p.add_mutually_exclusive_group()
-    dest.add_argument("--out", type=Path, metavar="FILE", help="write a lossless dump (JSON lines) to FILE")
+    dest.add_argument("--out", type=Path, metavar="FILE", help="write a lossless dump (JSON lines: topic, partition, offset, timestamp, key, value, "
+                           "headers) to FILE, or to stdout with '-'")
     dest.add_argument("--to", metavar="TOPIC", help="publish the records (keys, values, headers unchanged) to TOPIC")
     p.add_argument("--force", action="store_true",
                    help=f"allow --to into a topic modelcd acts on ({', '.join(LIVE_TOPICS)})")
@@ -227,7 +228,11 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
                 last.pop(rec.key, None)
                 last[rec.key] = (rec, event)
             kept = list(last.values())
-        if args.out is not None:
+        if args.out is not None and str(args.out) == "-":
+            n = raw.write_dump(sys.stdout, (rec for rec, _ in kept))
+            sys.stdout.flush()
+            err.write(f"wrote {n} records ({undecodable} undecodable, kept as they were)\n")
+        elif args.out is not None:
             with args.out.open("w", encoding="utf-8") as f:
                 n = raw.write_dump(f, (rec for rec, _ in kept))
             err.write(f"wrote {n} records to {args.out} ({undecodable} undecodable, kept as they were)\n")

@@ -102,6 +102,8 @@ async def test_replay_dump_round_trip_is_lossless(broker: EmbeddedBroker, tmp_pa
     dump = tmp_path / "deployments.jsonl"
     code, _, err = await modelcd(broker, "replay", "modelcd.deployments", "--out", str(dump))
     assert code == 0 and "wrote 7 records" in err
+    code, out, _ = await modelcd(broker, "replay", "modelcd.deployments", "--out", "-")
+    assert code == 0 and out == dump.read_text()
     code, _, err = await modelcd(broker, "replay", "--from-file", str(dump), "--to", "modelcd.shadow-comparisons")
     assert code == 0 and "published 7 records" in err
 

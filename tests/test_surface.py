@@ -328,3 +328,26 @@ async def test_repacked_package_is_the_same_package(broker: EmbeddedBroker, tmp_
 
     assert hashlib.sha256(other.data).hexdigest()[:12] in refused.reason and done.sha256[:12] in refused.reason
     assert "file model.skops changed" in refused.reason
+
+
+async def test_api_expiry_takes_a_duration(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """POST /deployments takes `expiry: "7d"` (JSON) and `?expiry=12h` as `deploy --expiry` does; a bad one is 400."""
+    settings = settings_for(broker.bootstrap, str(tmp_path / "store"), free_port(), tmp_path / "home")
+    await ensure_topics(broker.config)
+    pkg = iris_package("ttl", "1")
+    async with running_ingest(settings) as watcher:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.ingest_port}", timeout=30) as client:
+            bad = await client.post("/deployments", json={"package_uri": "s3://b/k.tar", "expiry": "soon"})
+            assert bad.status_code == 400 and "e.g. 30s" in bad.text
+            resp = await client.post("/deployments", params={"expiry": "12h"}, content=pkg.data,
+                                     headers={"content-type": "application/x-tar"})
+            assert resp.status_code == 202, resp.text
+            await watcher.outcome(resp.json()["deployment_id"])
+            assert watcher.states_of("ttl")[-1].expiry_seconds == 12 * 3600
+
+
+def test_readme_test_count_is_current() -> None:
+    """The README's "about N test functions" stays within a quarter of the real count."""
+    said = int(re.search(r"about (\d+) test functions", (ROOT / "README.md").read_text()).group(1))  # type: ignore[union-attr]
+    real = sum(len(re.findall(r"^(?:async )?def test_", p.read_text(), re.M)) for p in (ROOT / "tests").glob("test_*.py"))
+    assert 0.75 * real <= said <= 1.25 * real, f"README says about {said} test functions, there are {real}"

@@ -17,7 +17,7 @@ import msgspec
 from .codec import encode
 from .schemas import (
     TOPIC_EVENTS, AnalysisThresholds, Criterion, DeploymentCompleted, DeploymentFailed, DeploymentProgress,
-    DeployRequested, Event, LoadedModel, ModelHealth, ModelState, NodeStatus, PredictionLog, Resources,
+    DeployRequested, Event, LoadedModel, ModelHealth, ModelState, NodeDrain, NodeStatus, PredictionLog, Resources,
     RetirementDecision, RetirementWarning, RetireRequested, RolloutPlan, RolloutStep, Route, ShadowComparison,
     ShadowPrediction, ShadowRelation, TrafficPolicy, UsageReport,
 )
@@ -80,6 +80,7 @@ EXAMPLES: dict[type[Event], Event] = {
                            memory_bytes=1_048_576, memory_budget=2 * 1024**3, at=T0),
     ModelHealth: ModelHealth(node="node-a:8081", model="iris", version="1", ok=True, check="samples",
                              latency_ms=1.3, at=T0),
+    NodeDrain: NodeDrain(node="node-a:8081", reason="replaced by release 0.2.0", at=T0),
     RetirementWarning: RetirementWarning(model="churn", version="2", owner="growth-team", last_used=T0,
                                          retire_at=T0 + 30 * 86400, at=T0 + 24 * 86400),
     RetirementDecision: RetirementDecision(model="churn", version="2", owner="growth-team", action="retire",

@@ -8,7 +8,9 @@ Start: bind and serve HTTP at once (live; ready answers 503) → read `model-sta
 every event) → one reconciliation against the store → load the hot set (what fits the
 budget, with bounded concurrency) → ready. Models outside the hot set load on demand.
 
-Stop (the `stop` event, set by SIGTERM/SIGINT in `modelcd serve`): not ready →
+Stop (the `stop` event, set by SIGTERM/SIGINT in `modelcd serve`, or a `NodeDrain` for this node on
+modelcd.health, as a release roll sends): hand-off (leave the placement, keep serving until what it
+holds is ready on other nodes, within MODELCD_HANDOFF_TIMEOUT; skipped for a lone node) → not ready →
 the server stops accepting and finishes in-flight requests (deadline
 `drain_timeout`, then cancelled) → background tasks cancelled → final usage and
 NodeStatus → telemetry flushed within the deadline → return.
@@ -26,13 +28,14 @@ from collections.abc import Coroutine, Mapping
 from contextlib import AsyncExitStack
 from typing import Any
 
+import msgspec
 import uvicorn
 from aiokafka import AIOKafkaConsumer
 
 from modelcd.events import topics
 from modelcd.events.bus import KafkaConfig, Publisher, ensure_topics, partitions_of
 from modelcd.events.codec import DecodeError, decode
-from modelcd.events.schemas import ModelState, NodeStatus, TrafficPolicy
+from modelcd.events.schemas import LoadedModel, ModelState, NodeDrain, NodeStatus, TrafficPolicy
 from modelcd.logs import get_logger
 from modelcd.settings import Settings
 from modelcd.store.blobs import Store, open_store
@@ -81,6 +84,8 @@ class ServingNode:
         self.shadow: ShadowHook | None = None
         self._loads: set[asyncio.Task[None]] = set()
         self.placement: NodePlacement | None = None
+        self.drain_requested = asyncio.Event()  # a NodeDrain for this node: leave as on SIGTERM
+        self._started = time.time()  # NodeDrain events older than this node are for an earlier one of its name
 
     @property
     def url(self) -> str:
@@ -102,7 +107,7 @@ class ServingNode:
             cache = PackageCache(s.home / "cache" / re.sub(r"[^A-Za-z0-9._-]", "_", self.node_id), store)
             registry = self.registry = Registry(s, node=self.node_id, cache=cache, metrics=self.metrics,
                                                 telemetry=telemetry, loader=self.loader)
-            self.placement = NodePlacement(self.node_id, registry, s)
+            self.placement = NodePlacement(self.node_id, registry, s, on_change=self._heartbeat_now)
             self.metrics.add_collector(StateCollector(self._gauges))
             shadow = None
             if self._shadow_factory is not None:
@@ -152,7 +157,7 @@ class ServingNode:
                         self._heartbeat_now()
                         log.info("serving node ready", node=self.node_id, url=self.url,
                                  loaded=len(registry.loaded_keys()), known=len(registry.entries))
-                    await stop.wait()
+                    await _first(stop.wait(), self.drain_requested.wait())  # SIGTERM, or a NodeDrain (release roll)
                     await self._hand_off()
                     await self._drain(server, server_task, publisher_task, [*shadow_tasks, *background])
             finally:
@@ -255,6 +260,9 @@ class ServingNode:
                             # Received "as of" its own time: an old heartbeat read at start is not a live node.
                             age = max(0.0, time.time() - event.at)
                             placement.on_status(event, time.monotonic() - age)
+                        elif isinstance(event, NodeDrain) and event.node == self.node_id and event.at >= self._started:
+                            log.info("asked to leave the fleet", node=self.node_id, reason=event.reason)
+                            self.drain_requested.set()
                 if pending:
                     for tp in list(pending):
                         if await consumer.position(tp) >= ends[tp]:
@@ -279,6 +287,9 @@ class ServingNode:
             return
         p.leaving = True
         self._heartbeat_now(stopping=True)
+        # Others may be releasing copies right now on the membership they saw before this heartbeat: let them
+        # see it (and take their copies back) before judging what is held elsewhere.
+        await asyncio.sleep(p.grace)
         deadline = time.monotonic() + s.handoff_timeout
         log.info("serving node leaving the fleet: handing off", node=self.node_id, held=len(p.registry.entries))
         while not p.handed_off() and time.monotonic() < deadline:
@@ -366,9 +377,19 @@ class ServingNode:
         assert self.registry is not None and self.telemetry is not None
         self.telemetry.offer(NodeStatus(
             node=self.node_id, url=self.url, ready=self.state.ready and not stopping,
-            models=self.registry.describe(), memory_bytes=self.registry.resident_bytes,
+            models=self._models(), memory_bytes=self.registry.resident_bytes,
             memory_budget=self.settings.memory_budget,
             stopping=stopping or (self.placement is not None and self.placement.leaving)))
+
+    def _models(self) -> list[LoadedModel]:
+        """What the heartbeat lists: a model this node is about to release is no longer ready for the fleet."""
+        assert self.registry is not None
+        models = self.registry.describe()
+        releasing = self.placement.releasing if self.placement is not None else set()
+        if not releasing:
+            return models
+        return [msgspec.structs.replace(m, state="unloaded") if f"{m.name}:{m.version}" in releasing and
+                m.state == "ready" else m for m in models]
 
     async def _health(self) -> None:
         assert self.registry is not None and self.telemetry is not None

@@ -9,8 +9,11 @@ Invariants:
 - every model-state is recorded; a retired one, or one the registry already has, reaches the
   registry at once (retirement and package changes never wait for placement);
 - a serving model placed on this node reaches the registry on the next `refresh`;
-- a model placed elsewhere is released only after every new owner has reported it ready for
-  `grace` seconds (the front door, which sees the same heartbeats, has moved its route by then);
+- a model placed elsewhere is released in two phases: once every new owner reports it ready, the
+  node's heartbeats stop listing it ready (published at once) while it keeps serving it; `grace`
+  seconds later, if it is still placed elsewhere, it is unloaded. The front door, which routes to
+  owners that report a model ready, has moved its route by then; a membership change during the
+  grace (another node leaving) cancels the release;
 - while `leaving`, nothing is released: the node keeps serving everything until what it holds is
   ready elsewhere (`handed_off`), then drains;
 - `MODELCD_REPLICAS=0`: no placement, every model reaches the registry (every node loads everything).
@@ -19,7 +22,7 @@ Invariants:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import msgspec
 
@@ -45,13 +48,15 @@ def membership_ttl(settings: Settings) -> float:
 
 
 class NodePlacement:
-    def __init__(self, node: str, registry: Registry, settings: Settings) -> None:
+    def __init__(self, node: str, registry: Registry, settings: Settings,
+                 on_change: Callable[[], None] = lambda: None) -> None:
         self.node = node
         self.registry = registry
         self.default_replicas = settings.replicas
         self.weight = float(settings.memory_budget or 1)
         # The front door reads the same heartbeats and moves its routes within a fraction of a second.
         self.grace = RELEASE_GRACE
+        self.on_change = on_change  # publish a heartbeat now (a release announced or cancelled, a model released)
         self.fleet = Membership(membership_ttl(settings))
         self.states: dict[str, Known[ModelState]] = {}
         self.policies: dict[str, Known[TrafficPolicy]] = {}
@@ -178,13 +183,20 @@ class NodePlacement:
         for key in sorted(plan.load - set(self.registry.entries)):
             self.registry.apply_model(self.states[key].state)
             changes += 1
+        announce = False
         for key in held:
-            if key in plan.desired or key not in placed:
-                self._releasable.pop(key, None)
+            if key in plan.desired or key not in placed or self.leaving:
+                if self._releasable.pop(key, None) is not None:
+                    announce = True  # placed here again (the membership moved meanwhile): serving it after all
                 continue
-            since = self._releasable.setdefault(key, now)
-            if self.leaving or now - since < self.grace:
-                continue  # the front door moves its route first
+            since = self._releasable.get(key)
+            if since is None:
+                # Phase one: say so (heartbeats stop listing it ready), keep serving it for the grace.
+                self._releasable[key] = now
+                announce = True
+                continue
+            if now - since < self.grace:
+                continue
             state = self.states[key].state
             log.info("model placed on other nodes: released", model=state.name, version=state.version,
                      owners=placed[key])
@@ -193,7 +205,14 @@ class NodePlacement:
             self._releasable.pop(key, None)
             changes += 1
         self.dirty = bool(self._releasable) or bool(plan.keep)
+        if announce or changes:
+            self.on_change()
         return changes
+
+    @property
+    def releasing(self) -> set[str]:
+        """Keys this node is about to release: its heartbeats no longer list them ready."""
+        return set(self._releasable)
 
     def alone(self, now: float | None = None) -> bool:
         """No other member to hand anything off to."""

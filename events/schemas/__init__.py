@@ -16,7 +16,7 @@ from . import deploy_requests, deployments, health, model_state, predictions, re
 from .base import Event, TensorData, new_id, now
 from .deploy_requests import DeployRequested, DeployRequestEvent, RetireRequested
 from .deployments import DeploymentCompleted, DeploymentEvent, DeploymentFailed, DeploymentProgress
-from .health import HealthEvent, LoadedModel, ModelHealth, NodeStatus
+from .health import HealthEvent, LoadedModel, ModelHealth, NodeDrain, NodeStatus
 from .model_state import ModelState, Resources
 from .predictions import PredictionLog
 from .retirement import RetirementDecision, RetirementEvent, RetirementWarning
@@ -42,7 +42,7 @@ TOPIC_EVENTS: dict[str, Any] = {
 ALL_EVENTS: tuple[type[Event], ...] = (
     DeployRequested, RetireRequested, DeploymentProgress, DeploymentCompleted, DeploymentFailed,
     ModelState, TrafficPolicy, RolloutStep, PredictionLog, ShadowPrediction, ShadowComparison,
-    UsageReport, NodeStatus, ModelHealth, RetirementWarning, RetirementDecision,
+    UsageReport, NodeStatus, ModelHealth, NodeDrain, RetirementWarning, RetirementDecision,
 )
 
 SCHEMA_DIR = Path(__file__).parent
@@ -74,7 +74,7 @@ def export(directory: Path = SCHEMA_DIR) -> list[Path]:
 
 __all__ = [
     "ALL_EVENTS", "AnalysisThresholds", "RolloutPlan", "TOPIC_EVENTS", "Criterion", "DeployRequested", "DeploymentCompleted", "DeploymentFailed",
-    "DeploymentProgress", "Event", "LoadedModel", "ModelHealth", "ModelState", "NodeStatus", "PredictionLog",
+    "DeploymentProgress", "Event", "LoadedModel", "ModelHealth", "ModelState", "NodeDrain", "NodeStatus", "PredictionLog",
     "Resources", "RetireRequested", "RetirementDecision", "RetirementWarning", "RolloutStep", "Route",
     "ShadowComparison", "ShadowPrediction", "ShadowRelation", "TensorData", "TrafficPolicy", "UsageReport",
     "export", "new_id", "now", "schema_documents",

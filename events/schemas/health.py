@@ -74,4 +74,19 @@ class ModelHealth(Event, frozen=True, kw_only=True, tag="modelcd.model.health.v1
         return self.node
 
 
-HealthEvent = NodeStatus | ModelHealth
+class NodeDrain(Event, frozen=True, kw_only=True, tag="modelcd.node.drain.v1"):
+    """A request that one serving node leave the fleet: it hands its models off, drains and exits (a release roll)."""
+
+    topic = TOPIC
+    node: Annotated[str, Doc("Node id that should leave; also the record key.")]
+    reason: Annotated[str, Doc("Why, in words (e.g. replaced by a new release).")] = ""
+    at: Annotated[
+        float,
+        Doc("When, seconds since the Unix epoch (UTC, fractional)."),
+    ] = msgspec.field(default_factory=now)
+
+    def key(self) -> str:
+        return self.node
+
+
+HealthEvent = NodeStatus | ModelHealth | NodeDrain

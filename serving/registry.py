@@ -375,12 +375,13 @@ class Registry:
                             "(MODELCD_WORKER_QUEUE); retry later")
         timeout = self.settings.predict_timeout
         entry.threads += 1
+        sent = time.monotonic()
         try:
             async with asyncio.timeout(timeout):
                 _meta, outputs = await worker.call("predict", entry.key, None, inputs)
             return outputs
         except TimeoutError:
-            if worker.alive and worker.stuck_for() >= timeout:
+            if worker.alive and worker.answered_at < sent:  # nothing answered for the whole timeout: stuck
                 worker.kill(f"no answer within {timeout:g}s (MODELCD_PREDICT_TIMEOUT)")
             raise PredictTimeout(f"model {entry.key} did not answer within {timeout:g}s "
                                  "(MODELCD_PREDICT_TIMEOUT)") from None

@@ -13,7 +13,8 @@ place of a node where model code executes. Invariants:
   the environment is the zygote's, which holds no secret of the node (zygote.clean_env);
 - calls are answered in the order they arrive (one thread): the front knows that the
   oldest unanswered call is the one running, which is how it tells a stuck worker
-  from a busy one;
+  from a busy one; predictions of one model already waiting together run as one call
+  when the model proved row-independent at load (batching.py);
 - a model's Python exception is an `err` answer (kind `invalid` for the request's
   fault, `predict` for the model's); only a native crash, `os._exit` or a kill ends the
   worker, and the front sees it as the end of the channel.
@@ -31,6 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import batching
 from .channel import PREFIX, FrameError, decode, encode
 
 PR_SET_PDEATHSIG = 1
@@ -194,10 +196,6 @@ def resolve(spec: str) -> Any:
     return obj
 
 
-def _send(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
-    sock.sendall(b"".join(parts))
-
-
 def _reason(exc: BaseException) -> str:
     reason = getattr(exc, "reason", None)
     if isinstance(reason, str):
@@ -206,56 +204,148 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _load(pkg: Any, loader: str) -> tuple[Any, bool]:
+    """The runtime, and whether its rows are independent on the package's samples (so it may batch)."""
+    from modelcd.runtimes.flavors import outputs_match
+
+    runtime = resolve(loader)(pkg)
+    samples = pkg.samples()
+    rows = batching.rows_of(samples.inputs)
+    if rows is None or rows < 2:
+        return runtime, False
+    whole = runtime.predict(samples.inputs)
+    parts = batching.split(whole, [1] * rows)
+    if parts is None:
+        return runtime, False
+    for i, part in enumerate(parts):
+        alone = runtime.predict({k: v[i:i + 1] for k, v in samples.inputs.items()})
+        if outputs_match(part, alone, pkg.manifest.tolerance) is not None:
+            return runtime, False
+    return runtime, True
+
+
+class _Worker:
+    """The loop's state: loaded models and what to send back."""
+
+    def __init__(self, sock: socket.socket, batch: bool) -> None:
+        from modelcd.runtimes.flavors import InvalidInputError
+
+        self.sock = sock
+        self.batch = batch
+        self.models: dict[str, Any] = {}
+        self.batchable: dict[str, bool] = {}
+        self.out: list[bytes | memoryview] = []
+        self.invalid = InvalidInputError
+
+    def flush(self) -> None:
+        if self.out:
+            data, self.out = b"".join(self.out), []
+            self.sock.sendall(data)
+
+    def answer(self, ident: int, key: str, fn: Any) -> None:
+        """Run `fn` and queue its answer; a model's exception is an `err` answer."""
+        try:
+            meta, arrays = fn()
+            self.out += encode("ok", ident, key, meta, arrays)
+        except self.invalid as exc:
+            self.out += encode("err", ident, key, ["invalid", str(exc)])
+        except MemoryError:
+            self.out += encode("err", ident, key, ["predict", "MemoryError: the model exceeded its worker's memory "
+                                                   "limit (MODELCD_WORKER_MEMORY)"])
+        except Exception as exc:  # the model's own error: answered, the worker goes on
+            self.out += encode("err", ident, key, ["predict", _reason(exc)])
+
+    def predict(self, key: str, items: list[tuple[int, Any]]) -> None:
+        runtime = self.models.get(key)
+        if runtime is None:
+            for ident, _ in items:
+                self.out += encode("err", ident, key, ["unavailable", f"model {key} is not loaded in its worker"])
+            return
+        if len(items) > 1 and self.batchable.get(key):
+            merged = batching.merge([arrays for _, arrays in items])
+            if merged is not None:
+                try:
+                    parts = batching.split(runtime.predict(merged[0]), merged[1])
+                except Exception:
+                    parts = None  # one request's fault, maybe: answer each on its own below
+                if parts is not None:
+                    for (ident, _), part in zip(items, parts, strict=True):
+                        self.out += encode("ok", ident, key, None, part)
+                    return
+        for ident, arrays in items:
+            self.answer(ident, key, lambda a=arrays: (None, runtime.predict(a)))
+
+    def other(self, op: str, ident: int, key: str, meta: Any, rest: memoryview) -> None:
+        from modelcd.store.package import read_package
+
+        if op == "load":
+            def load() -> tuple[Any, None]:
+                runtime, independent = _load(read_package(bytes(rest)), meta["loader"])
+                self.models[key] = runtime
+                self.batchable[key] = independent and self.batch
+                return {"pid": os.getpid(), "batch": self.batchable[key]}, None
+
+            self.answer(ident, key, load)
+        elif op == "unload":
+            runtime = self.models.pop(key, None)
+            if runtime is not None and hasattr(runtime, "close"):
+                runtime.close()
+            self.out += encode("ok", ident, key)
+        else:  # ping
+            self.out += encode("ok", ident, key, {"pid": os.getpid()})
+
+
 def serve(sock: socket.socket, spec: dict[str, Any]) -> int:
-    """The worker's loop: read a frame, answer it; returns when the front closes the channel."""
+    """The worker's loop: read every frame waiting, answer them in order; returns when the front closes."""
     missing = confine(spec)
     if missing:
         sys.stderr.write(f"model worker {os.getpid()}: not available on this host: {', '.join(missing)}\n")
-    from modelcd.runtimes.flavors import InvalidInputError
-    from modelcd.store.package import read_package
+    import modelcd.runtimes.flavors  # noqa: F401 -- before the first frame, not inside a prediction's time
 
     sock.setblocking(True)
-    rfile = sock.makefile("rb", buffering=1 << 16)
-    models: dict[str, Any] = {}
+    worker = _Worker(sock, bool(spec.get("batch", True)))
+    buf = bytearray()
     while True:
-        prefix = rfile.read(8)
-        if len(prefix) < 8:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
             return 0  # the front closed the channel: stop
-        hlen, plen = PREFIX.unpack(prefix)
-        body = bytearray(hlen + plen)
-        if rfile.readinto(body) != len(body):
-            return 0
-        view = memoryview(body)
-        try:
-            op, ident, key, meta, arrays, rest = decode(view[:hlen], view[hlen:])
-        except FrameError:
-            return 3
-        try:
-            if op == "predict":
-                runtime = models.get(key)
-                if runtime is None:
-                    _send(sock, encode("err", ident, key, ["unavailable", f"model {key} is not loaded in its worker"]))
-                    continue
-                outputs = runtime.predict(arrays)
-                _send(sock, encode("ok", ident, key, None, outputs))
-            elif op == "load":
-                pkg = read_package(bytes(rest))
-                models[key] = resolve(meta["loader"])(pkg)
-                _send(sock, encode("ok", ident, key, {"pid": os.getpid()}))
-            elif op == "unload":
-                runtime = models.pop(key, None)
-                if runtime is not None and hasattr(runtime, "close"):
-                    runtime.close()
-                _send(sock, encode("ok", ident, key))
-            else:  # ping
-                _send(sock, encode("ok", ident, key, {"pid": os.getpid()}))
-        except InvalidInputError as exc:
-            _send(sock, encode("err", ident, key, ["invalid", str(exc)]))
-        except MemoryError:
-            _send(sock, encode("err", ident, key, ["predict", "MemoryError: the model exceeded its worker's memory "
-                                                    "limit (MODELCD_WORKER_MEMORY)"]))
-        except Exception as exc:  # the model's own error: answered, the worker goes on
-            _send(sock, encode("err", ident, key, ["predict", _reason(exc)]))
+        buf += chunk
+        while True:  # everything already waiting, without blocking
+            try:
+                more = sock.recv(1 << 16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            if not more:
+                break
+            buf += more
+        frames = []
+        start = 0
+        while len(buf) - start >= 8:
+            hlen, plen = PREFIX.unpack_from(buf, start)
+            end = start + 8 + hlen + plen
+            if end > len(buf):
+                break
+            view = memoryview(bytes(buf[start + 8:end]))
+            try:
+                frames.append(decode(view[:hlen], view[hlen:]))
+            except FrameError:
+                return 3
+            start = end
+        del buf[:start]
+        # In order; consecutive predictions of one model run as one call when they stack.
+        i = 0
+        while i < len(frames):
+            op, ident, key, meta, arrays, rest = frames[i]
+            if op != "predict":
+                worker.other(op, ident, key, meta, rest)
+                i += 1
+                continue
+            j = i
+            while j < len(frames) and frames[j][0] == "predict" and frames[j][2] == key:
+                j += 1
+            worker.predict(key, [(f[1], f[4]) for f in frames[i:j]])
+            i = j
+        worker.flush()
 
 
 def child(sock: socket.socket, spec: dict[str, Any]) -> None:

@@ -6,8 +6,8 @@ confined there (serving/worker_main.py). The front talks to a worker over a unix
 with the framing of serving/channel.py.
 
 Invariants:
-- a worker's calls are answered in order, so `stuck_for()` (time since the worker last
-  made progress while calls are waiting) tells a hung model from a queue;
+- a worker's calls are answered in order, so a worker that has answered nothing since a
+  call was sent, for the whole prediction timeout, is stuck (not merely queued): `answered_at`;
 - every call of a worker that ends (crash, kill, exit) fails with `WorkerDied` carrying the
   reason (the signal, the exit status, or why the front killed it), never hangs;
 - `kill()` kills the worker's process group (what the model spawned too); `retire()`
@@ -83,10 +83,12 @@ class Worker(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._pending: dict[int, asyncio.Future[tuple[Any, dict[str, Any]]]] = {}
         self._next = 0
-        self._progress = time.monotonic()
+        self.answered_at = 0.0  # monotonic time of its last answer
         self._killed: str | None = None  # why the front killed it, if it did
         self._retiring = False
-        self.closed = asyncio.get_running_loop().create_future()  # -> the reason it ended
+        self._out: list[bytes | memoryview] = []  # frames written at the end of this loop iteration, in one call
+        self._loop = asyncio.get_running_loop()
+        self.closed = self._loop.create_future()  # -> the reason it ended
         self.on_death: Callable[[Worker, str], None] | None = None
 
     # ------------------------------------------------------------------ asyncio.Protocol
@@ -107,7 +109,7 @@ class Worker(asyncio.Protocol):
             except FrameError as exc:
                 self.kill(f"sent an unreadable frame ({exc})")
                 return
-            self._progress = time.monotonic()
+            self.answered_at = time.monotonic()
             fut = pending.pop(ident, None)
             if fut is None or fut.done():
                 continue
@@ -158,12 +160,6 @@ class Worker(asyncio.Protocol):
     def in_flight(self) -> int:
         return len(self._pending)
 
-    def stuck_for(self) -> float:
-        """Seconds since the worker last answered while calls wait on it (0 when idle)."""
-        if not self._pending:
-            return 0.0
-        return time.monotonic() - self._progress
-
     def call(self, op: str, key: str, meta: Any = None, arrays: Mapping[str, Any] | None = None,
              payload: bytes | None = None) -> asyncio.Future[tuple[Any, dict[str, Any]]]:
         """Send one call; the future gets (meta, arrays) or WorkerError / WorkerDied."""
@@ -175,11 +171,18 @@ class Worker(asyncio.Protocol):
             return fut
         self._next += 1
         ident = self._next
-        if not self._pending:
-            self._progress = time.monotonic()  # the clock of the call now at the head starts here
         self._pending[ident] = fut
-        transport.write(b"".join(encode(op, ident, key, meta, arrays, payload)))
+        if not self._out:
+            self._loop.call_soon(self._flush)
+        self._out += encode(op, ident, key, meta, arrays, payload)
         return fut
+
+    def _flush(self) -> None:
+        """One write for every call made in this loop iteration: one syscall, and the worker reads them as one
+        batch (consecutive predictions of a model may run as one call there)."""
+        out, self._out = self._out, []
+        if out and self._transport is not None:
+            self._transport.write(b"".join(out))
 
     # ------------------------------------------------------------------ ending
 

@@ -54,11 +54,13 @@ class ModelRow:
 
 def model_rows(state: ConsoleState, now: float, warn_share: float) -> list[ModelRow]:
     """One row per name:version in the target state, serving first, then by name and version."""
-    rows = [_row(state, key, m, now, warn_share) for key, m in state.models.items()]
+    protections, loaded = state.protection_index(), state.loaded_index()
+    rows = [_row(state, key, m, now, warn_share, protections, loaded) for key, m in state.models.items()]
     return sorted(rows, key=lambda r: (r.state.target != "serving", r.state.name, _vkey(r.state.version)))
 
 
-def _row(state: ConsoleState, key: str, m: ModelState, now: float, warn_share: float) -> ModelRow:
+def _row(state: ConsoleState, key: str, m: ModelState, now: float, warn_share: float,
+         protection_index: dict[str, set[str]], loaded: dict[tuple[str, str], list[tuple[str, int]]]) -> ModelRow:
     reports = list(state.usage.get(key, ()))
     recent = [u for u in reports if u.interval_end > now - RATE_WINDOW_S]
     rpm = sum(u.count for u in recent) * (60.0 / RATE_WINDOW_S) if recent else None
@@ -66,16 +68,16 @@ def _row(state: ConsoleState, key: str, m: ModelState, now: float, warn_share: f
     requests = sum(u.count for u in window)
     errors = sum(u.errors for u in window)
     error_rate = errors / requests if requests else None
-    nodes = state.nodes_with(m.name, m.version)
-    resident = [lm.memory_bytes for s in state.nodes.values() if not s.stopping for lm in s.models
-                if lm.name == m.name and lm.version == m.version and lm.state == "ready" and lm.memory_bytes]
+    held = loaded.get((m.name, m.version), [])
+    nodes = [node for node, _bytes in held]
+    resident = [b for _node, b in held if b]
     if resident:
         memory, memory_source = max(resident), "resident, as nodes report it"
     elif m.resources.memory_bytes:
         memory, memory_source = m.resources.memory_bytes, "measured at serving validation"
     else:
         memory, memory_source = None, "not in any event"
-    protections = state.protections_of(key)
+    protections = state.protections_of(key, protection_index)
     record = state.records.get(key)
     warn_in = retire_in = None
     if record is not None and m.target == "serving" and m.expiry_seconds > 0 and not protections:

@@ -140,21 +140,35 @@ class ConsoleState:
         return [c for c in self.commands.get(endpoint, ()) if c.command_id not in acked
                 and (r is None or c.action == "start" or c.rollout_id == r.rollout_id) and not _superseded(c, r)]
 
-    def protections_of(self, key: str) -> list[str]:
-        """Why retirement keeps `name:version` (traffic, shadows, rollouts, pinned), as retirement decides it."""
-        name = key.rpartition(":")[0]
-        reasons: list[str] = []
+    def protection_index(self) -> dict[str, set[str]]:
+        """{"name:version" or "name:*": reasons} over every endpoint (compute once per rendering)."""
+        index: dict[str, set[str]] = {}
         for view in self.protections.values():
             for k, why in retirement.endpoint_protections(view).items():
-                if k == key or k == f"{name}:*":
-                    reasons.extend(why)
+                index.setdefault(k, set()).update(why)
+        return index
+
+    def protections_of(self, key: str, index: dict[str, set[str]] | None = None) -> list[str]:
+        """Why retirement keeps `name:version` (traffic, shadows, rollouts, pinned), as retirement decides it."""
+        index = self.protection_index() if index is None else index
+        reasons = index.get(key, set()) | index.get(f"{key.rpartition(':')[0]}:*", set())
         record = self.records.get(key)
-        return sorted(set(reasons) | ({"pinned by its owner"} if record is not None and record.pinned else set()))
+        return sorted(reasons | ({"pinned by its owner"} if record is not None and record.pinned else set()))
+
+    def loaded_index(self) -> dict[tuple[str, str], list[tuple[str, int]]]:
+        """{(name, version): [(node, resident bytes)]} of ready models on nodes that are not stopping."""
+        index: dict[tuple[str, str], list[tuple[str, int]]] = {}
+        for node, s in sorted(self.nodes.items()):
+            if s.stopping:
+                continue
+            for m in s.models:
+                if m.state == "ready":
+                    index.setdefault((m.name, m.version), []).append((node, m.memory_bytes))
+        return index
 
     def nodes_with(self, name: str, version: str) -> list[str]:
         """Nodes whose latest heartbeat lists name:version loaded and ready (stopping nodes serve nothing)."""
-        return sorted(n for n, s in self.nodes.items() if not s.stopping and any(
-            m.name == name and m.version == version and m.state == "ready" for m in s.models))
+        return [node for node, _bytes in self.loaded_index().get((name, version), [])]
 
 
 def _superseded(cmd: RolloutStep, r: Rollout | None) -> bool:

@@ -117,6 +117,13 @@ async def test_next_deployment_proceeds(ingest: Ingest) -> None:
     assert isinstance(outcome, DeploymentCompleted), outcome
 
 
+def test_ingest_process_never_loaded_a_model_library(ingest: Ingest) -> None:
+    """After compiling and validating deployments, no model library is mapped into ingest's own process."""
+    maps = Path(f"/proc/{ingest.proc.pid}/maps").read_text()
+    for lib in ("sklearn", "onnxruntime", "xgboost", "lightgbm", "skl2onnx"):
+        assert f"/{lib}" not in maps, lib
+
+
 async def test_sigint_during_a_hanging_compile_stops_ingest_and_its_children(ingest: Ingest) -> None:
     """SIGINT while a cyclic tree hangs compile: ingest exits 0 (bounded wait) and no sandbox child outlives it."""
     deployment_id = await ingest.upload(edited_tree("cyclic-again", "cycle").data)

@@ -144,7 +144,9 @@ Produce a `DeployRequested` on `modelcd.deploy-requests`, keyed by the model nam
 
 - `package_uri` is where **ingest** fetches the archive: `s3://bucket/key` (ingest's S3
   credentials), `file:///absolute/path.tar` (an absolute path **on the ingest host**, not on the
-  pipeline's machine), or `store:<key>`. A relative or remote `file:` path fails the deployment.
+  pipeline's machine; a regular file), or `store:<key>`. A relative or remote `file:` path fails
+  the deployment. (The same `file://` URI sent to the HTTP API is accepted only under a directory
+  listed in `MODELCD_FILE_URI_DIRS`.)
 - Set `deployment_id` yourself (any unique string, e.g. your run id) to follow the deployment: its
   progress is on `modelcd.deployments` keyed by that id, and `GET /deployments/{id}` on the
   deployment API answers for deployments that came from the topic exactly as for uploads (404

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import inspect
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ from .features import FeatureFetcher
 from .pressure import Pressure, PressureLimits, State
 
 log = get_logger("modelcd.shadow")
+
+FAILURE_LOG_INTERVAL_S = 60.0  # a failing shadow is logged once a minute per kind of failure (all are published)
 
 
 class ShadowPredict(Protocol):
@@ -119,6 +122,7 @@ class ShadowExecutor:
         self.timeouts = 0
         self.emit_errors = 0
         self.internal_errors = 0  # offer() failures swallowed to protect the request path
+        self._failure_log: dict[tuple[str, str], tuple[float, int]] = {}  # (shadow, kind) -> (logged at, quiet)
 
     # --- configuration -----------------------------------------------------------------------------
 
@@ -169,6 +173,20 @@ class ShadowExecutor:
         }
 
     # --- the request path ----------------------------------------------------------------------------
+
+    def _log_failure(self, shadow: str, error: str, request_id: str) -> None:
+        """One line per shadow and kind of failure per minute, with how many were not logged since:
+        a shadow at a version that does not serve fails on every request and must not flood the log."""
+        kind = (shadow, error.split(":", 1)[0])
+        now = time.monotonic()
+        last, quiet = self._failure_log.get(kind, (-math.inf, 0))
+        if now - last < FAILURE_LOG_INTERVAL_S:
+            self._failure_log[kind] = (last, quiet + 1)
+            return
+        if len(self._failure_log) > 1000:  # bounded: forget the kinds seen so far
+            self._failure_log.clear()
+        self._failure_log[kind] = (now, 0)
+        log.warning("shadow failed", request_id=request_id, shadow=shadow, error=error, not_logged_since=quiet)
 
     def offer(self, primary: PrimaryResult) -> int:
         """Schedule the shadows of one answered request; returns how many shadows it matched.
@@ -339,7 +357,7 @@ class ShadowExecutor:
                     self.errors += 1
                     outputs, error = {}, f"unencodable outputs: {type(exc).__name__}: {exc}"
         if error is not None:
-            log.info("shadow failed", request_id=p.request_id, shadow=f"{t.model}:{t.version}", error=error)
+            self._log_failure(f"{t.model}:{t.version}", error, p.request_id)
         return ShadowPrediction(
             request_id=p.request_id, primary_model=p.model, primary_version=p.version,
             shadow_model=t.model, shadow_version=t.version, primary_outputs=primary_outputs,

@@ -161,3 +161,19 @@ async def test_pressure_pauses_sheds_and_resumes() -> None:
     assert ex.submitted == 21 and ex.dropped_paused + len(out) == 22  # every offer accounted for
     events = [e["event"] for e in logs]
     assert "shadowing paused" in events and "shadowing resumed" in events
+
+
+async def test_a_failing_shadow_is_logged_once_not_per_request() -> None:
+    """A shadow that fails on every request (e.g. a version that does not serve) logs one line, not 50;
+    every failure is still published and counted."""
+    models, out = Models(), []
+    ex = ShadowExecutor(predict=models.predict, emit=out.append, config=ExecutorConfig(limits=NO_PRESSURE))
+    ex.update_policy(policy("boom:1"))
+    with capture_logs() as logs:
+        async with running(ex):
+            for i in range(50):
+                ex.offer(primary(i))
+            await until(lambda: len(out) == 50)
+    failed = [e for e in logs if e["event"] == "shadow failed"]
+    assert len(failed) == 1 and failed[0]["shadow"] == "boom:1"
+    assert ex.errors == 50 and all(p.shadow_error for p in out)

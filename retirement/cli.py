@@ -28,7 +28,8 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_retirement)
 
     p = sub.add_parser("expiring", help="list serving models by time to auto-retirement",
-                       description="Target state from the store, last use from modelcd.usage: each serving model "
+                       description="Target state from the store, last use from modelcd.usage and the store: each "
+                                   "serving model "
                                    "with when it will be warned and retired if it stays unused.")
     p.add_argument("--limit", type=int, default=0, help="show only the first N (soonest) models")
     p.add_argument("--json", action="store_true", help="print JSON (times as epoch seconds)")
@@ -70,9 +71,17 @@ class ExpiringRow:
 
 
 def expiring(states: Iterable[ModelState], usage: Iterable[UsageReport], traffic: Mapping[str, TrafficPolicy],
-             now: float, warn_share: float) -> list[ExpiringRow]:
-    """Serving models with an expiry, soonest retirement first (pure: the command feeds it)."""
+             now: float, warn_share: float, remembered: Mapping[str, Mapping[str, Any]] | None = None,
+             ) -> list[ExpiringRow]:
+    """Serving models with an expiry, soonest retirement first (pure: the command feeds it). `remembered`:
+    {name: {version: LastUse}} the retirement processor wrote to the store (last use beyond what the usage
+    topic still holds, and since when its table tracks the version), so the view agrees with its decisions."""
     last: dict[str, float] = {}
+    tracked: dict[str, float] = {}
+    for name, versions in (remembered or {}).items():
+        for version, kept in versions.items():
+            last[f"{name}:{version}"] = kept.last_used
+            tracked[f"{name}:{version}"] = kept.tracked_since
     for u in usage:
         key = f"{u.model}:{u.version}"
         last[key] = max(last.get(key, 0.0), u.last_used)
@@ -85,7 +94,7 @@ def expiring(states: Iterable[ModelState], usage: Iterable[UsageReport], traffic
     for s in states:
         if s.target != "serving" or s.expiry_seconds <= 0:
             continue
-        rec = policy.on_usage(policy.on_state(None, s), UsageReport(
+        rec = policy.on_usage(policy.on_state(None, s, tracked.get(f"{s.name}:{s.version}", 0.0)), UsageReport(
             model=s.name, version=s.version, node="", interval_start=0, interval_end=0, count=0,
             last_used=last.get(f"{s.name}:{s.version}", 0.0)))
         reason = policy.protection_reason(rec, protected.get(f"{s.name}:{s.version}", []))
@@ -120,11 +129,11 @@ def cmd_expiring(args: argparse.Namespace, settings: Settings) -> int:
     async def run(stop: asyncio.Event) -> int:
         async with open_store(settings.resolved_store_url, endpoint_url=settings.s3_endpoint_url) as store:
             targets = TargetState(store)
-            states, traffic = await targets.models(), await targets.traffic()
+            states, traffic, remembered = await targets.models(), await targets.traffic(), await targets.last_uses()
         usage = [e for e, _env, _r in await read_topic(KafkaConfig.from_settings(settings), USAGE)
                  if isinstance(e, UsageReport)]
         now = time.time()
-        rows = expiring(states, usage, traffic, now, settings.retirement_warn_share)
+        rows = expiring(states, usage, traffic, now, settings.retirement_warn_share, remembered)
         limit = getattr(args, "limit", 0)  # `modelcd models --expiring` has no --limit
         if limit:
             rows = rows[:limit]

@@ -89,8 +89,11 @@ def handle_usage(entry: ModelEntry, report: UsageReport, now: float = 0.0) -> bo
     return True
 
 
-def handle_state(entry: ModelEntry, state: ModelState, now: float = 0.0) -> None:
-    entry.versions[state.version] = policy.on_state(entry.versions.get(state.version), state, now)
+def handle_state(entry: ModelEntry, state: ModelState, now: float = 0.0, last_used: float = 0.0) -> bool:
+    """Fold a ModelState in; True when it created the version's record (`last_used`: what the store remembers)."""
+    before = entry.versions.get(state.version)
+    entry.versions[state.version] = policy.on_state(before, state, now, last_used)
+    return before is None
 
 
 def handle_protection(entry: ModelEntry, msg: ProtectionChanged) -> None:

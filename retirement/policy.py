@@ -169,11 +169,12 @@ def on_usage(record: Record | None, report: UsageReport, now: float = 0.0) -> Re
     return msgspec.structs.replace(record, last_used=report.last_used)
 
 
-def on_state(record: Record | None, state: ModelState, now: float = 0.0) -> Record:
+def on_state(record: Record | None, state: ModelState, now: float = 0.0, last_used: float = 0.0) -> Record:
     """Fold a ModelState in; a new deployment of the same version starts a fresh idle spell. `now`: when a
-    new record starts being tracked (see `tracked_since`)."""
+    new record starts being tracked (see `tracked_since`); `last_used`: the last use remembered in the store
+    for a new record (the table that knew it was lost with the broker)."""
     deployed_at = state.deployed_at or state.at
-    base = record or Record(name=state.name, version=state.version, tracked_since=now)
+    base = record or Record(name=state.name, version=state.version, tracked_since=now, last_used=last_used)
     fresh = record is None or (record.retired and state.target == "serving") or (
         record.known and deployed_at != record.deployed_at)
     return msgspec.structs.replace(

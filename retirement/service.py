@@ -18,6 +18,12 @@ endpoint) and the timer's checks are re-keyed onto that topic, so every change o
 model's entry, including "warned at", happens in one agent, in order, and lands in the
 changelog: a restarted worker recovers it and never warns twice.
 
+Beyond the broker: each model's last use and the time the table began tracking each version are
+also written to the store (`targets/usage/<name>.json`, throttled to one write per model per
+REMEMBER_EVERY_S of progress), so `modelcd expiring` shows them after a restart, and a table rebuilt
+after a broker loss starts a version's record from the last use the store remembers. Idle time never
+counts from before the record was created (`policy.Record.tracked_since`), whatever was lost.
+
 Delivery: at least once. Events are published (acks=all) before the table write that
 records them; a crash in between republishes them with the same deterministic event
 id after restart. Undecodable records are logged, counted and skipped.
@@ -48,6 +54,8 @@ from modelcd.events.schemas import (
 )
 from modelcd.logs import get_logger
 from modelcd.settings import Settings
+from modelcd.store.blobs import open_store
+from modelcd.store.targets import LastUse, TargetState
 
 from . import handlers, policy
 from .notify import Notifier, NotifyQueue, WebhookNotifier, notifier_from_settings
@@ -55,6 +63,7 @@ from .notify import Notifier, NotifyQueue, WebhookNotifier, notifier_from_settin
 log = get_logger("modelcd.retirement")
 
 APP_ID = "modelcd-retirement"
+REMEMBER_EVERY_S = 60.0  # a last use is written to the store when it moved this much (or is new)
 
 
 @dataclass
@@ -96,6 +105,9 @@ class RetirementProcessor:
         self._ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
+        self._stack = contextlib.AsyncExitStack()
+        self._targets: TargetState | None = None  # the store, opened in start()
+        self._remembered: dict[str, dict[str, LastUse]] = {}  # per model: what the store holds
         self.app = self._build_app(app_id)
 
     # --- the faust app -------------------------------------------------------------------------
@@ -146,6 +158,7 @@ class RetirementProcessor:
                     entry = handlers.entry_from_table(models.get(report.model))
                     if handlers.handle_usage(entry, report, self.clock()):
                         models[report.model] = handlers.entry_to_table(entry)
+                        await self._remember(report.model, entry)
                 except Exception:
                     self._failed("usage", report.model)
 
@@ -192,7 +205,10 @@ class RetirementProcessor:
                     entry = handlers.entry_from_table(models.get(key))
                     match update:
                         case handlers.StateChanged(state=state):
-                            handlers.handle_state(entry, state, self.clock())
+                            recalled = (await self._recall(state.name)).get(state.version)
+                            if handlers.handle_state(entry, state, self.clock(),
+                                                     recalled.last_used if recalled else 0.0):
+                                await self._remember(state.name, entry)
                         case handlers.ProtectionChanged():
                             handlers.handle_protection(entry, update)
                         case handlers.Check():
@@ -221,6 +237,40 @@ class RetirementProcessor:
 
         app.on_startup_finished = on_startup_finished
         return app
+
+    async def _recall(self, name: str) -> dict[str, LastUse]:
+        """What the store remembers of a model's versions (read once per model and process)."""
+        if self._targets is None:
+            return {}
+        if name not in self._remembered:
+            try:
+                self._remembered[name] = await self._targets.get_last_use(name)
+            except Exception:  # the store is a memory beyond the broker; the conservative clock still holds
+                log.exception("could not read the last use kept in the store", model=name)
+                return {}
+        return self._remembered[name]
+
+    async def _remember(self, name: str, entry: handlers.ModelEntry) -> None:
+        """Write the model's last use and tracking start to the store when a version is new to it or its last
+        use moved by REMEMBER_EVERY_S: `modelcd expiring` reads it, and a table rebuilt after a broker loss
+        starts from it."""
+        if self._targets is None:
+            return
+        known = await self._recall(name)
+        # tracked_since is the table's own (a table rebuilt after a loss tracks from its rebuild), so what
+        # `modelcd expiring` computes from the store agrees with what the processor decides.
+        doc = {v: LastUse(last_used=max(r.last_used, known[v].last_used if v in known else 0.0),
+                          tracked_since=r.tracked_since)
+               for v, r in entry.versions.items()}
+        if all(v in known and doc[v].tracked_since == known[v].tracked_since
+               and doc[v].last_used - known[v].last_used < REMEMBER_EVERY_S for v in doc):
+            return
+        try:
+            await self._targets.put_last_use(name, doc)
+        except Exception:
+            log.exception("could not write the last use to the store", model=name)
+            return
+        self._remembered[name] = doc
 
     def _decode(self, topic: str, message: Any) -> Any:
         try:
@@ -260,6 +310,9 @@ class RetirementProcessor:
         # Topics the processor reads must exist before faust subscribes (up creates them too).
         await ensure_topics(self.cfg, [T.USAGE, T.MODEL_STATE, T.TRAFFIC, T.RETIREMENT, T.DEPLOY_REQUESTS])
         await self.publisher.start()
+        store = await self._stack.enter_async_context(
+            open_store(self.settings.resolved_store_url, endpoint_url=self.settings.s3_endpoint_url))
+        self._targets = TargetState(store)
         self._tasks.append(asyncio.create_task(self.notices.run(), name="retirement-notify"))
         # faust creates only the last level of its datadir: a fresh MODELCD_HOME would crash the worker.
         self.settings.home.joinpath("retirement").mkdir(parents=True, exist_ok=True)
@@ -284,6 +337,7 @@ class RetirementProcessor:
         with contextlib.suppress(Exception):
             await self.app.stop()
         await self.publisher.stop()
+        await self._stack.aclose()
         if self._tasks:
             await self.notices.close()
             done, pending = await asyncio.wait(self._tasks, timeout=10.0)

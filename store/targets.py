@@ -5,6 +5,8 @@ The store is the durable home of every view; topics are the change log (docs/ARC
 - `targets/models/<name>/<version>.json`: the last ModelState of that version;
 - `targets/traffic/<endpoint>.json`: the last TrafficPolicy of that endpoint (its revision);
 - `targets/rollouts/<endpoint>.json`: the facts (RolloutStep) of the endpoint's latest rollout;
+- `targets/usage/<name>.json`: each version's last use and since when the retirement processor
+  tracks it (`LastUse`, written by the processor, throttled);
 - `deployments/<deployment id>.json`: the record of one ended deployment (ingest's tracking view);
 - `requests/<deployment id>.json`: a request accepted and not ended yet (ingest resumes it);
 - `uploads/<deployment id>.tar`: an archive staged by the API until its deployment ends.
@@ -57,6 +59,21 @@ def traffic_key(endpoint: str) -> str:
 
 def rollout_key(endpoint: str) -> str:
     return f"targets/rollouts/{endpoint}.json"
+
+
+def usage_key(name: str) -> str:
+    return f"targets/usage/{name}.json"
+
+
+class LastUse(msgspec.Struct, kw_only=True):
+    """What the retirement processor remembers of one version beyond the broker: its last use (epoch
+    seconds, 0: never seen used) and since when the processor's table tracks it."""
+
+    last_used: float = 0.0
+    tracked_since: float = 0.0
+
+
+_last_use_decoder = msgspec.json.Decoder(dict[str, LastUse])
 
 
 class TargetState:
@@ -130,4 +147,22 @@ class TargetState:
                 continue
             if facts:
                 out[facts[0].endpoint] = facts
+        return out
+
+    async def put_last_use(self, name: str, versions: dict[str, LastUse]) -> None:
+        await self.store.put(usage_key(name), _encoder.encode(versions))
+
+    async def get_last_use(self, name: str) -> dict[str, LastUse]:
+        try:
+            return _last_use_decoder.decode(await self.store.get(usage_key(name)))
+        except (StoreNotFound, msgspec.DecodeError):
+            return {}
+
+    async def last_uses(self) -> dict[str, dict[str, LastUse]]:
+        """{"name": {"version": LastUse}} for every model the retirement processor remembers."""
+        out = {}
+        for key in await self.store.list("targets/usage/"):
+            name = key.removeprefix("targets/usage/").removesuffix(".json")
+            if versions := await self.get_last_use(name):
+                out[name] = versions
         return out

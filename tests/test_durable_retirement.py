@@ -14,6 +14,7 @@ from modelcd.events.broker import EmbeddedBroker, free_port
 from modelcd.events.schemas import ModelState, RetirementDecision, RetirementWarning, RetireRequested, UsageReport
 from modelcd.events.topics import DEPLOY_REQUESTS, RETIREMENT
 from modelcd.retirement import handlers, policy
+from modelcd.retirement.cli import expiring
 from modelcd.retirement.service import RetirementProcessor
 from modelcd.settings import Settings
 from modelcd.store.blobs import LocalStore
@@ -71,6 +72,10 @@ async def test_broker_loss_does_not_retire_a_model_used_three_days_ago(tmp_path:
             await pub.publish(used)
             await pub.publish(UsageReport(model="used", version="1", node="n1", interval_start=now - 3 * DAY - 10,
                                           interval_end=now - 3 * DAY, count=5, last_used=now - 3 * DAY))
+            async with asyncio.timeout(30):  # the processor remembers the last use beyond the broker
+                while (await TargetState(store).get_last_use("used")).get("1") is None:
+                    await asyncio.sleep(0.2)
+    assert (await TargetState(store).get_last_use("used"))["1"].last_used == now - 3 * DAY
     # The broker is gone with everything on it; a new one starts empty.
     second = EmbeddedBroker(port=free_port(), log_file=tmp_path / "tansu-2.log")
     async with second, BusWatcher(second.bootstrap, RETIREMENT, DEPLOY_REQUESTS) as watch:
@@ -85,3 +90,8 @@ async def test_broker_loss_does_not_retire_a_model_used_three_days_ago(tmp_path:
         assert watch.of("used", RetirementWarning) == [] and watch.of("used", RetirementDecision) == []
         assert watch.of("used", RetireRequested) == []
         assert len(watch.of("short", RetirementWarning)) == 1
+    # The view after the loss: last use three days ago (from the store), not warned, as the processor decided.
+    remembered = await TargetState(store).last_uses()
+    assert remembered["used"]["1"].last_used == now - 3 * DAY and remembered["used"]["1"].tracked_since > now
+    (row,) = [r for r in expiring([used], [], {}, time.time(), 0.5, remembered) if r.model == "used"]
+    assert row.last_used == now - 3 * DAY and row.status == ""

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from modelcd.console import render
-from modelcd.console.api import ConsoleRoutes
+from modelcd.console.api import STATIC, ConsoleRoutes
 from modelcd.console.fanout import PING, Hub, frame
 from modelcd.console.figures import model_rows
 from modelcd.console.state import ConsoleState
@@ -38,6 +38,8 @@ from modelcd.ingest.api import ApiConfig, DeploymentApi
 from modelcd.ingest.tracking import TrackingView
 from modelcd.retirement import policy as retirement
 from modelcd.store.blobs import LocalStore
+
+from ._release import built_wheel  # noqa: F401 - a fixture
 
 TOKEN = "t0ken-for-tests"
 NOW = 1_800_000_000.0
@@ -379,3 +381,15 @@ async def test_stream_stops_when_the_browser_leaves() -> None:
     async with asyncio.timeout(10):
         await stream
     assert not routes.hub.clients
+
+
+# --- the release --------------------------------------------------------------------------------------
+
+
+def test_wheel_holds_the_console_static_files(built_wheel: Path) -> None:  # noqa: F811
+    """console.css and console.js ship in the wheel (package data), so an installed API serves its console."""
+    import zipfile
+
+    names = set(zipfile.ZipFile(built_wheel).namelist())
+    for name in STATIC:
+        assert f"modelcd/console/static/{name}" in names, f"{name} is missing from the wheel"

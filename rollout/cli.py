@@ -24,6 +24,7 @@ from modelcd.events.topics import USAGE
 from modelcd.runner import run_main
 from modelcd.settings import Settings
 from modelcd.store.safety import World
+from modelcd.units import duration_arg
 
 from .analysis import samples_eta, time_to_verdict
 from .machine import PLANS, Phase, Rollout, RolloutError, make_plan, parse_duration, parse_steps, split_ref, summary
@@ -128,8 +129,8 @@ def cmd_rollout_controller(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _wait_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--wait", type=float, default=15.0,
-                   help="seconds to wait for the controller's answer (0: do not wait)")
+    p.add_argument("--wait", type=duration_arg, default=15.0, metavar="DURATION",
+                   help="how long to wait for the controller's answer, e.g. 30s (default 15 s; 0: do not wait)")
 
 
 def _plan_line(plan: Any) -> str:

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 
 import msgspec
 
+from modelcd import units
 from modelcd.events.schemas import Criterion, ShadowRelation, TrafficPolicy
 from modelcd.store.safety import Unsafe, World, check_serving
 
@@ -44,6 +45,11 @@ def parse_time(text: str, now: float) -> float | None:
     m = _DURATION.match(t)
     if m:
         return now + float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not re.match(r"^\d{4}-\d{2}-\d{2}", t):  # not an ISO date: any duration of modelcd.units (1d12h, 90s)
+        try:
+            return now + units.parse_duration(t)
+        except units.UnitError:
+            pass
     try:
         dt = datetime.fromisoformat(t)
     except ValueError:

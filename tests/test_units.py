@@ -74,3 +74,11 @@ def test_settings_errors_use_words_not_python_types() -> None:
     with pytest.raises(SettingsError) as info:
         Settings.from_env({"MODELCD_TOPIC_PARTITIONS": "three"})
     assert "whole number" in str(info.value) and "<class" not in str(info.value)
+
+
+def test_shadow_until_takes_any_duration() -> None:
+    """`shadow add --until 1d12h` works like every other duration (it took only one number and unit)."""
+    from modelcd.shadow.relations import parse_time
+
+    assert parse_time("1d12h", now=0.0) == 129600.0 and parse_time("90s", now=10.0) == 100.0
+    assert parse_time("2030-01-31", now=0.0) is not None and parse_time("never", now=0.0) is None

@@ -26,9 +26,11 @@ the tail of its stderr. Each is a `DeploymentRejected` at the step of the phase:
 (checks), `CompileFailed` (compile), `ServingValidationFailed` (validation).
 
 Each child runs one package and exits: nothing a model did survives into the next deployment. Its stdin
-and stdout are the only channel; it runs in its own session and a temporary working directory, and it
-never outlives ingest (the parent-death signal, SIGKILL, on Linux). The
-parent does not trust what it hands back: a compiled archive is read with `read_package` again and
+and a private copy of its stdout are the only channel (fd 1 points at stderr, so what a model library
+prints cannot corrupt a phase line; only the last 64 KiB of stderr are kept); it runs in its own
+session, in a temporary working directory, with an environment stripped of ingest's secrets (only
+`_CHILD_ENV`: no MODELCD_API_TOKEN, no AWS credentials, but `modelcd up`'s run mark), and it never outlives ingest (the
+parent-death signal, SIGKILL, on Linux). The parent does not trust what it hands back: a compiled archive is read with `read_package` again and
 compared with the original by the caller (`policy.check_compiled`).
 
 Memory: `memory_bytes` is the resident growth while the serving model loads and predicts. After a
@@ -199,9 +201,10 @@ class Sandbox:
             "--parent", str(os.getpid()),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             cwd=tmp.name, start_new_session=True,  # its own process group: a kill takes its threads and children
+            env=_child_env(),
         )
         assert proc.stdout is not None and proc.stderr is not None
-        return _Child(proc, tmp, asyncio.ensure_future(proc.stderr.read()))
+        return _Child(proc, tmp, asyncio.ensure_future(_tail(proc.stderr)))
 
     async def _take(self) -> _Child:
         """The spare child if it is alive, else a new one; starts the next spare either way."""
@@ -277,6 +280,28 @@ class Sandbox:
             await job.close()
 
 
+#: What the child inherits of ingest's environment: how to find Python and its libraries, locale, temp dir and
+#: thread counts, and `modelcd up`'s run mark (its supervisor finds what is left of a run by it). Never ingest's
+#: secrets (MODELCD_API_TOKEN, AWS_*, tokens): model code runs there.
+_CHILD_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "TZ", "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV",
+              "LD_LIBRARY_PATH", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "SYSTEMROOT",
+              "MODELCD_UP_RUN")
+
+
+def _child_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k in _CHILD_ENV}
+
+
+async def _tail(stream: asyncio.StreamReader, keep: int = 64 << 10) -> bytes:
+    """Drain the child's stderr keeping only its last `keep` bytes: a model may write gigabytes there."""
+    buf = bytearray()
+    while chunk := await stream.read(1 << 16):
+        buf += chunk
+        if len(buf) > 2 * keep:
+            del buf[:-keep]
+    return bytes(buf[-keep:])
+
+
 class _Timeout(Exception):
     pass
 
@@ -292,6 +317,8 @@ async def _line(proc: asyncio.subprocess.Process, stderr: asyncio.Future[bytes],
         raw = await asyncio.wait_for(proc.stdout.readline(), timeout)
     except TimeoutError:
         raise _Timeout from None
+    except ValueError:  # a line past the stream's limit: not the protocol
+        raise _Died("the sandbox wrote an oversized line") from None
     if not raw:  # the child died without a word: a signal, the OOM killer, a hard crash
         code = await proc.wait()
         raise _Died(await _death(stderr, code))
@@ -345,9 +372,21 @@ def _rss_bytes() -> int:
         return peak if sys.platform == "darwin" else peak * 1024
 
 
+_PROTOCOL: Any = None  # the child's channel to ingest: the original stdout, kept from model code
+
+
 def _say(doc: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(doc) + "\n")
-    sys.stdout.flush()
+    _PROTOCOL.write(json.dumps(doc) + "\n")
+    _PROTOCOL.flush()
+
+
+def _keep_protocol_channel() -> None:
+    """Move the protocol to a private copy of stdout and point fd 1 at stderr: whatever a model library
+    prints goes to the stderr tail, and cannot forge or corrupt a phase line."""
+    global _PROTOCOL
+    _PROTOCOL = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
 
 
 _LIBRARIES = {"sklearn": ("sklearn", "skops.io"), "onnx": ("onnxruntime",), "xgboost": ("xgboost",),
@@ -370,6 +409,7 @@ def _child(path: str, memory: int, parent: int = 0) -> int:
     import resource
 
     _die_with_parent(parent)
+    _keep_protocol_channel()
     if memory > 0:
         # Address space, not RSS: the only limit an unprivileged process can set on itself that the
         # kernel enforces; an allocation past it fails (MemoryError) instead of swapping the host.

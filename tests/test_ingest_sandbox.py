@@ -39,3 +39,23 @@ async def test_verdicts_warm_and_cold_and_no_child_left(warm: bool) -> None:
     assert sandbox._spare is None  # noqa: SLF001
     if pid is not None:
         assert not alive(pid) or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+async def test_child_environment_has_no_secrets_and_prints_do_not_break_the_protocol(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sandbox child inherits no secret (API token, AWS keys: model code runs there), keeps up's run mark, validates."""
+    monkeypatch.setenv("MODELCD_API_TOKEN", "s3cret")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cret-too")
+    monkeypatch.setenv("MODELCD_UP_RUN", "run-1")
+    sandbox = Sandbox(timeout_s=60, memory_bytes=4 << 30, warm=True)
+    sandbox.prestart()
+    try:
+        assert sandbox._spare is not None  # noqa: SLF001
+        spare = await sandbox._spare  # noqa: SLF001
+        environ = open(f"/proc/{spare.proc.pid}/environ", "rb").read()
+        assert b"s3cret" not in environ and b"MODELCD_API_TOKEN" not in environ
+        assert b"MODELCD_UP_RUN=run-1" in environ  # modelcd up's supervisor finds leftovers of its run by it
+        report = await sandbox.validate(iris_package("sbx-env", "1").data)
+        assert report.samples > 0
+    finally:
+        await sandbox.close()

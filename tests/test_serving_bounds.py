@@ -208,15 +208,16 @@ async def _statuses_until_ready(node: ServingNode, url: str, ready: asyncio.Even
     return seen
 
 
+def slow_loader(pkg: Any) -> Any:
+    """A model that takes a while to load (module-level: model workers import their loader by name)."""
+    time.sleep(2.0)  # the window the finding saw, made wide
+    return default_loader(pkg)
+
+
 @pytest.mark.faults
 async def test_a_deployed_model_is_503_with_retry_after_until_loaded_never_404(broker: EmbeddedBroker,
                                                                                tmp_path: Path) -> None:
     """From the node's first byte to its readiness, a deployed model answers 503 + Retry-After or 200, never 404."""
-
-    def slow_loader(pkg: Any) -> Any:
-        time.sleep(2.0)  # a model that takes a while to load: the window the finding saw, made wide
-        return default_loader(pkg)
-
     port = free_port()
     settings = node_settings(tmp_path, broker.bootstrap, load_wait=0.2)
     async with open_store(settings.resolved_store_url) as store, Publisher(broker.config, "test") as pub:

@@ -63,6 +63,10 @@ def register(sub: Any) -> None:
     rep.add_argument("primary", help="primary model name or name:version")
     rep.add_argument("--windows", type=int, default=1, help="windows per pair, newest first (default 1)")
     rep.add_argument("--json", action="store_true", help="print the comparisons as JSON (ShadowComparison events)")
+    rep.add_argument("--output", metavar="NAME",
+                     help="compare this output (e.g. probabilities of a classifier, whose label alone gives no "
+                          "differences): recomputed from modelcd.shadow-predictions over MODELCD_COMPARISON_WINDOW "
+                          "windows instead of read from the comparison processor's results")
     rep.set_defaults(func=cmd_report)
 
     c = ssub.add_parser("compare", help="run the comparison stream processor until Ctrl-C "
@@ -231,8 +235,20 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     from modelcd.events.topics import SHADOW_COMPARISONS
 
     async def run(stop: asyncio.Event) -> int:
-        records = await read_topic(KafkaConfig.from_settings(settings), SHADOW_COMPARISONS)
-        events = [e for e, _env, _r in records if isinstance(e, ShadowComparison)]
+        cfg = KafkaConfig.from_settings(settings)
+        if args.output:
+            from modelcd.events.schemas import ShadowPrediction
+            from modelcd.events.topics import SHADOW_PREDICTIONS
+
+            from .comparison import compare_windows
+
+            name = args.primary.partition(":")[0]
+            predictions = [e for e, _env, _r in await read_topic(cfg, SHADOW_PREDICTIONS)
+                           if isinstance(e, ShadowPrediction) and e.primary_model == name]
+            events = compare_windows(predictions, settings.comparison_window, output=args.output)
+        else:
+            records = await read_topic(cfg, SHADOW_COMPARISONS)
+            events = [e for e, _env, _r in records if isinstance(e, ShadowComparison)]
         latest = latest_comparisons(events, args.primary, args.windows)
         if getattr(args, "json", False):
             print(json.dumps(msgspec.to_builtins(latest), indent=2))

@@ -98,6 +98,7 @@ class Window:
     diff_max: float | None = None
     primary_latencies: list[float] = field(default_factory=list)
     shadow_latencies: list[float] = field(default_factory=list)
+    output: str | None = None  # the output to compare; None: the first both sides returned
 
     def add(self, p: ShadowPrediction) -> None:
         self.count += 1
@@ -106,7 +107,10 @@ class Window:
             self.errors += 1
             return
         self.shadow_latencies.append(p.shadow_latency_ms)
-        name = compared_output(p.primary_outputs, p.shadow_outputs)
+        if self.output is not None:
+            name = self.output if self.output in p.primary_outputs and self.output in p.shadow_outputs else None
+        else:
+            name = compared_output(p.primary_outputs, p.shadow_outputs)
         if name is None:
             return
         a = list(_flat(p.primary_outputs[name]))
@@ -135,6 +139,20 @@ class Window:
             shadow_latency_ms=latency_summary(self.shadow_latencies),
             **({"at": at} if at is not None else {}),
         )
+
+
+def compare_windows(predictions: Iterable[ShadowPrediction], size: float, *, output: str | None = None,
+                    at: float | None = None) -> list[ShadowComparison]:
+    """Tumbling windows of `size` seconds per pair over `predictions`, comparing `output` (pure: for reports)."""
+    windows: dict[tuple[str, str, float], Window] = {}
+    for p in predictions:
+        pair = (f"{p.primary_model}:{p.primary_version}", f"{p.shadow_model}:{p.shadow_version}")
+        start, end = window_bounds(p.at, size)
+        w = windows.get((*pair, start))
+        if w is None:
+            w = windows[(*pair, start)] = Window(primary=pair[0], shadow=pair[1], start=start, end=end, output=output)
+        w.add(p)
+    return [w.result(at=at) for w in windows.values()]
 
 
 def window_bounds(at: float, size: float) -> tuple[float, float]:

@@ -117,3 +117,21 @@ async def test_open_windows_pin_offsets_across_restart(broker: EmbeddedBroker) -
     assert second.consumed == 1  # it resumed at the open window's first record, not from the beginning
     got = [c for c, _env, _r in await read_topic(broker.config, SHADOW_COMPARISONS) if isinstance(c, ShadowComparison)]
     assert sorted((c.count, c.agreement) for c in got) == [(1, 1.0), (2, 0.5)]
+
+
+def test_a_chosen_output_is_compared_instead_of_the_label() -> None:
+    """`shadow report --output probabilities`: a classifier's probabilities give differences, its label only
+    agreement ("-" for |diff|)."""
+    from modelcd.events.schemas import ShadowPrediction
+    from modelcd.shadow.comparison import compare_windows
+
+    preds = [ShadowPrediction(request_id=str(i), primary_model="iris", primary_version="1", shadow_model="iris",
+                              shadow_version="2", primary_outputs={"label": [0], "probabilities": [0.9, 0.1]},
+                              shadow_outputs={"label": [0], "probabilities": [0.7, 0.3]}, at=100.0 + i)
+             for i in range(4)]
+    (by_label,) = compare_windows(preds, 60.0)
+    assert by_label.agreement == 1.0 and by_label.mean_abs_diff is None
+    (by_proba,) = compare_windows(preds, 60.0, output="probabilities")
+    assert by_proba.agreement is None and by_proba.count == 4
+    assert by_proba.mean_abs_diff is not None and abs(by_proba.mean_abs_diff - 0.2) < 1e-9
+    assert compare_windows(preds, 60.0, output="nope")[0].mean_abs_diff is None

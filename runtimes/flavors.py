@@ -470,8 +470,28 @@ def load_runtime(manifest: Manifest, files: Mapping[str, bytes] | str | os.PathL
             data = (Path(files) / model_file).read_bytes()
         except OSError as exc:
             raise ModelLoadError(f"cannot read model file {model_file!r}: {exc}") from None
-    return create_runtime(runtime, data, inputs=manifest.inputs, outputs=manifest.outputs, model_file=model_file,
-                          trust_pickle=trust_pickle, trusted_types=trusted_types, intra_op_threads=intra_op_threads)
+    rt = create_runtime(runtime, data, inputs=manifest.inputs, outputs=manifest.outputs, model_file=model_file,
+                        trust_pickle=trust_pickle, trusted_types=trusted_types, intra_op_threads=intra_op_threads)
+    if os.environ.get(PERTURB_ENV) == runtime:
+        return _Perturbed(rt)
+    return rt
+
+
+# Test-only (tests/test_release_canary.py): MODELCD_TEST_PERTURB_RUNTIME=<runtime> shifts that runtime's float
+# outputs, as a release that changed a model's numerics would. Never set it in production.
+PERTURB_ENV = "MODELCD_TEST_PERTURB_RUNTIME"
+
+
+class _Perturbed:
+    def __init__(self, inner: Runtime) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def predict(self, inputs: Mapping[str, Any]) -> dict[str, Array]:
+        out = self._inner.predict(inputs)
+        return {k: v + 0.25 if np.issubdtype(np.asarray(v).dtype, np.floating) else v for k, v in out.items()}
 
 
 def outputs_match(expected: Mapping[str, Any], actual: Mapping[str, Any], tolerance: float) -> str | None:

@@ -440,6 +440,8 @@ class DeploymentApi:
             "deployed_at": m.deployed_at, "reason": m.reason,
             "memory_bytes": m.resources.memory_bytes, "predict_us": m.resources.predict_us,
             "nodes_serving": self.view.nodes_serving(m.name, m.version, m.sha256) if m.target == "serving" else 0,
+            "nodes_quarantined": self.view.nodes_quarantined(m.name, m.version, m.sha256)
+            if m.target == "serving" else 0,
         }
 
     async def _retire(self, name: str, version: str, query: dict[str, str],

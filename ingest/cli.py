@@ -353,8 +353,10 @@ def cmd_models(args: argparse.Namespace, settings: Settings, *, expiring: Comman
           "DEPLOYED")
     for m in models:
         deployed = time.strftime("%Y-%m-%d %H:%M", time.localtime(m["deployed_at"])) if m["deployed_at"] else "-"
+        quarantined = m.get("nodes_quarantined", 0)
+        note = f"  QUARANTINED on {quarantined} node(s): its worker kept crashing" if quarantined else ""
         print(f"{m['name']:<20} {m['version']:<10} {m['state']:<8} {m['runtime'] or '-':<9} {m['owner'] or '-':<16} "
-              f"{_days(m['expiry_seconds']):>8} {m['nodes_serving']:>5}  {deployed}")
+              f"{_days(m['expiry_seconds']):>8} {m['nodes_serving']:>5}  {deployed}{note}")
     return 0
 
 

@@ -79,6 +79,8 @@ class TrackingView:
         self._deployments: dict[str, _Deployment] = {}
         # node -> {(name, version, sha256)} loaded and ready, from its latest NodeStatus.
         self._nodes: dict[str, frozenset[tuple[str, str, str]]] = {}
+        # node -> {(name, version, sha256)} the node quarantined (its worker kept dying).
+        self._quarantined: dict[str, frozenset[tuple[str, str, str]]] = {}
         self._max = max_deployments
         self.revision = 0
         self._changed = asyncio.Event()
@@ -127,9 +129,13 @@ class TrackingView:
                 loaded = frozenset(
                     (m.name, m.version, m.sha256) for m in event.models if m.state == "ready"
                 ) if not event.stopping else frozenset()
-                if self._nodes.get(event.node) == loaded:
+                quarantined = frozenset(
+                    (m.name, m.version, m.sha256) for m in event.models if m.quarantined
+                ) if not event.stopping else frozenset()
+                if self._nodes.get(event.node) == loaded and self._quarantined.get(event.node, frozenset()) == quarantined:
                     return True
                 self._nodes[event.node] = loaded
+                self._quarantined[event.node] = quarantined
             case _:
                 return False
         self._bump()
@@ -162,6 +168,12 @@ class TrackingView:
         return sum(
             1 for loaded in self._nodes.values()
             if any(n == name and v == version and (not sha256 or s == sha256) for n, v, s in loaded)
+        )
+
+    def nodes_quarantined(self, name: str, version: str, sha256: str = "") -> int:
+        return sum(
+            1 for held in self._quarantined.values()
+            if any(n == name and v == version and (not sha256 or s == sha256) for n, v, s in held)
         )
 
     def deployment(self, deployment_id: str) -> DeploymentView | None:

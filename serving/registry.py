@@ -351,7 +351,9 @@ class Registry:
             raise ModelUnavailable(f"model {entry.key} is quarantined on this node: {entry.error}; deploy a fixed "
                                    "version (or restart the node to try it again)")
         if entry.status == "restarting":
-            raise ModelUnavailable(f"model {entry.key} is restarting: {entry.error}; retry later")
+            raise ModelUnavailable(f"model {entry.key} is restarting: {entry.error}; retry later",
+                                   retry_after=max(1.0, entry.crashes.backoff(self.settings.worker_restart_backoff,
+                                                                              self.settings.worker_restart_backoff_max)))
         fut = self._schedule_load(entry)
         try:
             async with asyncio.timeout(self.settings.load_timeout):

@@ -1,7 +1,8 @@
 """The zygote: a clean, single-threaded process that forks model workers for its node's front.
 
 `python -m modelcd.serving.zygote CONFIG_JSON` is started by the front (workers.Zygote) with
-an environment of its own (no `MODELCD_*`, no cloud credentials: see `clean_env`), imports
+an environment of its own (no `MODELCD_*` but the supervisor's run mark, no cloud credentials:
+see `clean_env`), imports
 numpy and the serving runtimes once, and then forks one worker per request in a few
 milliseconds; the workers share those imported pages copy-on-write. Invariants:
 
@@ -32,7 +33,9 @@ from typing import Any
 PRELOAD = ("numpy", "modelcd.store.package", "modelcd.runtimes.flavors", "sklearn.tree", "skops.io")
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS",
                "VECLIB_MAXIMUM_THREADS")
-KEEP_VARS = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE", "VIRTUAL_ENV")
+# MODELCD_UP_RUN is no secret: it is how `modelcd up` finds what is left of its run after a crash.
+KEEP_VARS = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE", "VIRTUAL_ENV",
+             "MODELCD_UP_RUN")
 
 
 def clean_env(threads: int) -> dict[str, str]:

@@ -71,3 +71,17 @@ def test_requests_stack_and_split_back_only_when_they_fit() -> None:
     assert merge([a, {"x": np.ones((1, 4))}]) is None
     assert split({"mean": np.float64(1.0)}, [2, 1]) is None
     assert split({"y": np.arange(4)}, [2, 1]) is None
+
+
+def test_the_deployment_view_counts_nodes_that_quarantined_a_model() -> None:
+    """`modelcd models` learns from NodeStatus which nodes quarantined a version, and forgets when they stop."""
+    from modelcd.events.schemas import LoadedModel, NodeStatus
+    from modelcd.ingest.tracking import TrackingView
+
+    view = TrackingView()
+    bad = LoadedModel(name="m", version="1", sha256="a", state="failed", quarantined=True, restarts=3)
+    view.apply(NodeStatus(node="n1", ready=True, models=[bad]))
+    view.apply(NodeStatus(node="n2", ready=True, models=[LoadedModel(name="m", version="1", sha256="a")]))
+    assert view.nodes_quarantined("m", "1", "a") == 1 and view.nodes_serving("m", "1", "a") == 1
+    view.apply(NodeStatus(node="n1", ready=False, models=[bad], stopping=True))
+    assert view.nodes_quarantined("m", "1", "a") == 0

@@ -27,7 +27,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import re
 import shutil

@@ -172,3 +172,4 @@ def loop_onnx(name: str = "loop", version: str = "1") -> Any:
     onnx.checker.check_model(model)
     return build_package(model, name=name, version=version, owner="tests", expiry="30d",
                          sample_inputs={"input": np.array([[1, 2], [3, 1]], np.float32)})
+

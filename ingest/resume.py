@@ -9,6 +9,9 @@
   fails with a reason (the pipeline counts pickups and fails a request that keeps killing ingest).
   A request still on the topic is left to the consumer's redelivery, so it is not handled twice.
 
+- The tracking view: `recall_deployments` folds in the deployments the store records and the topics
+  no longer hold, so `GET /deployments` lists them (one id is answered from the store anyway).
+
 Both are idempotent: republished events carry deterministic ids, and the pipeline skips a
 request whose record exists and resumes one whose target it already wrote.
 """
@@ -23,9 +26,12 @@ from modelcd.events.topics import DEPLOY_REQUESTS
 from modelcd.logs import get_logger
 from modelcd.store.blobs import Store, StoreNotFound
 from modelcd.store.restore import Sink, restore_id, restore_targets
-from modelcd.store.targets import REQUEST_PREFIX, TargetState, id_of, record_key
+from modelcd.store.targets import RECORD_PREFIX, REQUEST_PREFIX, TargetState, id_of, record_key
 
-from .policy import accepted_decoder
+from .policy import accepted_decoder, record_decoder
+from .tracking import TrackingView, view_of_record, view_of_request
+
+SEED_LIMIT = 10_000
 
 log = get_logger("modelcd.ingest.resume")
 
@@ -61,3 +67,25 @@ async def resume(store: Store, cfg: KafkaConfig, sink: Sink, *, topic_prefix: st
         await sink.publish(req, event_id=restore_id("request", req.deployment_id))
     if lost:
         log.warning("published again the requests the broker had lost", deployments=[r.deployment_id for r in lost])
+
+
+async def recall_deployments(store: Store, view: TrackingView, *, limit: int = SEED_LIMIT) -> int:
+    """Fold into the tracking view the deployments the store records and the topics no longer hold (records
+    of ended ones, accepted requests of the others), so `GET /deployments` lists them after a broker loss.
+    Runs beside the service (the API answers one id from the store meanwhile); at most `limit` are read."""
+    added = 0
+    keys = [*await store.list(RECORD_PREFIX), *await store.list(REQUEST_PREFIX)]
+    for key in keys[:limit]:
+        deployment_id = id_of(key)
+        if view.deployment(deployment_id) is not None:
+            continue
+        try:
+            raw = await store.get(key)
+            stored = (view_of_record(record_decoder.decode(raw), view) if key.startswith(RECORD_PREFIX)
+                      else view_of_request(accepted_decoder.decode(raw), view))
+        except (StoreNotFound, msgspec.DecodeError):
+            continue
+        added += view.remember(stored)
+    if added:
+        log.info("deployments recalled from the store", deployments=added)
+    return added

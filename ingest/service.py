@@ -38,7 +38,7 @@ from modelcd.store.blobs import open_store
 from .api import ApiConfig, DeploymentApi, RoutesFactory
 from .pipeline import Pipeline
 from .policy import parse_file_dirs
-from .resume import resume
+from .resume import recall_deployments, resume
 from .sandbox import Sandbox
 from .tracking import TrackingView, run_tracker
 
@@ -126,6 +126,7 @@ async def run_ingest(settings: Settings, *, stop: asyncio.Event, ready: asyncio.
             http = tg.create_task(server.serve(sockets=[sock]), name="ingest-http")
             consuming = tg.create_task(consumer.run(), name="ingest-consumer")
             tracking = tg.create_task(run_tracker(cfg, view, ready=tracker_ready), name="ingest-tracker")
+            recalling = tg.create_task(_recall(store, view, tracker_ready), name="ingest-recall")
             mounted = tg.create_task(api.run_mounted(), name="ingest-mounted")
             await _first(stop, _all(server.started_event, consumer.started, tracker_ready))
             if not stop.is_set():
@@ -144,7 +145,17 @@ async def run_ingest(settings: Settings, *, stop: asyncio.Event, ready: asyncio.
             await _bounded(consuming, settings.validation_timeout + 15)
             # 3. the view is rebuilt from the topics on the next start.
             tracking.cancel()
+            recalling.cancel()
         log.info("ingest stopped")
+
+
+async def _recall(store: Any, view: TrackingView, caught_up: asyncio.Event) -> None:
+    """After the tracker caught up: the deployments only the store still knows, into the view (never fatal)."""
+    await caught_up.wait()
+    try:
+        await recall_deployments(store, view)
+    except Exception:  # noqa: BLE001 - one id is still answered from the store; the list is a convenience
+        log.exception("could not recall deployments from the store")
 
 
 async def _all(*events: asyncio.Event) -> None:

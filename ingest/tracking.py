@@ -141,6 +141,17 @@ class TrackingView:
         self._bump()
         return True
 
+    def remember(self, stored: DeploymentView) -> bool:
+        """Add a deployment known only from the store (the topics lost it), so it is answered and listed like
+        the others; a deployment the topics told about is left as they told. True if added."""
+        if stored.deployment_id in self._deployments:
+            return False
+        d = self._entry(stored.deployment_id)
+        d.view = stored
+        d.steps = {s.step: s for s in stored.steps}
+        self._bump()
+        return True
+
     def _entry(self, deployment_id: str) -> _Deployment:
         d = self._deployments.get(deployment_id)
         if d is None:

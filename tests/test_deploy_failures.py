@@ -127,3 +127,21 @@ async def test_a_short_s3_outage_does_not_lose_the_deployment(broker: EmbeddedBr
     assert isinstance(outcome, DeploymentCompleted), outcome
     assert watcher.steps(request.deployment_id).count(("validate", "started")) >= 2
     assert await TargetState(LocalStore(tmp_path / "store")).get_model("iris", "1") is not None
+
+
+async def test_a_request_that_keeps_killing_ingest_fails(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """A request picked up MAX_PICKUPS times without ending (each pickup killed ingest) fails saying so, instead
+    of being handled again after every restart."""
+    from modelcd.ingest.policy import MAX_PICKUPS, AcceptedRequest, accepted_encoder
+
+    request = DeployRequested(model="iris", package_uri="store:uploads/crashes.tar")
+    store = LocalStore(tmp_path / "store")
+    await store.put(f"requests/{request.deployment_id}.json", accepted_encoder.encode(
+        AcceptedRequest(request=request, accepted_at=request.requested_at, pickups=MAX_PICKUPS)))
+    settings = settings_for(broker.bootstrap, str(tmp_path / "store"), free_port(), tmp_path)
+    async with running_ingest(settings) as watcher:  # it publishes the request again on start
+        outcome = await watcher.outcome(request.deployment_id, timeout=30)
+    assert isinstance(outcome, DeploymentFailed), outcome
+    assert f"ingest stopped {MAX_PICKUPS} times" in outcome.reason
+    assert await store.list("requests/") == []
+    assert (await _record(tmp_path, request.deployment_id))["status"] == "failed"

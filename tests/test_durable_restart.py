@@ -135,6 +135,10 @@ async def test_restart_with_an_empty_broker_keeps_every_view(tmp_path: Path) -> 
         async with services(settings), httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.ingest_port}",
                                                          timeout=30) as client:
             after = await views(settings, ids)
+            async with asyncio.timeout(30):  # the list too, once ingest recalled them from the store
+                while not {d["deployment_id"] for d in (await client.get("/deployments")).json()["deployments"]} \
+                        >= set(ids):
+                    await asyncio.sleep(0.2)
             assert after["api"]["deployments"] == before["api"]["deployments"]
             assert after["api"]["models"] == before["api"]["models"]
             for view in ("traffic", "shadow traffic", "shadows"):

@@ -55,7 +55,10 @@ class Env:
         assert isinstance(outcome, DeploymentFailed), outcome
         assert outcome.step == step and all(w in outcome.reason for w in words), outcome.reason
         assert (step, "failed") in self.watcher.steps(deployment_id)
-        assert await self.snapshot() == before
+        # The staged upload goes right after the outcome is published and recorded: wait for it, bounded.
+        async with asyncio.timeout(10):
+            while await self.snapshot() != before:
+                await asyncio.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

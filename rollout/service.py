@@ -116,6 +116,9 @@ class Evidence:
             arm = arms.get(ref)
             if arm is None or lg.at < r.window_start or lg.endpoint not in ("", r.endpoint):
                 continue
+            if lg.error and 400 <= lg.status < 500:  # the caller's mistake, not the model's
+                arm.client_errors += 1
+                continue
             arm.requests += 1
             if lg.error:
                 arm.errors += 1

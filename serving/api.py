@@ -236,12 +236,12 @@ class ServingApp:
             outputs = await self.registry.predict(entry, loaded, inputs, shape[0] if shape else 1)
             out, out_header_length = encode_response(outputs, req, entry.name, entry.version, self.max_response)
         except ServingError as exc:
-            await self._failed(send, exc, entry, request_id, tail, t0)
+            await self._failed(send, exc, entry, request_id, tail, t0, endpoint=endpoint, log_rate=log_rate)
             return
         except Exception as exc:  # a bug must still answer with a reason, and never kill the server
             log.exception("inference failed unexpectedly", request_id=request_id, target=tail)
             await self._failed(send, ServingError(f"internal error: {type(exc).__name__}: {exc}"), entry,
-                               request_id, tail, t0)
+                               request_id, tail, t0, endpoint=endpoint, log_rate=log_rate)
             return
         rid = (_REQUEST_ID, request_id.encode(errors="replace"))
         if out_header_length is None:
@@ -400,7 +400,7 @@ class ServingApp:
                            "retry shortly", retry_after=1.0)
 
     async def _failed(self, send: Send, exc: ServingError, entry: ModelEntry | None, request_id: str | None,
-                      target: str, t0: float) -> None:
+                      target: str, t0: float, *, endpoint: str = "", log_rate: float = 0.0) -> None:
         headers = _error_headers(exc)
         if request_id:
             headers = [*headers, (_REQUEST_ID, request_id.encode(errors="replace"))]
@@ -416,6 +416,12 @@ class ServingApp:
             if exc.status < 500:  # the caller's mistake: rollout analysis must not blame the model for it
                 entry.usage.client_errors += 1
             entry.usage.last_used = time.time()
+            # Sampled like the successes, so a caller can find its refused request (and why) by its id.
+            if log_rate and random.random() < log_rate:
+                self.telemetry.offer(PredictionLog(
+                    request_id=request_id or uuid.uuid4().hex, model=entry.name, version=entry.version,
+                    endpoint=endpoint, node=self.node, latency_ms=(time.perf_counter() - t0) * 1000,
+                    error=exc.reason, status=exc.status))
         if exc.status >= 500:
             log.warning("inference failed", request_id=request_id, target=target, status=exc.status,
                         reason=exc.reason)

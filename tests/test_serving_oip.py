@@ -63,12 +63,17 @@ async def test_repository_index_allow_and_request_ids(broker: EmbeddedBroker, tm
             in_body = await n.infer("iris", infer_body(id="body-9"))
             assert in_body.json()["id"] == "body-9" and in_body.headers["x-request-id"] == "body-9"
 
-            async def logged() -> bool:
-                ids = {e.request_id for e, _env, _r in await read_topic(broker.config, "modelcd.predictions")
-                       if isinstance(e, PredictionLog)}
-                return {made_id, "caller-7", "body-9"} <= ids
+            refused = await n.infer("iris", {"inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP64",
+                                                          "data": [1.0, 2.0, 3.0]}]},
+                                    headers={"x-request-id": "bad-3"})
+            assert refused.status_code == 400 and refused.headers["x-request-id"] == "bad-3"
 
-            await eventually(logged, timeout=30, what="the three requests in the prediction log")
+            async def logged() -> bool:
+                logs = {e.request_id: e for e, _env, _r in await read_topic(broker.config, "modelcd.predictions")
+                        if isinstance(e, PredictionLog)}
+                return {made_id, "caller-7", "body-9", "bad-3"} <= set(logs) and logs["bad-3"].status == 400
+
+            await eventually(logged, timeout=30, what="the four requests in the prediction log, the 4xx with its status")
 
 
 async def test_compressed_request_bodies(broker: EmbeddedBroker, tmp_path: Path) -> None:

@@ -32,6 +32,11 @@ class PredictionLog(Event, frozen=True, kw_only=True, tag="modelcd.prediction.lo
     outputs: Annotated[dict[str, Any], Doc("The response's output tensors by name, in the same form as inputs.")] = {}
     latency_ms: Annotated[float, Doc("Time the model took to answer, in milliseconds.")] = 0.0
     error: Annotated[str | None, Doc("Why the prediction failed (null when it succeeded).")] = None
+    status: Annotated[
+        int,
+        Doc("HTTP status of the answer: 200, a 4xx the caller caused (a malformed or mismatched request: `error` "
+            "says why, `outputs` is empty) or a 5xx the model or node caused."),
+    ] = 200
     at: Annotated[
         float,
         Doc("When the prediction was answered, seconds since the Unix epoch (UTC, fractional)."),

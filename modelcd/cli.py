@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modelcd",
         description="Continuous deployment of machine-learning models onto real-time prediction nodes, on Kafka.",
-        epilog="Every setting comes from MODELCD_* environment variables: `modelcd config` lists them.",
+        epilog="Every setting comes from MODELCD_* environment variables: `modelcd config` lists them. "
+               "Durations take units (90s, 5m, 1h, 7d, 1d12h). Exit codes: 0 done, 1 refused or failed, "
+               "2 usage or configuration (including a broker, API or store that cannot be reached).",
     )
     parser.add_argument("--version", action="version", version=f"modelcd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

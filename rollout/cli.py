@@ -65,9 +65,10 @@ def register(sub: Any) -> None:
                                     "404) and its shadow relations end. The models stay deployed.")
     s.add_argument("endpoint")
     s.set_defaults(func=cmd_traffic_delete)
-    s = tsub.add_parser("show", help="print an endpoint's current policy (and its rollout, if any)")
-    s.add_argument("endpoint")
-    s.add_argument("--json", action="store_true")
+    s = tsub.add_parser("show", help="print an endpoint's current policy (and its rollout, if any); "
+                                     "without ENDPOINT, list every endpoint")
+    s.add_argument("endpoint", nargs="?", help="endpoint name; omit it to list the endpoints (from the store)")
+    s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_traffic_show)
 
     p = sub.add_parser("rollout", help="gradual rollouts with automated canary analysis and rollback")
@@ -246,7 +247,34 @@ async def _write_store(settings: Settings, policy: TrafficPolicy) -> None:
         await TargetState(store).put_traffic(policy)
 
 
+def _list_endpoints(args: argparse.Namespace, settings: Settings) -> int:
+    from modelcd.store.blobs import open_store
+    from modelcd.store.targets import TargetState
+
+    async def run(stop: asyncio.Event) -> int:
+        async with open_store(settings.resolved_store_url, endpoint_url=settings.s3_endpoint_url) as store:
+            policies = [p for p in (await TargetState(store).traffic()).values() if not p.deleted]
+        policies.sort(key=lambda p: p.endpoint)
+        if args.json:
+            print(msgspec.json.encode(policies).decode())
+            return 0
+        if not policies:
+            print("no endpoints yet (modelcd traffic set ENDPOINT MODEL:VERSION=100)", file=sys.stderr)
+            return 0
+        for p in policies:
+            ordered = sorted(p.routes, key=lambda r: -r.weight)
+            routes = ", ".join(f"{r.model}:{r.version}={r.weight:g}%" for r in ordered)
+            print(f"{p.endpoint:<24} rev {p.revision:<4} {routes or '-'}"
+                  + (f"  ({len(p.shadows)} shadows)" if p.shadows else ""))
+        return 0
+
+    return run_main(run)
+
+
 def cmd_traffic_show(args: argparse.Namespace, settings: Settings) -> int:
+    if not args.endpoint:
+        return _list_endpoints(args, settings)
+
     async def run(stop: asyncio.Event) -> int:
         view = await _view(settings, args.endpoint)
         if view.policy is None:

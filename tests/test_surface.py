@@ -351,3 +351,21 @@ def test_readme_test_count_is_current() -> None:
     said = int(re.search(r"about (\d+) test functions", (ROOT / "README.md").read_text()).group(1))  # type: ignore[union-attr]
     real = sum(len(re.findall(r"^(?:async )?def test_", p.read_text(), re.M)) for p in (ROOT / "tests").glob("test_*.py"))
     assert 0.75 * real <= said <= 1.25 * real, f"README says about {said} test functions, there are {real}"
+
+
+async def test_traffic_show_without_an_endpoint_lists_them(tmp_path: Path) -> None:
+    """`modelcd traffic show` with no endpoint lists every endpoint (JSON with --json)."""
+    import json
+
+    from modelcd.events.schemas import Route, TrafficPolicy
+
+    store_url = str(tmp_path / "store")
+    async with open_store(store_url) as store:
+        await TargetState(store).put_traffic(TrafficPolicy(endpoint="iris", revision=2, routes=[
+            Route(model="iris", version="1", weight=90), Route(model="iris", version="2", weight=10)]))
+    proc = await asyncio.create_subprocess_exec(*MODELCD, "traffic", "show", "--json",
+                                                env=clean_env(MODELCD_STORE_URL=store_url),
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err
+    assert [(p["endpoint"], p["revision"], len(p["routes"])) for p in json.loads(out)] == [("iris", 2, 2)]

@@ -458,7 +458,13 @@ class Registry:
             reason = _reason(exc)
             if isinstance(exc, TimeoutError):
                 reason = f"no load within {self.settings.load_timeout:g}s (MODELCD_LOAD_TIMEOUT)"
-            if self.entries.get(entry.key) is entry:
+            if self.entries.get(entry.key) is entry and isinstance(exc, LoadCrashed):
+                # Its worker died loading it: a crash like one at predict, counted towards quarantine.
+                crashes = entry.crashes.record(time.monotonic(), self.settings.worker_crash_window)
+                self.metrics.worker_deaths.labels(entry.name, entry.version, _cause(reason)).inc()
+                if crashes >= self.settings.worker_crash_limit:
+                    self._quarantine(entry, crashes, f"crashed while loading: {reason}")
+            if self.entries.get(entry.key) is entry and entry.status != "quarantined":
                 entry.status, entry.error, entry.failed_at = "failed", reason, time.monotonic()
                 self.metrics.loads.labels("failed").inc()
                 log.error("model failed to load", model=entry.name, version=entry.version, reason=reason)
@@ -489,12 +495,7 @@ class Registry:
         self.metrics.worker_deaths.labels(entry.name, entry.version, cause).inc()
         detail = f"its worker {reason}"
         if crashes >= s.worker_crash_limit:
-            entry.status = "quarantined"
-            entry.error = (f"its worker died {crashes} times within {s.worker_crash_window:g}s "
-                           f"(MODELCD_WORKER_CRASH_LIMIT); last: {reason}")
-            log.error("model quarantined", model=entry.name, version=entry.version, crashes=crashes, reason=reason)
-            self.telemetry.offer(ModelHealth(node=self.node, model=entry.name, version=entry.version, ok=False,
-                                             check="predict", detail=entry.error, quarantined=True))
+            self._quarantine(entry, crashes, reason)
         else:
             delay = entry.crashes.backoff(s.worker_restart_backoff, s.worker_restart_backoff_max)
             entry.status = "restarting"
@@ -506,6 +507,15 @@ class Registry:
             if self._spawn is not None:
                 self._spawn(self._restart(entry, delay))
         self._changed.set()
+
+    def _quarantine(self, entry: ModelEntry, crashes: int, reason: str) -> None:
+        s = self.settings
+        entry.status = "quarantined"
+        entry.error = (f"its worker died {crashes} times within {s.worker_crash_window:g}s "
+                       f"(MODELCD_WORKER_CRASH_LIMIT); last: {reason}")
+        log.error("model quarantined", model=entry.name, version=entry.version, crashes=crashes, reason=reason)
+        self.telemetry.offer(ModelHealth(node=self.node, model=entry.name, version=entry.version, ok=False,
+                                         check="predict", detail=entry.error, quarantined=True))
 
     async def _restart(self, entry: ModelEntry, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -552,8 +562,10 @@ class Registry:
                 t0 = time.perf_counter()
                 _meta, outputs = await worker.call("predict", entry.key, None, samples.inputs)
                 times.append(time.perf_counter() - t0)
-        except (WorkerError, WorkerDied) as exc:
+        except WorkerError as exc:
             raise ModelUnavailable(exc.reason) from None
+        except WorkerDied as exc:
+            raise LoadCrashed(exc.reason) from None
         problem = _outputs_match(samples.outputs, outputs, m.tolerance)
         if problem is not None:
             raise ModelUnavailable(f"outputs on the package's sample data differ from the expected ones: {problem}")
@@ -649,13 +661,17 @@ def _predict_error(entry: ModelEntry, exc: Exception) -> Exception:
     return PredictFailed(f"model {entry.key} failed to predict: {_reason(exc)}")
 
 
+class LoadCrashed(ModelUnavailable):
+    """The model's worker died while loading it (a native crash at load): counted towards quarantine."""
+
+
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", text)
 
 
 def _cause(reason: str) -> str:
     """A short label for the metric: the signal, killed (timeout, memory...), or exited."""
-    if reason.startswith("was killed:"):
+    if "was killed:" in reason:
         return "killed"
     if "signal" in reason:
         return reason.split("signal ", 1)[1].split(" ")[0]

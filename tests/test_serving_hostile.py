@@ -231,7 +231,7 @@ async def test_hostile_python_models_stay_in_their_workers(broker: EmbeddedBroke
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     escape = tmp_path / "escaped.txt"
     settings = node_settings(tmp_path, broker.bootstrap, predict_timeout=2.0, worker_memory=1 << 30,
-                             worker_restart_backoff=0.2, worker_crash_limit=5)
+                             worker_restart_backoff=0.2, worker_crash_limit=3, reconcile_interval=0.5)
     corpus = {"h-segv": "", "h-abort": "", "h-exit": "", "h-hog": "", "h-spin": "", "h-spawn": "", "h-forkbomb": "",
               "h-write": str(escape), "h-snoop": secret}
     x = iris_rows(5)
@@ -253,6 +253,11 @@ async def test_hostile_python_models_stay_in_their_workers(broker: EmbeddedBroke
                     r = await n.infer("h-loadcrash")
                     assert r.status_code == 503 and "failed to load" in r.json()["error"], r.text
                     assert "SIGSEGV" in r.json()["error"]
+                    # Retried at each reconciliation; crashing at load counts like at predict: quarantined.
+                    await eventually(lambda: n.registry.entries["h-loadcrash:1"].status == "quarantined",
+                                     timeout=30, what="h-loadcrash quarantined")
+                    r = await n.infer("h-loadcrash")
+                    assert r.status_code == 503 and "quarantined" in r.json()["error"], r.text
                     answers = await asyncio.gather(*(n.infer(name, magic) for name in expected))
                     for name, r in zip(expected, answers, strict=True):
                         status, text = expected[name]

@@ -15,9 +15,13 @@ process from a recycled pid.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ctypes
 import os
 import signal
+import sys
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -49,8 +53,18 @@ def install_stop_signals(stop: asyncio.Event, main_task: asyncio.Task[object] | 
             pass
 
 
+EXECUTOR_EXIT_S = 5.0  # how long a finished command waits for its worker threads before exiting without them
+
+
 def run_main(main: Callable[[asyncio.Event], Awaitable[int | None]]) -> int:
-    """Run `main(stop)` on a fresh loop (uvloop when available) until it returns."""
+    """Run `main(stop)` on a fresh loop (uvloop when available) until it returns.
+
+    Like `asyncio.run`, except that worker threads (`to_thread`, `run_in_executor`) get
+    `EXECUTOR_EXIT_S` to finish once `main` has returned: a thread stuck in native code
+    cannot be cancelled, and waiting for it (as `asyncio.run` and the interpreter's exit do)
+    is how a stuck model used to make SIGINT useless. Past the deadline the process says so
+    and exits with `os._exit`, without waiting for the thread.
+    """
 
     async def wrapper() -> int | None:
         stop = asyncio.Event()
@@ -64,10 +78,44 @@ def run_main(main: Callable[[asyncio.Event], Awaitable[int | None]]) -> int:
     try:
         import uvloop
 
-        result = uvloop.run(wrapper())
+        loop = uvloop.new_event_loop()
     except ImportError:  # pragma: no cover
-        result = asyncio.run(wrapper())
-    return int(result or 0)
+        loop = asyncio.new_event_loop()
+    executor = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="modelcd-worker")
+    loop.set_default_executor(executor)
+    try:
+        asyncio.set_event_loop(loop)
+        result = loop.run_until_complete(wrapper())
+        _cancel_leftovers(loop)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        asyncio.set_event_loop(None)
+        executor.shutdown(wait=False, cancel_futures=True)
+        loop.close()
+    code = int(result or 0)
+    deadline = time.monotonic() + EXECUTOR_EXIT_S
+    stuck = []
+    for t in threading.enumerate():  # the interpreter would join these at exit, without a deadline
+        if t is not threading.current_thread() and not t.daemon:
+            t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                stuck.append(t.name)
+    if stuck:
+        log.error("a worker thread is still running (stuck in model code?): exiting without waiting for it",
+                  threads=stuck, waited_s=EXECUTOR_EXIT_S)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel tasks `main` left behind and let them finish (as asyncio.run does)."""
+    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for t in tasks:
+        t.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
 
 
 # --- process tree ------------------------------------------------------------------------------------

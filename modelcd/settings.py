@@ -128,9 +128,9 @@ class Settings:
     max_request_bytes: int = _doc("Largest inference request body a serving node accepts (bytes or 64MiB).",
                                   32 * 1024**2)
     max_inflight_bytes: int = _doc(
-        "Request bytes a serving node holds at once (bodies being read or answered; bytes or 256MiB); beyond, "
-        "new requests get 503 with Retry-After. A JSON body's decoded tensors take a few times its size.",
-        256 * 1024**2)
+        "Request bytes a serving node holds at once (bodies being read or answered; bytes or 64MiB); beyond, "
+        "new requests get 503 with Retry-After. A JSON body's decoded tensors take a few times its size (four "
+        "concurrent 23 MB JSON requests: +560 MB RSS unbounded, +284 MB at 64MiB).", 64 * 1024**2)
     max_response_bytes: int = _doc(
         "Largest inference response a serving node sends (bytes or 64MiB); a larger one is refused with a 400 "
         "saying to send fewer rows per request.", 64 * 1024**2)

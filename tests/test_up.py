@@ -210,3 +210,35 @@ async def test_a_second_up_on_a_live_home_refuses_with_a_reason(tmp_path: Path) 
         assert await up.stop() == 0
     finally:
         up.kill()
+
+
+STUCK_THREAD = """
+import asyncio, sys, time
+from modelcd.runner import run_main
+
+async def main(stop):
+    asyncio.get_running_loop().run_in_executor(None, time.sleep, 600)  # a thread stuck in "model code"
+    print("started", flush=True)
+    await stop.wait()
+    return 0
+
+sys.exit(run_main(main))
+"""
+
+
+async def test_sigint_ends_a_command_whose_worker_thread_is_stuck(tmp_path: Path) -> None:
+    """A command with a thread stuck in native code still exits on SIGINT (the thread is not joined)."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", STUCK_THREAD, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        assert await asyncio.wait_for(proc.stdout.readline(), 60) == b"started\n"
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), STOP_TIMEOUT) == 0
+        assert proc.stderr is not None
+        said = await proc.stdout.read() + await proc.stderr.read()  # structlog unconfigured: stdout
+        assert b"exiting without waiting for it" in said
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

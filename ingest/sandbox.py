@@ -29,8 +29,9 @@ Each child runs one package and exits: nothing a model did survives into the nex
 and a private copy of its stdout are the only channel (fd 1 points at stderr, so what a model library
 prints cannot corrupt a phase line; only the last 64 KiB of stderr are kept); it runs in its own
 session, in a temporary working directory, with an environment stripped of ingest's secrets (only
-`_CHILD_ENV`: no MODELCD_API_TOKEN, no AWS credentials, but `modelcd up`'s run mark), and it never outlives ingest (the
-parent-death signal, SIGKILL, on Linux). The parent does not trust what it hands back: a compiled archive is read with `read_package` again and
+`_CHILD_ENV`: no MODELCD_API_TOKEN, no AWS credentials, but `modelcd up`'s run mark), and it never
+outlives ingest (the parent-death signal, SIGKILL, on Linux). The parent does not trust what it hands
+back: a compiled archive is read with `read_package` again and
 compared with the original by the caller (`policy.check_compiled`).
 
 Memory: `memory_bytes` is the resident growth while the serving model loads and predicts. After a

@@ -43,7 +43,7 @@ async def test_verdicts_warm_and_cold_and_no_child_left(warm: bool) -> None:
 
 async def test_child_environment_has_no_secrets_and_prints_do_not_break_the_protocol(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """The sandbox child inherits no secret (API token, AWS keys: model code runs there), keeps up's run mark, validates."""
+    """The sandbox child inherits no secret (API token, AWS keys: model code runs there) but up's run mark."""
     monkeypatch.setenv("MODELCD_API_TOKEN", "s3cret")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cret-too")
     monkeypatch.setenv("MODELCD_UP_RUN", "run-1")

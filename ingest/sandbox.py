@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from modelcd.events.schemas import Resources
+from modelcd.runner import preexec_die_with_parent
 
 from .errors import CompileFailed, DeploymentRejected, ServingValidationFailed, ValidationFailed
 
@@ -203,6 +204,8 @@ class Sandbox:
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             cwd=tmp.name, start_new_session=True,  # its own process group: a kill takes its threads and children
             env=_child_env(),
+            # The kernel SIGKILLs the child when ingest dies, however it dies (the runner's shared helper).
+            preexec_fn=preexec_die_with_parent(),
         )
         assert proc.stdout is not None and proc.stderr is not None
         return _Child(proc, tmp, asyncio.ensure_future(_tail(proc.stderr)))
@@ -394,22 +397,10 @@ _LIBRARIES = {"sklearn": ("sklearn", "skops.io"), "onnx": ("onnxruntime",), "xgb
               "lightgbm": ("lightgbm",)}
 
 
-def _die_with_parent(parent: int) -> None:
-    """SIGKILL this child when ingest dies, however it dies (Linux: the parent-death signal)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if parent and os.getppid() != parent:  # it died before the signal was armed
-        os._exit(0)
-
-
-def _child(path: str, memory: int, parent: int = 0) -> int:
+def _child(path: str, memory: int) -> int:
     """Run one job; `path` "-": warm up first, then read the job (JSON) from stdin; else validate that file."""
     import resource
 
-    _die_with_parent(parent)
     _keep_protocol_channel()
     if memory > 0:
         # Address space, not RSS: the only limit an unprivileged process can set on itself that the
@@ -542,9 +533,9 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Check, compile and validate one package (run by ingest).")
     parser.add_argument("package", help="package archive to validate, or - to warm up and read the job from stdin")
     parser.add_argument("--memory", type=int, default=0, help="address-space limit in bytes (0: none)")
-    parser.add_argument("--parent", type=int, default=0, help="pid of ingest: the child dies with it")
+    parser.add_argument("--parent", type=int, default=0, help="pid of the ingest that started it (a label)")
     args = parser.parse_args(argv)
-    return _child(args.package, args.memory, args.parent)
+    return _child(args.package, args.memory)
 
 
 if __name__ == "__main__":

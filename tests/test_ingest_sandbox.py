@@ -59,3 +59,34 @@ async def test_child_environment_has_no_secrets_and_prints_do_not_break_the_prot
         assert report.samples > 0
     finally:
         await sandbox.close()
+
+
+async def test_sandbox_children_die_with_a_sigkilled_ingest() -> None:
+    """A process holding a warm spare is SIGKILLed: the kernel kills the spare too (parent-death signal)."""
+    import asyncio
+    import signal
+    import sys
+
+    code = ("import asyncio\n"
+            "from modelcd.ingest.sandbox import Sandbox\n"
+            "async def main():\n"
+            "    s = Sandbox(timeout_s=60, memory_bytes=4 << 30)\n"
+            "    s.prestart()\n"
+            "    print((await s._spare).proc.pid, flush=True)\n"
+            "    await asyncio.sleep(3600)\n"
+            "asyncio.run(main())\n")
+    holder = await asyncio.create_subprocess_exec(sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE)
+    assert holder.stdout is not None
+    spare = int(await asyncio.wait_for(holder.stdout.readline(), 120))
+    assert alive(spare)
+    holder.send_signal(signal.SIGKILL)
+    await holder.wait()
+    def running(pid: int) -> bool:
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    async with asyncio.timeout(30):
+        while running(spare):
+            await asyncio.sleep(0.05)

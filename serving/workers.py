@@ -123,7 +123,7 @@ class Worker(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
-        asyncio.get_running_loop().create_task(self._ended())
+        self._zygote.track(self._loop.create_task(self._ended(), name=f"worker-ended-{self.pid}"))
 
     async def _ended(self) -> None:
         # The channel ends first; the exit status follows from the zygote (bounded wait).
@@ -226,10 +226,16 @@ class Zygote:
         self._lock = asyncio.Lock()
         self._replies: dict[int, asyncio.Future[int]] = {}
         self._exits: dict[int, int] = {}
-        self._exit_waiters: dict[int, asyncio.Future[int]] = {}
+        self._exit_waiters: dict[int, asyncio.Future[int | None]] = {}
         self._ready: asyncio.Future[None] | None = None
         self._next = 0
         self.spawned = 0
+        self._tasks: set[asyncio.Task[None]] = set()  # workers' endings being reported (bounded: a few seconds)
+
+    def track(self, task: asyncio.Task[None]) -> None:
+        """Hold a reference until the task is done (the loop keeps only weak ones); `close` waits for them."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _ensure(self) -> socket.socket:
         async with self._lock:
@@ -301,6 +307,7 @@ class Zygote:
                 asyncio.get_running_loop().remove_reader(self._ctl.fileno())
             self._ctl.close()
             self._ctl = None
+        self._no_more_statuses()
         err = RuntimeError("the model-worker zygote exited")
         for fut in self._replies.values():
             if not fut.done():
@@ -348,7 +355,13 @@ class Zygote:
         finally:
             self._exit_waiters.pop(pid, None)
 
+    def _no_more_statuses(self) -> None:
+        for waiter in self._exit_waiters.values():
+            if not waiter.done():
+                waiter.set_result(None)
+
     async def _stop_process(self) -> None:
+        self._no_more_statuses()
         proc, self._proc = self._proc, None
         if self._ctl is not None:
             with contextlib.suppress(Exception):
@@ -368,3 +381,5 @@ class Zygote:
     async def close(self) -> None:
         async with self._lock:
             await self._stop_process()
+        if self._tasks:  # endings still waiting for an exit status: the zygote is gone, they end at once
+            await asyncio.wait(list(self._tasks), timeout=EXIT_STATUS_WAIT_S + 1)

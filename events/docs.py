@@ -151,7 +151,8 @@ Produce a `DeployRequested` on `modelcd.deploy-requests`, keyed by the model nam
   progress is on `modelcd.deployments` keyed by that id, and `GET /deployments/{id}` on the
   deployment API answers for deployments that came from the topic exactly as for uploads (404
   until ingest has read the request, so retry on 404 for a few seconds). Left out, ingest makes
-  one up and you learn it only from `modelcd.deployments`.
+  one up: find it with `modelcd deployments --model NAME` (`GET /deployments?model=NAME`, newest
+  first) or on `modelcd.deployments`.
 - `owner`, `expiry_seconds` and `pinned` override the manifest; `sha256` makes ingest refuse an
   archive that is not the one you built.
 - The deployment ends with exactly one `DeploymentCompleted` or `DeploymentFailed` (whose `reason`

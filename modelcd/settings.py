@@ -207,6 +207,10 @@ class Settings:
         return rows
 
 
+_DURATION_SUFFIXES = ("_TIMEOUT", "_INTERVAL", "_BACKOFF", "_BACKOFF_MAX", "_RETENTION", "_WINDOW", "_GRACE",
+                      "_WAIT", "_TICK", "_RETRY_TIME")
+
+
 def _kind(hint: Any) -> str:
     """What a value of this type looks like, in words (never `<class 'int'>`)."""
     text = str(hint)
@@ -219,8 +223,8 @@ def _kind(hint: Any) -> str:
 
 def _convert(name: str, raw: str, hint: Any, doc: str = "") -> Any:
     text = str(hint)
-    # A setting documented in seconds takes any duration (`7d`, `90s`, `1h30m`, or plain seconds).
-    seconds = doc.startswith("Seconds")
+    # A setting in seconds takes any duration (`7d`, `90s`, `1h30m`, or plain seconds); one in bytes any size.
+    seconds = doc.startswith("Seconds") or name.endswith(_DURATION_SUFFIXES)
     try:
         if "bool" in text:
             low = raw.strip().lower()
@@ -229,7 +233,7 @@ def _convert(name: str, raw: str, hint: Any, doc: str = "") -> Any:
             if low in {"0", "false", "no", "off"}:
                 return False
             raise SettingsError(f"{raw!r}: expected true or false")
-        if name.endswith(("_BUDGET", "_BYTES", "_MEMORY")):
+        if name.endswith(("_BUDGET", "_BYTES", "_MEMORY")) or "(bytes or" in doc:
             return parse_size(raw)
         if seconds and "float" in text:
             return units.parse_duration(raw)

@@ -82,3 +82,15 @@ def test_shadow_until_takes_any_duration() -> None:
 
     assert parse_time("1d12h", now=0.0) == 129600.0 and parse_time("90s", now=10.0) == 100.0
     assert parse_time("2030-01-31", now=0.0) is not None and parse_time("never", now=0.0) is None
+
+
+def test_every_duration_and_size_setting_takes_units() -> None:
+    """Every MODELCD_* setting in seconds takes `1m`, every one in bytes takes `1MiB`."""
+    import dataclasses
+
+    for f in dataclasses.fields(Settings):
+        doc, name = f.metadata["doc"], "MODELCD_" + f.name.upper()
+        if doc.startswith("Seconds") or f.name.endswith(("_timeout", "_interval", "_backoff_max", "_retention")):
+            assert getattr(Settings.from_env({name: "1m"}), f.name) == 60.0, name
+        if "(bytes or" in doc:
+            assert getattr(Settings.from_env({name: "1MiB"}), f.name) == 1024**2, name

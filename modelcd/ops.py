@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -57,7 +58,8 @@ def register(sub: Any) -> None:
     dest = p.add_mutually_exclusive_group()
     dest.add_argument("--out", type=Path, metavar="FILE", help="write a lossless dump (JSON lines: topic, partition, offset, timestamp, key, value, "
                            "headers) to FILE, or to stdout with '-'")
-    dest.add_argument("--to", metavar="TOPIC", help="publish the records (keys, values, headers unchanged) to TOPIC")
+    dest.add_argument("--to", metavar="TOPIC", help="publish the records (keys, values, headers unchanged) to TOPIC "
+                                                   "(any topic: a backup, another cluster's name for it)")
     p.add_argument("--force", action="store_true",
                    help=f"allow --to into a topic modelcd acts on ({', '.join(LIVE_TOPICS)})")
     p.set_defaults(func=cmd_replay)
@@ -181,7 +183,8 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     if args.topic:
         _check_topic(args.topic)
     if args.to:
-        _check_topic(args.to)
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", args.to):
+            raise CliError(f"not a Kafka topic name: {args.to!r} (letters, digits, '.', '_', '-')", code=2)
         if args.to in LIVE_TOPICS and not args.force:
             raise CliError(f"refusing to publish into {args.to}: modelcd acts on its events (nodes load and unload, "
                            "ingest deploys, traffic moves); pass --force if that is what you want", code=1)

@@ -104,14 +104,14 @@ async def test_replay_dump_round_trip_is_lossless(broker: EmbeddedBroker, tmp_pa
     assert code == 0 and "wrote 7 records" in err
     code, out, _ = await modelcd(broker, "replay", "modelcd.deployments", "--out", "-")
     assert code == 0 and sorted(out.splitlines()) == sorted(dump.read_text().splitlines())
-    code, _, err = await modelcd(broker, "replay", "--from-file", str(dump), "--to", "modelcd.shadow-comparisons")
+    code, _, err = await modelcd(broker, "replay", "--from-file", str(dump), "--to", "backup.deployments")
     assert code == 0 and "published 7 records" in err
 
     def content(records: list[RawRecord]) -> list[tuple]:
         return sorted((r.key, r.value, r.headers) for r in records)
 
     original = [r async for r in scan(broker.config, "modelcd.deployments")]
-    copied = [r async for r in scan(broker.config, "modelcd.shadow-comparisons")]
+    copied = [r async for r in scan(broker.config, "backup.deployments")]
     assert len(original) == 7 and content(copied) == content(original)
 
 

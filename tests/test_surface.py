@@ -369,3 +369,28 @@ async def test_traffic_show_without_an_endpoint_lists_them(tmp_path: Path) -> No
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err
     assert [(p["endpoint"], p["revision"], len(p["routes"])) for p in json.loads(out)] == [("iris", 2, 2)]
+
+
+async def test_models_expiring_shows_time_to_warning(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """`modelcd models --expiring` has a WARNED IN column beside RETIRES IN (and --json gives warn_at)."""
+    import json
+
+    await ensure_topics(broker.config)
+    store_url = str(tmp_path / "store")
+    now = time.time()
+    async with open_store(store_url) as store:
+        await TargetState(store).put_model(ModelState(name="old", version="1", target="serving", owner="ann",
+                                                      expiry_seconds=10 * 86400, deployed_at=now, at=now))
+    env = clean_env(MODELCD_STORE_URL=store_url, MODELCD_KAFKA_BOOTSTRAP=broker.bootstrap,
+                    MODELCD_KAFKA_IDEMPOTENCE="false")
+    for argv in (["models", "--expiring"], ["models", "--expiring", "--json"]):
+        proc = await asyncio.create_subprocess_exec(*MODELCD, *argv, env=env, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err
+        if "--json" in argv:
+            (row,) = json.loads(out)
+            assert row["retire_at"] - row["warn_at"] == pytest.approx(2 * 86400, abs=60)
+        else:
+            header, line = out.decode().splitlines()[:2]
+            assert "WARNED IN" in header and "RETIRES IN" in header and "8.0d" in line and "10.0d" in line

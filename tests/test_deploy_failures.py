@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aioboto3
+import httpx
 import pytest
 
 from modelcd.events import Publisher
@@ -145,3 +146,23 @@ async def test_a_request_that_keeps_killing_ingest_fails(broker: EmbeddedBroker,
     assert f"ingest stopped {MAX_PICKUPS} times" in outcome.reason
     assert await store.list("requests/") == []
     assert (await _record(tmp_path, request.deployment_id))["status"] == "failed"
+
+
+async def test_a_deployment_past_its_time_limit_fails(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """An attempt longer than MODELCD_DEPLOY_TIMEOUT ends DeploymentFailed naming the limit and the step it was
+    in, and the staged upload goes."""
+    settings = settings_for(broker.bootstrap, str(tmp_path / "store"), port := free_port(), tmp_path,
+                            deploy_timeout=0.2)
+    async with running_ingest(settings) as watcher, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        resp = await client.post("/deployments", content=iris_package("iris").data,
+                                 headers={"content-type": "application/x-tar"})
+        deployment_id = resp.json()["deployment_id"]
+        outcome = await watcher.outcome(deployment_id, timeout=30)
+        async with asyncio.timeout(30):  # the API's tracker folds the outcome in too
+            while (view := (await client.get(f"/deployments/{deployment_id}")).json())["status"] == "running":
+                await asyncio.sleep(0.1)
+    assert isinstance(outcome, DeploymentFailed), outcome
+    assert "MODELCD_DEPLOY_TIMEOUT" in outcome.reason and outcome.step in outcome.reason
+    assert view["status"] == "failed" and view["failed_step"] == outcome.step
+    store = LocalStore(tmp_path / "store")
+    assert await store.list("uploads/") == [] and await store.list("requests/") == []

@@ -16,7 +16,22 @@ from modelcd.events.broker import EmbeddedBroker, free_port
 from modelcd.events.schemas import DeploymentCompleted, DeployRequested
 
 from ._ingest import Watcher
-from .test_ingest_crash import slow_to_compile_package, start_ingest
+from .test_ingest_crash import start_ingest
+
+
+def slow_to_compile_package() -> bytes:
+    """A random forest skl2onnx takes a few seconds to convert (smaller than test_ingest_crash's: this test
+    compiles it twice too, and only needs compile to be long enough to be killed in)."""
+    import numpy as np
+    from sklearn.ensemble import RandomForestClassifier
+
+    from modelcd.runtimes.build import build_package
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 20)).astype(np.float32)
+    y = (x[:, 0] + rng.normal(size=2000) > 0).astype(np.int64)
+    forest = RandomForestClassifier(n_estimators=120, random_state=0, n_jobs=1).fit(x, y)
+    return build_package(forest, name="forest", version="1", owner="ann", expiry="7d", sample_inputs=x[:5]).data
 
 
 @pytest.mark.faults
@@ -44,6 +59,7 @@ async def test_killed_during_compile_with_the_broker_lost_completes(tmp_path: Pa
             await proc.wait()
             watching.cancel()
     assert (tmp_path / "store" / "requests" / f"{request.deployment_id}.json").exists()
+    assert not (tmp_path / "store" / "targets").exists()  # killed before publish: nothing of it serves yet
 
     async with EmbeddedBroker(port=free_port(), log_file=tmp_path / "tansu-2.log") as second, \
             asyncio.TaskGroup() as tg:
@@ -52,8 +68,11 @@ async def test_killed_during_compile_with_the_broker_lost_completes(tmp_path: Pa
         proc = await start_ingest({**env, "MODELCD_KAFKA_BOOTSTRAP": second.bootstrap}, tg)
         try:
             outcome = await watcher.outcome(request.deployment_id, timeout=180)
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-                view = (await client.get(f"/deployments/{request.deployment_id}")).json()
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client, asyncio.timeout(30):
+                # The API's tracker folds the outcome in a moment after the watcher saw it.
+                while (view := (await client.get(f"/deployments/{request.deployment_id}")).json()).get(
+                        "status") not in ("completed", "failed"):
+                    await asyncio.sleep(0.1)
         finally:
             proc.send_signal(signal.SIGTERM)
             await proc.wait()

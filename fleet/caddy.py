@@ -21,6 +21,7 @@ import httpx
 
 from modelcd.errors import CliError
 from modelcd.logs import get_logger
+from modelcd.runner import preexec_die_with_parent
 
 from .routes import SERVER
 
@@ -62,7 +63,8 @@ class Caddy:
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 find_caddy(), "run", "--config", str(cfg), stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_file, stderr=log_file, env=env)
+                stdout=log_file, stderr=log_file, env=env,
+                preexec_fn=preexec_die_with_parent())  # a SIGKILLed `modelcd up` must not leave it holding the port
         finally:
             log_file.close()
         deadline = asyncio.get_running_loop().time() + timeout

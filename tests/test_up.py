@@ -44,7 +44,8 @@ class Up:
     def __init__(self, tmp: Path, **env: str) -> None:
         self.home = tmp / "home"
         self.ports = {"MODELCD_BROKER_PORT": free_port(), "MODELCD_INGEST_PORT": free_port(),
-                      "MODELCD_SERVING_PORT": free_port()}
+                      "MODELCD_SERVING_PORT": free_port(), "MODELCD_FRONTDOOR_ADMIN_PORT": free_port()}
+        self.args: list[str] = []
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("MODELCD_")}
         self.env.update({k: str(v) for k, v in self.ports.items()})
         self.env.update(MODELCD_HOME=str(self.home), MODELCD_LOG_FORMAT="json", MODELCD_VALIDATION_WARM="false",
@@ -54,7 +55,7 @@ class Up:
 
     def start(self) -> None:
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([*MODELCD, "up"], env=self.env, stdout=out, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen([*MODELCD, "up", *self.args], env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)
 
     def status(self) -> dict[str, Any]:
@@ -118,14 +119,18 @@ async def _gone(pids: list[int], timeout: float = 10.0) -> list[int]:
 
 @pytest.mark.faults
 async def test_up_starts_again_after_a_sigkill_and_leaves_no_orphan(tmp_path: Path) -> None:
-    """SIGKILL `modelcd up`: every child dies with it, and the next start works with no manual step."""
+    """SIGKILL `modelcd up` (two nodes and the front door): every process it started dies with it, and the
+    next start works with no manual step."""
     up = Up(tmp_path)
+    up.args = ["--nodes", "2"]
     up.start()
     try:
         st = await up.ready()
         run_id, children = st["run_id"], [c["pid"] for c in st["components"]]
+        everything = marked_pids(run_id)  # the children and theirs (Caddy, sandboxes, model workers)
+        assert set(children) <= set(everything)
         up.kill()
-        assert await _gone(children) == [], "children outlived a SIGKILLed modelcd up"
+        assert await _gone(everything) == [], "processes outlived a SIGKILLed modelcd up"
         assert marked_pids(run_id) == [], "processes of the killed run are left"
         assert not port_in_use(up.ports["MODELCD_BROKER_PORT"])
         up.start()

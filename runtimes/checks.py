@@ -7,8 +7,9 @@ XGBoost's JSON, LightGBM's text) and never import, unpickle or run anything of t
 
 What is checked, per tree: every child index of an internal node is in range and not the root, no node
 has two parents, every node is reachable from the root (so there is no cycle, and no walk revisits a
-node), and every split feature is in range (below the tree's, its estimator's and the signature's
-number of features). scikit-learn (skops): `sklearn.tree._tree.Tree` (decision trees, forests, gradient
+node), and every split feature is in range (below the tree's own number of features and every enclosing
+estimator's `n_features_in_`, or the signature's width when none says; XGBoost and LightGBM: the
+model's and the signature's). scikit-learn (skops): `sklearn.tree._tree.Tree` (decision trees, forests, gradient
 boosting, isolation forests) and HistGradientBoosting's `TreePredictor`; XGBoost: every tree of a
 `gbtree` / `dart` booster; LightGBM: every tree of the model text. A file that cannot be read as its
 format says is refused too: what cannot be checked is not loaded. ONNX has no tree indices to check here
@@ -117,15 +118,16 @@ def _json_int(node: Any) -> int | None:
 
 
 def _walk(schema: Any) -> Iterator[tuple[dict[str, Any], int | None]]:
-    """Every dict node of a skops schema, with the nearest enclosing estimator's `n_features_in_` (iterative)."""
+    """Every dict node of a skops schema, with the smallest `n_features_in_` of the estimators enclosing it
+    (iterative). The smallest, not the nearest: a forest checks its input's width and hands it to its trees
+    unchecked, so a tree's own (editable) `n_features_in_` proves nothing about the array it will index."""
     stack: list[tuple[Any, int | None]] = [(schema, None)]
     while stack:
         node, n_in = stack.pop()
         if isinstance(node, dict):
             content = node.get("content")
             if isinstance(content, dict) and isinstance(content.get("content"), dict):
-                own = _json_int(content["content"].get("n_features_in_"))
-                n_in = own if own is not None else n_in
+                n_in = _min_features(n_in, _json_int(content["content"].get("n_features_in_")))
             yield node, n_in
             stack.extend((v, n_in) for v in node.values() if isinstance(v, dict | list))
         elif isinstance(node, list):
@@ -193,7 +195,9 @@ def check_skops(data: bytes, *, model_file: str, n_features: int | None) -> str:
             own = _json_int(args[0]) if isinstance(args, list) and args else None
             if own is None:
                 raise StructureError(f"{where}: the tree's number of features is missing")
-            bound = _min_features(own, n_in, n_features)
+            # The signature's width only when no enclosing estimator says what it is given: inside a pipeline a
+            # tree sees transformed columns, as many as its estimators' n_features_in_ say.
+            bound = _min_features(own, n_in if n_in is not None else n_features)
             for arr in sk.arrays(state["nodes"], f"{where} nodes"):
                 left = _field(arr, "left_child", where)
                 internal = left != -1
@@ -201,7 +205,7 @@ def check_skops(data: bytes, *, model_file: str, n_features: int | None) -> str:
                            where=where)
                 nodes_checked += len(arr)
         else:
-            bound = _min_features(n_in, n_features)
+            bound = n_in if n_in is not None else n_features
             bitsets = [len(a) for key in ("binned_left_cat_bitsets", "raw_left_cat_bitsets") if key in state
                        for a in sk.arrays(state[key], f"{where} {key}")]
             for arr in sk.arrays(state["nodes"], f"{where} nodes"):

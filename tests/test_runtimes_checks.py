@@ -127,3 +127,39 @@ def test_skops_schema_nested_deeply_refused() -> None:
         z.writestr("schema.json", b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
     with pytest.raises(StructureError, match="nested too deeply"):
         check_model("sklearn", "model.skops", out.getvalue(), n_features=4)
+
+
+def test_pipeline_tree_on_transformed_columns_passes_and_forest_width_bounds_its_trees() -> None:
+    """A tree after PolynomialFeatures (15 columns from 4) passes; a forest tree whose own n_features_in_ was
+    raised to hide a split on feature 7 is still bounded by the forest's 4."""
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import PolynomialFeatures
+    from sklearn.tree import DecisionTreeClassifier
+
+    from modelcd.runtimes.build import build_package
+
+    from ._ingest import iris
+
+    x, y = iris()
+    pipe = make_pipeline(PolynomialFeatures(2), DecisionTreeClassifier(random_state=0)).fit(x, y)
+    assert pipe[-1].tree_.feature.max() >= 4  # it does split on a transformed column
+    pkg = build_package(pipe, name="poly", version="1", owner="o", expiry="1d", sample_inputs=x[:8])
+    assert "trees" in check(pkg.data)
+
+    forest = model_bytes(healthy("forest"))
+
+    def feature(arr: np.ndarray) -> None:
+        arr["feature"][0] = 7
+
+    src = zipfile.ZipFile(io.BytesIO(edit_skops_nodes(forest, feature, which=0)))
+    schema = json.loads(src.read("schema.json"))
+    # Raise every tree's n_features_in_ and Tree n_features to 9; the forest's own stays 4.
+    for tree in schema["content"]["content"]["estimators_"]["content"]:
+        tree["content"]["content"]["n_features_in_"]["content"] = "9"
+        tree["content"]["content"]["tree_"]["__reduce__"]["args"]["content"][0]["content"] = "9"
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, json.dumps(schema) if info.filename == "schema.json" else src.read(info))
+    with pytest.raises(StructureError, match="feature 7"):
+        check_model("sklearn", "model.skops", out.getvalue(), n_features=None)

@@ -59,6 +59,7 @@ from .errors import (
     ModelNotFound,
     NodeOverloaded,
     NodeStarting,
+    NodeUnavailable,
     PredictTimeout,
     RequestTooLarge,
     ServingError,
@@ -422,7 +423,7 @@ class ServingApp:
                     request_id=request_id or uuid.uuid4().hex, model=entry.name, version=entry.version,
                     endpoint=endpoint, node=self.node, latency_ms=(time.perf_counter() - t0) * 1000,
                     error=exc.reason, status=exc.status))
-        if exc.status >= 500:
+        if exc.status >= 500 and not isinstance(exc, (NodeUnavailable, ModelLoading)):  # states, counted in metrics
             log.warning("inference failed", request_id=request_id, target=target, status=exc.status,
                         reason=exc.reason)
 

@@ -196,8 +196,12 @@ producer.flush(10)
 
 `modelcd logs export --since 1h --out logs.parquet` writes the sampled prediction logs of every
 node into one Parquet file (one row per prediction: `request_id`, `model`, `version`, `endpoint`,
-`node`, `at` as a UTC timestamp, `latency_ms`, `error`, and one column per input and output tensor
-holding its values); `--model` and `--version` narrow it, `--out logs.csv` or `-` (JSON lines) too.
+`node`, `at` as a UTC timestamp, `latency_ms`, `status`, `error`, `source`, and one column per input
+and output tensor holding its values); `--model` and `--version` narrow it, `--out logs.csv` or `-`
+(JSON lines) too. A node does not log a request it shadows (the primary's answer travels in the
+`ShadowPrediction` on `modelcd.shadow-predictions`): the export adds those requests, with
+`source` = `shadow` and no inputs (`--no-shadowed` leaves them out). Refused requests (4xx) are
+logged too, with their `status` and `error`.
 In pandas:
 
 ```python

@@ -86,6 +86,9 @@ def register(sub: Any) -> None:
     e.add_argument("--model", help="only this model")
     e.add_argument("--version", help="only this version")
     e.add_argument("--out", required=True, help="file to write: .parquet, .csv or .jsonl; '-' for JSON lines on stdout")
+    e.add_argument("--no-shadowed", dest="shadowed", action="store_false",
+                   help="leave out shadowed requests (a node logs those in modelcd.shadow-predictions, not in "
+                        "modelcd.predictions; by default their primary answers are included, source=shadow)")
     e.set_defaults(func=cmd_logs_export)
 
     p = sub.add_parser("state", help="compare the target state the events describe with the store's")
@@ -352,13 +355,34 @@ def cmd_topics_list(args: argparse.Namespace, settings: Settings) -> int:
 # --- logs export -------------------------------------------------------------------------------------
 
 
-def log_rows(logs: Iterable[Any]) -> list[dict[str, Any]]:
-    """One flat row per PredictionLog: ids, UTC time, latency, error, input.<name> / output.<name> values."""
+def shadowed_primaries(predictions: Iterable[Any]) -> list[Any]:
+    """The primary side of shadowed requests as PredictionLogs (one per request; no inputs).
+
+    A node does not log a request it shadows: its primary answer travels in the ShadowPrediction.
+    Without these, a model shadowed at 100 % would have no prediction logs at all."""
+    from modelcd.events.schemas import PredictionLog
+
+    seen: set[tuple[str, str, str]] = set()
+    out = []
+    for p in predictions:
+        key = (p.request_id, p.primary_model, p.primary_version)
+        if key in seen:
+            continue  # one request with several shadows
+        seen.add(key)
+        out.append(PredictionLog(request_id=p.request_id, model=p.primary_model, version=p.primary_version,
+                                 node=p.node, outputs=p.primary_outputs, latency_ms=p.primary_latency_ms, at=p.at))
+    return out
+
+
+def log_rows(logs: Iterable[Any], *, source: str = "log") -> list[dict[str, Any]]:
+    """One flat row per PredictionLog: ids, UTC time, latency, status, error, input.<name> / output.<name> values;
+    `source` says where the row came from (log: modelcd.predictions, shadow: a shadowed request's primary)."""
     rows = []
     for log in logs:
         row: dict[str, Any] = {"request_id": log.request_id, "model": log.model, "version": log.version,
                                "endpoint": log.endpoint, "node": log.node, "at": log.at,
-                               "latency_ms": log.latency_ms, "error": log.error}
+                               "latency_ms": log.latency_ms, "status": log.status, "error": log.error,
+                               "source": source}
         for prefix, tensors in (("input", log.inputs), ("output", log.outputs)):
             for name, tensor in tensors.items():
                 data = tensor.get("data", []) if isinstance(tensor, dict) else tensor
@@ -367,13 +391,12 @@ def log_rows(logs: Iterable[Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def log_frame(logs: Iterable[Any]) -> Any:
-    """The rows of `log_rows` as a pandas DataFrame, `at` as a UTC timestamp, sorted by time."""
+def log_frame(rows: list[dict[str, Any]]) -> Any:
+    """`log_rows` rows as a pandas DataFrame, `at` as a UTC timestamp, sorted by time."""
     import pandas as pd
 
-    rows = log_rows(logs)
     frame = pd.DataFrame(rows, columns=None if rows else ["request_id", "model", "version", "endpoint", "node",
-                                                          "at", "latency_ms", "error"])
+                                                          "at", "latency_ms", "status", "error", "source"])
     frame["at"] = pd.to_datetime(frame["at"], unit="s", utc=True)
     return frame.sort_values("at", kind="stable").reset_index(drop=True)
 
@@ -381,7 +404,7 @@ def log_frame(logs: Iterable[Any]) -> Any:
 def cmd_logs_export(args: argparse.Namespace, settings: Settings) -> int:
     from modelcd.events import records as raw
     from modelcd.events.bus import KafkaConfig
-    from modelcd.events.schemas import PredictionLog
+    from modelcd.events.schemas import PredictionLog, ShadowPrediction
 
     topic = "modelcd.predictions"
     suffix = "" if args.out == "-" else Path(args.out).suffix.lower()
@@ -412,20 +435,35 @@ def cmd_logs_export(args: argparse.Namespace, settings: Settings) -> int:
             if (args.model and event.model != args.model) or (args.version and event.version != args.version):
                 continue
             logs.append(event)
+        shadowed = []
+        if args.shadowed:
+            async for rec in raw.scan(cfg, "modelcd.shadow-predictions"):
+                if not flt.wants(rec, None):
+                    continue
+                event, _type, reason = decode_record(rec)
+                if not isinstance(event, ShadowPrediction):
+                    continue  # reported by `modelcd replay modelcd.shadow-predictions`, not an export's business
+                if (args.model and event.primary_model != args.model) or \
+                        (args.version and event.primary_version != args.version):
+                    continue
+                shadowed.append(event)
+        logged = {(e.request_id, e.model, e.version) for e in logs}
+        extra = [e for e in shadowed_primaries(shadowed) if (e.request_id, e.model, e.version) not in logged]
+        rows = sorted(log_rows(logs) + log_rows(extra, source="shadow"), key=lambda r: r["at"])
         if suffix in ("", ".jsonl", ".json"):
-            text = "".join(json.dumps(r, default=str) + "\n" for r in log_rows(sorted(logs, key=lambda e: e.at)))
+            text = "".join(json.dumps(r, default=str) + "\n" for r in rows)
             if args.out == "-":
                 sys.stdout.write(text)
             else:
                 Path(args.out).write_text(text, encoding="utf-8")
         else:
-            frame = log_frame(logs)
+            frame = log_frame(rows)
             if suffix == ".parquet":
                 frame.to_parquet(args.out, index=False)
             else:
                 frame.to_csv(args.out, index=False)
         where = "stdout" if args.out == "-" else args.out
-        print(f"{len(logs)} prediction logs written to {where}"
+        print(f"{len(logs)} prediction logs and {len(extra)} shadowed requests written to {where}"
               + (f" ({undecodable} undecodable records skipped)" if undecodable else ""), file=sys.stderr)
         return 0
 

@@ -17,7 +17,8 @@ from modelcd.events.broker import EmbeddedBroker
 from modelcd.events.bus import ensure_topics
 from modelcd.events.records import RawRecord, scan
 from modelcd.events.schemas import (
-    DeploymentCompleted, DeploymentFailed, DeploymentProgress, ModelState, PredictionLog, Route, TrafficPolicy,
+    DeploymentCompleted, DeploymentFailed, DeploymentProgress, ModelState, PredictionLog, Route, ShadowPrediction,
+    TrafficPolicy,
 )
 from modelcd.ops import compare_states, log_rows
 from modelcd.store.blobs import open_store
@@ -163,7 +164,22 @@ def test_log_rows_flatten_tensors() -> None:
                                    inputs={"x": {"datatype": "FP64", "shape": [1, 2], "data": [1.0, 2.0]}},
                                    outputs={"y": {"datatype": "INT64", "shape": [1], "data": [3]}})])
     assert rows == [{"request_id": "r", "model": "m", "version": "1", "endpoint": "", "node": "n", "at": 5.0,
-                     "latency_ms": 0.0, "error": None, "input.x": [1.0, 2.0], "output.y": 3}]
+                     "latency_ms": 0.0, "status": 200, "error": None, "source": "log", "input.x": [1.0, 2.0],
+                     "output.y": 3}]
+
+
+def test_shadowed_requests_count_once_per_request() -> None:
+    """A request with two shadows is one row (its primary's answer), with the primary's latency."""
+    from modelcd.events.schemas import ShadowPrediction
+    from modelcd.ops import shadowed_primaries
+
+    preds = [ShadowPrediction(request_id="q", primary_model="iris", primary_version="1", shadow_model="iris",
+                              shadow_version=v, primary_outputs={"label": {"datatype": "INT64", "shape": [1],
+                                                                           "data": [2]}},
+                              primary_latency_ms=1.5, node="n", at=7.0) for v in ("2", "3")]
+    (row,) = log_rows(shadowed_primaries(preds), source="shadow")
+    assert (row["request_id"], row["model"], row["version"], row["output.label"], row["latency_ms"],
+            row["source"]) == ("q", "iris", "1", 2, 1.5, "shadow")
 
 
 async def test_logs_export_parquet_per_model_across_nodes(broker: EmbeddedBroker, tmp_path: Path) -> None:
@@ -189,6 +205,20 @@ async def test_logs_export_parquet_per_model_across_nodes(broker: EmbeddedBroker
     assert str(frame["at"].dtype).startswith("datetime64") and "UTC" in str(frame["at"].dtype)
     code, _, err = await modelcd(broker, "logs", "export", "--model", "iris", "--version", "2", "--out", "-")
     assert code == 0 and "2 prediction logs" in err
+
+    # A shadowed request is not in modelcd.predictions: its primary answer comes from the shadow's record.
+    async with Publisher(broker.config, "test") as pub:
+        for shadow_version in ("3", "4"):
+            await pub.publish(ShadowPrediction(
+                request_id="s1", primary_model="iris", primary_version="2", shadow_model="iris",
+                shadow_version=shadow_version, node="node-1", primary_latency_ms=9.0,
+                primary_outputs={"label": {"datatype": "INT64", "shape": [1], "data": [1]}}))
+    code, _, err = await modelcd(broker, "logs", "export", "--model", "iris", "--out", str(out))
+    assert code == 0 and "4 prediction logs and 1 shadowed requests" in err, err
+    frame = pd.read_parquet(out)
+    assert len(frame) == 5 and frame.set_index("request_id").loc["s1", "source"] == "shadow"
+    code, _, err = await modelcd(broker, "logs", "export", "--model", "iris", "--no-shadowed", "--out", str(out))
+    assert code == 0 and len(pd.read_parquet(out)) == 4
 
 
 def test_compare_states_names_the_fields_that_differ() -> None:

@@ -205,3 +205,21 @@ def deep_json(depth: int) -> bytes:
 
 def strip_ws(data: bytes) -> bytes:
     return re.sub(rb"\s+", b"", data)
+
+
+def memory_blowup_onnx() -> bytes:
+    """A valid ONNX graph that asks for a 256 GiB tensor when it predicts (a model whose memory is unbounded)."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ConstantOfShape", ["shape"], ["big"],
+                          value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])),
+         helper.make_node("ReduceSum", ["big"], ["s"], keepdims=0),
+         helper.make_node("Add", ["input", "s"], ["variable"])],
+        "blowup",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("variable", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor("shape", TensorProto.INT64, [2], [1 << 18, 1 << 18])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()

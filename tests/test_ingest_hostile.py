@@ -34,10 +34,11 @@ from ._hostile import (
     edit_skops_nodes,
     edited_xgboost,
     healthy,
+    memory_blowup_onnx,
     model_bytes,
     with_model,
 )
-from ._ingest import Watcher, iris_package, members_of, running_ingest, settings_for, tar_of
+from ._ingest import Watcher, iris_package, members_of, onnx_package, running_ingest, settings_for, tar_of
 
 pytestmark = pytest.mark.hostile
 
@@ -306,6 +307,13 @@ async def test_skops_shared_id_decoy_refused(env: Env) -> None:
         dst.writestr("decoy.npy", npy.getvalue())
     deployment_id = await env.upload(with_model(pkg, out.getvalue(), name="decoy").data)
     await env.fails(deployment_id, "validate", "unsafe model structure")
+
+
+async def test_onnx_memory_blow_up_contained_in_the_sandbox(env: Env) -> None:
+    """An ONNX model asking for 256 GiB when it predicts fails inside the sandbox (its address-space limit) at
+    serving-validation; ingest carries on (the next test deploys)."""
+    deployment_id = await env.upload(onnx_package("blowup", memory_blowup_onnx()).data)
+    await env.fails(deployment_id, "serving-validation", "onnx")
 
 
 async def test_ingest_keeps_deploying_after_all_of_them(env: Env) -> None:

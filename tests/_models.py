@@ -173,3 +173,32 @@ def loop_onnx(name: str = "loop", version: str = "1") -> Any:
     return build_package(model, name=name, version=version, owner="tests", expiry="30d",
                          sample_inputs={"input": np.array([[1, 2], [3, 1]], np.float32)})
 
+
+
+def alloc_onnx(name: str = "alloc", version: str = "1") -> Any:
+    """An ONNX graph that allocates max(input) x 1000 floats: a few KB on its samples, terabytes on 1e9."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    from modelcd.runtimes.build import build_package
+
+    nodes = [
+        h.make_node("ReduceMax", ["input"], ["mx"], keepdims=1),  # [1, 1]
+        h.make_node("Reshape", ["mx", "one"], ["mx1"]),
+        h.make_node("Cast", ["mx1"], ["rows"], to=T.INT64),
+        h.make_node("Concat", ["rows", "cols"], ["shape"], axis=0),
+        h.make_node("ConstantOfShape", ["shape"], ["big"], value=h.make_tensor("v", T.FLOAT, [1], [1.0])),
+        h.make_node("ReduceSum", ["big"], ["total"], keepdims=0),
+        h.make_node("Mul", ["total", "zero"], ["nothing"]),
+        h.make_node("Add", ["input", "nothing"], ["output"]),
+    ]
+    inits = [h.make_tensor("one", T.INT64, [1], [1]), h.make_tensor("cols", T.INT64, [1], [1000]),
+             h.make_tensor("zero", T.FLOAT, [], [0.0])]
+    graph = h.make_graph(nodes, "alloc", [h.make_tensor_value_info("input", T.FLOAT, [None, 2])],
+                         [h.make_tensor_value_info("output", T.FLOAT, [None, 2])], initializer=inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    return build_package(model, name=name, version=version, owner="tests", expiry="30d",
+                         sample_inputs={"input": np.array([[1, 2], [3, 1]], np.float32)})

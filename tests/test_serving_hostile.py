@@ -28,7 +28,7 @@ from modelcd.events.bus import Publisher, read_topic
 from modelcd.runtimes.build import build_package
 from modelcd.store.blobs import open_store
 
-from ._models import MAGIC, SEGV_TREE_CRASH_ROW, hostile_loader, loop_onnx, segv_tree
+from ._models import MAGIC, SEGV_TREE_CRASH_ROW, alloc_onnx, hostile_loader, loop_onnx, segv_tree
 from ._serving import deploy, eventually, infer_body, iris_package, iris_rows, node_settings, running_node
 
 pytestmark = pytest.mark.hostile
@@ -275,3 +275,24 @@ async def test_hostile_python_models_stay_in_their_workers(broker: EmbeddedBroke
         assert zygote.returncode is not None
         for pid in pids:
             await eventually(lambda p=pid: not _alive(p), timeout=10, what=f"worker {pid} gone")
+
+
+async def test_onnx_memory_blow_up_on_some_inputs_stays_in_its_worker(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """An ONNX graph sized by its input: 2 GB past a 1 GiB worker limit fails alone; the rest of the node answers."""
+    settings = node_settings(tmp_path, broker.bootstrap, worker_memory=1 << 30, worker_restart_backoff=0.2)
+    async with open_store(settings.resolved_store_url) as store, Publisher(broker.config, "test") as pub:
+        await deploy(store, pub, iris_package("good", "1"))
+        await deploy(store, pub, alloc_onnx())
+        async with running_node(settings) as n:
+            async with httpx.AsyncClient(base_url=n.node.url, timeout=30.0) as client:
+                with Hammer(client, "good") as hammer:
+                    # 5e5 x 1000 float32 = 2 GB, past the worker's 1 GiB address-space limit
+                    huge = {"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "data": [5e5, 1.0]}]}
+                    r = await n.infer("alloc", huge)
+                    # onnxruntime's allocation fails (500 with its reason) or the worker dies (503): never the node.
+                    assert r.status_code in (500, 503), r.text
+                    await eventually(lambda: _ready(client, "alloc"), what="alloc back")
+                    small = {"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "data": [3.0, 1.0]}]}
+                    assert (await n.infer("alloc", small)).status_code == 200
+                    await hammer.done()
+                hammer.assert_all_answered()

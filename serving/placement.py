@@ -39,7 +39,9 @@ from .registry import Registry
 
 log = get_logger("modelcd.serving.placement")
 
-RELEASE_GRACE = 1.0  # seconds between "every new owner holds it" and releasing a moved model
+# Seconds between announcing a release (heartbeats stop listing the model ready) and unloading it: the
+# front door must have seen the heartbeat (~0.5 s), updated its table (0.2 s) and Caddy refreshed (0.5 s).
+RELEASE_GRACE = 2.0
 
 
 def membership_ttl(settings: Settings) -> float:

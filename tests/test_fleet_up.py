@@ -56,7 +56,9 @@ async def test_up_with_two_nodes_serves_through_the_front_door(tmp_path: Path) -
             # Each node has a port of its own after the front door's, and holds the model (R=2 of 2).
             port = up.ports["MODELCD_SERVING_PORT"]
             for i in (1, 2):
-                r = await client.get(f"http://127.0.0.1:{port + i}/v2/models/fleet-up/ready")
-                assert r.status_code == 200
+                deadline = time.monotonic() + 60
+                while (r := await client.get(f"http://127.0.0.1:{port + i}/v2/models/fleet-up/ready")).status_code != 200:
+                    assert time.monotonic() < deadline, f"node on :{port + i} does not hold fleet-up: {r.text}"
+                    await asyncio.sleep(0.3)
     finally:
         assert await up.stop() == 0

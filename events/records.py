@@ -24,6 +24,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from .bus import KafkaConfig, partitions_of
 
 
+class TopicMissing(LookupError):
+    """The broker has no such topic (yet)."""
+
+
 @dataclass(frozen=True, slots=True)
 class RawRecord:
     """One Kafka record as it was on the broker."""
@@ -144,7 +148,7 @@ async def follow(cfg: KafkaConfig, topic: str, *, from_beginning: bool = False) 
     try:
         tps = await partitions_of(consumer, [topic])
         if not tps:
-            return
+            raise TopicMissing(topic)
         consumer.assign(tps)
         if from_beginning:
             await consumer.seek_to_beginning(*tps)
@@ -183,4 +187,4 @@ def write_dump(out: IO[str], records: Iterable[RawRecord]) -> int:
     return n
 
 
-__all__ = ["RawRecord", "TopicPartition", "dump_line", "follow", "load_lines", "produce", "scan", "write_dump"]
+__all__ = ["RawRecord", "TopicMissing", "TopicPartition", "dump_line", "follow", "load_lines", "produce", "scan", "write_dump"]

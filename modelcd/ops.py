@@ -276,18 +276,22 @@ def cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
     async def follow() -> int:
         n = 0
         out = sys.stdout.buffer
-        async for rec in raw.follow(cfg, args.topic, from_beginning=args.from_beginning):
-            event, ce_type, reason = decode_record(rec)
-            if not flt.wants(rec, ce_type):
-                continue
-            if reason is not None:
-                _report(sys.stderr, rec, reason)
-                continue
-            out.write(to_json(event) + b"\n")
-            out.flush()
-            n += 1
-            if args.count and n >= args.count:
-                break
+        try:
+            async for rec in raw.follow(cfg, args.topic, from_beginning=args.from_beginning):
+                event, ce_type, reason = decode_record(rec)
+                if not flt.wants(rec, ce_type):
+                    continue
+                if reason is not None:
+                    _report(sys.stderr, rec, reason)
+                    continue
+                out.write(to_json(event) + b"\n")
+                out.flush()
+                n += 1
+                if args.count and n >= args.count:
+                    break
+        except raw.TopicMissing:
+            raise CliError(f"topic {args.topic} does not exist on {settings.bootstrap} yet: `modelcd topics create` "
+                           "creates modelcd's topics (`modelcd up` does too)", code=2) from None
         return 0
 
     async def run(stop: asyncio.Event) -> int:

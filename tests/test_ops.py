@@ -271,3 +271,4 @@ def test_ops_usage_errors_exit_2(argv: list[str]) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELCD_")}
     proc = subprocess.run([*MODELCD, *argv], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 2 and "modelcd.model-state" in proc.stderr
+

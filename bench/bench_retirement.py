@@ -4,13 +4,15 @@ Starts an embedded broker, fills `modelcd.usage` with N reports over M models (e
 advancing last use, so every report is a table write and a changelog record), then
 starts one worker and times it from ready until it has handled all of them.
 
-    python bench/bench_retirement.py [--reports 20000] [--models 200]
+    python bench/bench_retirement.py [--reports 20000] [--models 200] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import sys
 import platform
 import tempfile
 import time
@@ -27,7 +29,7 @@ from modelcd.retirement.service import RetirementProcessor
 from modelcd.settings import Settings
 
 
-async def main(reports: int, models: int) -> None:
+async def main(reports: int, models: int, out: Path | None = None, timeout: float = 600.0) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         broker = EmbeddedBroker(port=free_port(), log_file=Path(tmp) / "tansu.log")
         await broker.start()
@@ -49,6 +51,8 @@ async def main(reports: int, models: int) -> None:
             try:
                 start, start_count = time.perf_counter(), proc.stats.usage_reports
                 while proc.stats.usage_reports < reports:
+                    if time.perf_counter() - start > timeout:
+                        raise SystemExit(f"only {proc.stats.usage_reports} of {reports} reports in {timeout:.0f} s")
                     await asyncio.sleep(0.05)
                 elapsed = time.perf_counter() - start
             finally:
@@ -59,12 +63,20 @@ async def main(reports: int, models: int) -> None:
     print(f"retirement worker: {done} usage reports ({models} models) in {elapsed:.2f}s after ready "
           f"({start_count} handled before ready) = {done / elapsed:,.0f} reports/s "
           f"[{platform.python_implementation()} {platform.python_version()}, {platform.machine()}]")
+    if out is not None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from bench.common import machine
+
+        out.write_text(json.dumps({"scenario": "retirement", "reports": done, "models": models, "elapsed_s": elapsed,
+                                   "per_second": done / elapsed, "machine": machine(),
+                                   "command": "python bench/bench_retirement.py " + " ".join(sys.argv[1:])}))
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reports", type=int, default=20_000)
     ap.add_argument("--models", type=int, default=200)
+    ap.add_argument("--json", type=Path, help="write the figures here (bench/run.py reads them)")
     args = ap.parse_args()
     configure("warning", "console")
-    asyncio.run(main(args.reports, args.models))
+    asyncio.run(main(args.reports, args.models, args.json))

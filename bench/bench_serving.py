@@ -1,38 +1,34 @@
-"""Serving throughput and latency: a modelcd node vs MLServer vs a bare ASGI handler (the floor).
+"""Serving vs peers: a modelcd node, the fleet's front door, MLServer, KServe's model server and the floor.
 
-Run:  python bench/bench_serving.py [--duration 10] [--concurrency 32] [--rate 400] [--append]
+Run:  python bench/bench_serving.py [--seconds 8] [--models logreg,gbt] [--batches 1,64] [--json out.json]
 
-Needs `hey` (the load generator, Debian: `apt-get install -y hey`). The first run creates
-bench/.venv-mlserver with `mlserver` and `mlserver-sklearn` from PyPI (not a modelcd dependency).
+Needs `hey` (Debian: `apt-get install -y hey`). Peers get venvs of their own, created on first use:
+bench/.venv-mlserver (`mlserver`, `mlserver-sklearn`, from PyPI) and bench/.venv-kserve (`kserve`,
+`scikit-learn`); neither is a modelcd dependency.
 
-The same model everywhere: scikit-learn's DecisionTreeClassifier(max_depth=3, random_state=0) on iris,
-trained identically in each venv; the same request (one row, FP64 [1, 4], JSON) to
-/v2/models/iris/infer; the same `hey` runs, one server at a time on this machine:
-- throughput: closed loop, `--concurrency` connections for `--duration` seconds;
-- latency: a fixed offered load of `--rate` requests/s (10 connections, hey -q), p50 and p99.
-
-Servers:
-- modelcd: `modelcd serve` (uvloop, httptools), with an embedded broker and a local store, the model
-  deployed as ingest does (skops package); telemetry on (usage, 1% prediction logs, metrics);
-- MLServer: `mlserver start` with its defaults (one parallel inference worker, metrics on), with
-  uvloop < 0.22 in its venv (its workers do not start with newer uvloop);
+The same models everywhere, trained identically in each venv from the same code (`TRAIN`):
+scikit-learn's LogisticRegression and GradientBoostingClassifier(100 trees, depth 3) on
+make_classification(2000 rows, 20 features, random_state=0); the same request, FP32 [B, 20] as OIP
+JSON to /v2/models/<name>/infer, for B = 1 and 64 rows. Servers, one after the other:
+- modelcd: `modelcd up` (one node), the models deployed through the deployment API as a user does
+  (so ingest compiles them to ONNX where it can), telemetry on (usage, 1 % prediction logs, metrics);
+- frontdoor: `modelcd up --nodes 2` (every node loads every model), requests through the front door;
+- mlserver: `mlserver start` with its defaults (one parallel inference worker, metrics on);
+- kserve: KServe's Python model server (`kserve.ModelServer`, one worker) with a kserve.Model that
+  predicts with the scikit-learn model, OIP (v2) REST;
 - floor: a raw ASGI app on the same uvicorn/uvloop/httptools that decodes with msgspec, calls the
-  model runtime modelcd uses (the same loaded package) and encodes the response: nothing else.
+  very runtime (and package, as ingest compiled it) the modelcd node serves, and encodes: nothing else.
+Per server, model and batch: saturation (closed loop, `--concurrency` connections), then the p50 and
+p99 at fixed offered loads of 25 % and 50 % of modelcd's saturation for the same model and batch
+(hey -q; see bench/common.py for what that does and does not guarantee).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import datetime
 import json
-import os
-import platform
-import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,37 +37,31 @@ import msgspec
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import System, free_port, hey, hey_fixed, machine, need_hey, wait_http
+
 MLSERVER_VENV = HERE / ".venv-mlserver"
-BODY = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP64", "data": [[5.1, 3.5, 1.4, 0.2]]}]}
-TRAIN = ("from sklearn.datasets import load_iris\nfrom sklearn.tree import DecisionTreeClassifier\n"
-         "x, y = load_iris(return_X_y=True)\nmodel = DecisionTreeClassifier(max_depth=3, random_state=0).fit(x, y)\n")
+KSERVE_VENV = HERE / ".venv-kserve"
+FEATURES = 20
+TRAIN = ("import numpy as np\nfrom sklearn.datasets import make_classification\n"
+         "from sklearn.linear_model import LogisticRegression\n"
+         "from sklearn.ensemble import GradientBoostingClassifier\n"
+         "x, y = make_classification(n_samples=2000, n_features=20, n_informative=10, random_state=0)\n"
+         "x = x.astype(np.float32)\n"
+         "MODELS = {'logreg': LogisticRegression(max_iter=1000).fit(x, y),\n"
+         "          'gbt': GradientBoostingClassifier(n_estimators=100, max_depth=3, random_state=0).fit(x, y)}\n")
 
 
-def free_port() -> int:
-    import socket
+def body(batch: int) -> dict[str, Any]:
+    import numpy as np
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode} before it was ready ({url})")
-        try:
-            if httpx.get(url, timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"not ready within {timeout}s: {url}")
+    rows = np.random.default_rng(batch).normal(size=(batch, FEATURES)).round(4).tolist()
+    return {"inputs": [{"name": "input", "shape": [batch, FEATURES], "datatype": "FP32", "data": rows}]}
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
+def stop(proc: subprocess.Popen[Any]) -> None:
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -81,36 +71,123 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-# --------------------------------------------------------------------------- load generation
+def _wait_post(url: str, proc: subprocess.Popen[Any], payload: dict[str, Any], timeout: float = 120.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode} before it answered {url}")
+        try:
+            if httpx.post(url, json=payload, timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"no 200 from {url} within {timeout:.0f} s")
 
 
-def hey(url: str, body_file: Path, *, duration: float, concurrency: int, rate_per_worker: float = 0) -> dict[str, Any]:
-    cmd = ["hey", "-z", f"{duration}s", "-c", str(concurrency), "-m", "POST", "-T", "application/json",
-           "-D", str(body_file)]
-    if rate_per_worker:
-        cmd += ["-q", str(rate_per_worker)]
-    out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    pct = {int(p): float(s) * 1000 for p, s in re.findall(r"(\d+)%+ in ([\d.]+) secs", out)}
-    codes = {int(c): int(n) for c, n in re.findall(r"\[(\d+)\]\s+(\d+) responses", out)}
-    # hey lists transport errors (refused, reset, timeouts) under "Error distribution".
-    errors = sum(int(n) for n in re.findall(r"^\s+\[(\d+)\]\s", out.split("Error distribution:")[1], re.M)) \
-        if "Error distribution:" in out else 0
-    return {"rps": rps, "p50": pct.get(50, float("nan")), "p99": pct.get(99, float("nan")), "codes": codes,
-            "errors": errors}
+# --------------------------------------------------------------------------- measuring one server
 
 
-def measure(name: str, url: str, body_file: Path, args: argparse.Namespace) -> dict[str, Any]:
-    hey(url, body_file, duration=2, concurrency=8)  # warm-up
-    peak = hey(url, body_file, duration=args.duration, concurrency=args.concurrency)
-    fixed = hey(url, body_file, duration=args.duration, concurrency=10, rate_per_worker=args.rate / 10)
-    print(f"{name:8} max {peak['rps']:8.0f} req/s (p50 {peak['p50']:.2f} ms, p99 {peak['p99']:.2f} ms) | "
-          f"at {args.rate}/s: {fixed['rps']:.0f} req/s, p50 {fixed['p50']:.2f} ms, p99 {fixed['p99']:.2f} ms | "
-          f"codes {peak['codes']} {fixed['codes']}", flush=True)
-    return {"peak": peak, "fixed": fixed}
+def measure(server: str, base: str, work: Path, args: argparse.Namespace, sat: dict[tuple[str, int], float],
+            results: list[dict[str, Any]]) -> None:
+    """Every model and batch on one running server: saturation, then 25 % and 50 % of modelcd's."""
+    for model in args.models:
+        for batch in args.batches:
+            f = work / f"body-{batch}.json"
+            url = f"{base}/v2/models/{model}/infer"
+            hey(url, f, seconds=1, connections=8)  # warm-up
+            peak = hey(url, f, seconds=args.seconds, connections=args.concurrency)
+            if server == "modelcd":
+                sat[(model, batch)] = peak["rps"]
+            row: dict[str, Any] = {"server": server, "model": model, "batch": batch, "saturation": peak}
+            for share in (0.25, 0.5):
+                rate = share * sat.get((model, batch), peak["rps"])
+                row[f"at{int(share * 100)}"] = hey_fixed(url, f, seconds=args.seconds, rate=rate)
+            results.append(row)
+            a, b = row["at25"], row["at50"]
+            print(f"{server:9} {model:6} x{batch:<3} sat {peak['rps']:8,.0f} req/s | 25%: p50 {a['p50']:.2f} "
+                  f"p99 {a['p99']:.2f} ms | 50%: p50 {b['p50']:.2f} p99 {b['p99']:.2f} ms | failed "
+                  f"{peak['failed'] + a['failed'] + b['failed']}", flush=True)
 
 
-# --------------------------------------------------------------------------- the three servers
+# --------------------------------------------------------------------------- the servers
+
+
+def packages(work: Path) -> dict[str, bytes]:
+    """The models as modelcd packages (ingest compiles them on deploy)."""
+    from modelcd.runtimes.build import build_package
+
+    ns: dict[str, Any] = {}
+    exec(TRAIN, ns)  # noqa: S102 - our own constant: the same training code every venv runs
+    return {name: build_package(model, name=name, version="1", owner="bench", expiry="30d",
+                                sample_inputs={"input": ns["x"][:8]}).data for name, model in ns["MODELS"].items()}
+
+
+def run_modelcd(nodes: int, work: Path, pkgs: dict[str, bytes], args: argparse.Namespace,
+                sat: dict[tuple[str, int], float], results: list[dict[str, Any]]) -> dict[str, Path]:
+    """A `modelcd up` with `nodes` nodes; the models through the API. Returns the served packages' paths."""
+    served: dict[str, Path] = {}
+    with System(nodes) as system:
+        for name, data in pkgs.items():
+            system.wait_deployed(system.deploy(data))
+            for url in system.node_urls:
+                wait_http(f"{url}/v2/models/{name}/ready", timeout=120)
+        # The packages as ingest stored them (compiled to ONNX where it could): what the floor serves too.
+        from modelcd.store.package import read_package
+
+        for f in sorted((system.home / "store").rglob("*")):
+            if f.is_file() and "packages" in f.parts:
+                try:
+                    m = read_package(f.read_bytes()).manifest
+                except Exception:  # noqa: BLE001, S112 - not a package (an upload, a record)
+                    continue
+                if m.name in pkgs:
+                    served[m.name] = work / f"{m.name}.served.tar"
+                    served[m.name].write_bytes(f.read_bytes())
+        measure("modelcd" if nodes == 1 else "frontdoor", system.front, work, args, sat, results)
+        if nodes == 1 and args.profile:
+            profile(system, work, args)
+    return served
+
+
+def py_spy() -> str | None:
+    """py-spy's binary: beside this interpreter, on PATH, or beside the site-packages that hold py_spy."""
+    import shutil
+    import sysconfig
+
+    for cand in (Path(sys.executable).parent / "py-spy", Path(sysconfig.get_path("scripts")) / "py-spy"):
+        if cand.exists():
+            return str(cand)
+    found = shutil.which("py-spy")
+    if found:
+        return found
+    for entry in sys.path:
+        if entry.endswith("site-packages") and (Path(entry).parents[2] / "bin" / "py-spy").exists():
+            return str(Path(entry).parents[2] / "bin" / "py-spy")
+    return None
+
+
+def profile(system: System, work: Path, args: argparse.Namespace) -> None:
+    """py-spy on the node (and its model workers) during an extra saturation run of the first model, 1 row."""
+    exe = py_spy()
+    pids = system.node_pids()
+    if exe is None or not pids:
+        print("no profile: py-spy not found (pip install py-spy) or no node process", flush=True)
+        return
+    out = args.profile
+    seconds = max(3, int(args.seconds))
+    spy = subprocess.Popen([exe, "record", "--subprocesses", "-r", "200", "-d", str(seconds), "-f", "raw", "-o",
+                            str(out), "-p", str(pids[0])], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(0.5)
+    hey(f"{system.front}/v2/models/{args.models[0]}/infer", work / "body-1.json", seconds=seconds,
+        connections=args.concurrency)
+    try:
+        spy.wait(seconds + 60)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+    print(f"profile of the node under saturation: {out} (py-spy raw stacks)", flush=True)
 
 
 class _Input(msgspec.Struct):
@@ -124,233 +201,189 @@ class _Request(msgspec.Struct):
     inputs: list[_Input]
 
 
-def floor_app(package: Path) -> Any:
-    """The floor: decode, call the model, encode. Only what any OIP server must do."""
-    import msgspec
+def floor_app(packages: dict[str, Path]) -> Any:
+    """The floor: decode, call the model's runtime, encode. Only what any OIP server must do."""
     import numpy as np
 
     from modelcd.runtimes.flavors import load_runtime
     from modelcd.store.package import read_package
 
-    pkg = read_package(package.read_bytes())
-    runtime = load_runtime(pkg.manifest, pkg.contents)
-
+    runtimes = {}
+    for name, path in packages.items():
+        pkg = read_package(path.read_bytes())
+        runtimes[name.encode()] = (load_runtime(pkg.manifest, pkg.contents), pkg.manifest.inputs[0].name)
     decoder = msgspec.json.Decoder(_Request)
     encoder = msgspec.json.Encoder()
     headers = [(b"content-type", b"application/json")]
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         msg = await receive()
-        body = msg.get("body", b"")
+        data = msg.get("body", b"")
         while msg.get("more_body"):
             msg = await receive()
-            body += msg.get("body", b"")
-        t = decoder.decode(body).inputs[0]
-        out = runtime.predict({"input": np.asarray(t.data, dtype=np.float64).reshape(t.shape)})
-        resp = {"model_name": "iris", "outputs": [{"name": k, "shape": list(v.shape), "datatype": "INT64",
-                                                   "data": v.ravel().tolist()} for k, v in out.items()]}
+            data += msg.get("body", b"")
+        name = scope["path"].encode().split(b"/")[3]
+        runtime, input_name = runtimes[name]
+        t = decoder.decode(data).inputs[0]
+        out = runtime.predict({input_name: np.asarray(t.data, dtype=np.float32).reshape(t.shape)})
+        resp = {"model_name": name.decode(), "outputs": [
+            {"name": k, "shape": list(v.shape), "datatype": "FP32" if v.dtype.kind == "f" else "INT64",
+             "data": v.ravel().tolist()} for k, v in out.items()]}
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": encoder.encode(resp)})
 
     return app
 
 
-def run_floor(port: int, package: Path) -> None:
+def run_floor_server(port: int, spec: str) -> None:
     import uvicorn
 
-    uvicorn.run(floor_app(package), host="127.0.0.1", port=port, loop="uvloop", http="httptools",
+    pkgs = {k: Path(v) for k, v in json.loads(spec).items()}
+    uvicorn.run(floor_app(pkgs), host="127.0.0.1", port=port, loop="uvloop", http="httptools",
                 lifespan="off", access_log=False, log_level="warning")
 
 
-def build_package(work: Path) -> Path:
-    import numpy as np
-
-    from modelcd.runtimes.build import build_package as build
-
-    ns: dict[str, Any] = {}
-    exec(TRAIN, ns)  # noqa: S102 - our own constant: the same training code the MLServer venv runs
-    x = ns["x"].astype(np.float64)
-    built = build(ns["model"], name="iris", version="1", owner="bench", expiry="30d", sample_inputs={"input": x[:5]})
-    path = work / "iris.tar"
-    path.write_bytes(built.data)
-    return path
-
-
-async def deploy_modelcd(package: Path, bootstrap: str, store_url: str) -> None:
-    from modelcd.events.bus import KafkaConfig, Publisher
-    from modelcd.events.schemas import ModelState
-    from modelcd.store.blobs import open_store, put_package
-    from modelcd.store.package import read_package
-    from modelcd.store.targets import TargetState
-
-    data = package.read_bytes()
-    m = read_package(data).manifest
-    async with open_store(store_url) as store:
-        sha = await put_package(store, data)
-        state = ModelState(name=m.name, version=m.version, target="serving", sha256=sha, runtime=m.runtime,
-                           flavor=m.flavor, owner=m.owner, expiry_seconds=m.expiry_seconds, deployed_at=time.time())
-        await TargetState(store).put_model(state)
-    async with Publisher(KafkaConfig(bootstrap=bootstrap), "bench") as pub:
-        await pub.publish(state)
-
-
-def bench_modelcd(work: Path, package: Path, body: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from modelcd.events.broker import EmbeddedBroker
-
-    async def start() -> EmbeddedBroker:
-        b = EmbeddedBroker(port=free_port(), log_file=work / "tansu.log")
-        await b.start()
-        await deploy_modelcd(package, b.bootstrap, str(work / "store"))
-        return b
-
-    loop = asyncio.new_event_loop()
-    broker = loop.run_until_complete(start())
+def run_floor(work: Path, served: dict[str, Path], args: argparse.Namespace, sat: dict[tuple[str, int], float],
+              results: list[dict[str, Any]]) -> None:
+    if set(served) != set(args.models):
+        raise SystemExit(f"the floor needs the served packages of {args.models}; found {sorted(served)}")
     port = free_port()
-    env = {**os.environ, "MODELCD_KAFKA_BOOTSTRAP": broker.bootstrap, "MODELCD_KAFKA_IDEMPOTENCE": "false",
-           "MODELCD_HOME": str(work / "home"), "MODELCD_STORE_URL": str(work / "store"),
-           "MODELCD_LOG_LEVEL": "warning", "MODELCD_LOG_FORMAT": "json"}
-    proc = subprocess.Popen([sys.executable, "-m", "modelcd", "serve", "--port", str(port)], env=env,
-                            stderr=open(work / "modelcd.log", "wb"))  # noqa: SIM115
-    try:
-        wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", proc)
-        return measure("modelcd", f"http://127.0.0.1:{port}/v2/models/iris/infer", body, args)
-    finally:
-        stop(proc)
-        loop.run_until_complete(broker.stop())
-        loop.close()
-
-
-def bench_floor(work: Path, package: Path, body: Path, args: argparse.Namespace) -> dict[str, Any]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--floor-server", str(port), "--package", str(package)],
+    proc = subprocess.Popen([sys.executable, __file__, "--floor-server", str(port), "--packages",
+                             json.dumps({k: str(v) for k, v in served.items()})],
                             stderr=open(work / "floor.log", "wb"))  # noqa: SIM115
     try:
-        _wait_post(f"http://127.0.0.1:{port}/v2/models/iris/infer", proc)
-        return measure("floor", f"http://127.0.0.1:{port}/v2/models/iris/infer", body, args)
+        for name in args.models:
+            _wait_post(f"http://127.0.0.1:{port}/v2/models/{name}/infer", proc, body(1))
+        measure("floor", f"http://127.0.0.1:{port}", work, args, sat, results)
     finally:
         stop(proc)
 
 
-def _wait_post(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"floor server exited with {proc.returncode}")
-        try:
-            if httpx.post(url, json=BODY, timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("floor server not ready")
-
-
-def ensure_mlserver() -> Path:
-    py = MLSERVER_VENV / "bin" / "python"
-    if not (MLSERVER_VENV / "bin" / "mlserver").exists():
-        print("creating bench/.venv-mlserver (mlserver, mlserver-sklearn from PyPI)...", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(MLSERVER_VENV)], check=True)
-        # MLServer 1.7's inference workers call asyncio.get_event_loop() outside a loop, which uvloop
-        # 0.22+ refuses ("no current event loop"): the model never loads. uvloop < 0.22 still allows it.
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "mlserver", "mlserver-sklearn", "uvloop<0.22"],
-                       check=True)
+def ensure_venv(venv: Path, packages: list[str]) -> Path:
+    py = venv / "bin" / "python"
+    if not (venv / ".installed").exists():
+        print(f"creating {venv.relative_to(ROOT)} ({', '.join(packages)} from PyPI)...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", *packages], check=True)
+        (venv / ".installed").touch()
     return py
 
 
-def bench_mlserver(work: Path, body: Path, args: argparse.Namespace) -> dict[str, Any]:
-    py = ensure_mlserver()
-    models = work / "mlserver" / "iris"
-    models.mkdir(parents=True, exist_ok=True)
-    subprocess.run([str(py), "-c", TRAIN + f"import joblib; joblib.dump(model, {str(models / 'model.joblib')!r})"],
-                   check=True)
-    (models / "model-settings.json").write_text(json.dumps({
-        "name": "iris", "implementation": "mlserver_sklearn.SKLearnModel",
-        "parameters": {"uri": "./model.joblib", "version": "1"}}))
+def train_into(py: Path, where: Path) -> None:
+    where.mkdir(parents=True, exist_ok=True)
+    subprocess.run([str(py), "-c", TRAIN + "import joblib\nfor k, m in MODELS.items():\n"
+                    f"    joblib.dump(m, {str(where)!r} + f'/{{k}}.joblib')\n"], check=True)
+
+
+def run_mlserver(work: Path, args: argparse.Namespace, sat: dict[tuple[str, int], float],
+                 results: list[dict[str, Any]]) -> None:
+    # MLServer 1.7's inference workers call asyncio.get_event_loop() outside a loop, which uvloop
+    # 0.22+ refuses ("no current event loop"): the model never loads. uvloop < 0.22 still allows it.
+    py = ensure_venv(MLSERVER_VENV, ["mlserver", "mlserver-sklearn", "uvloop<0.22"])
+    root = work / "mlserver"
+    train_into(py, root / "joblib")
+    for name in args.models:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        (root / name / "model-settings.json").write_text(json.dumps({
+            "name": name, "implementation": "mlserver_sklearn.SKLearnModel",
+            "parameters": {"uri": str(root / "joblib" / f"{name}.joblib"), "version": "1"}}))
     port = free_port()
-    (work / "mlserver" / "settings.json").write_text(json.dumps({
+    (root / "settings.json").write_text(json.dumps({
         "http_port": port, "grpc_port": free_port(), "metrics_port": free_port(), "host": "127.0.0.1"}))
-    proc = subprocess.Popen([str(MLSERVER_VENV / "bin" / "mlserver"), "start", str(work / "mlserver")],
-                            cwd=work / "mlserver", stdout=open(work / "mlserver.log", "wb"),  # noqa: SIM115
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([str(MLSERVER_VENV / "bin" / "mlserver"), "start", str(root)], cwd=root,
+                            stdout=open(work / "mlserver.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
     try:
-        wait_ready(f"http://127.0.0.1:{port}/v2/models/iris/ready", proc)
-        return measure("mlserver", f"http://127.0.0.1:{port}/v2/models/iris/infer", body, args)
+        for name in args.models:
+            wait_http(f"http://127.0.0.1:{port}/v2/models/{name}/ready", proc=proc, timeout=180)
+        measure("mlserver", f"http://127.0.0.1:{port}", work, args, sat, results)
     finally:
         stop(proc)
 
 
-# --------------------------------------------------------------------------- report
+KSERVE_SERVER = '''
+import sys, joblib, numpy as np, kserve
+from kserve import InferRequest, InferResponse, InferOutput
+
+class SK(kserve.Model):
+    def __init__(self, name, path):
+        super().__init__(name)
+        self.model = joblib.load(path)
+        self.ready = True
+
+    def predict(self, payload, headers=None):
+        x = payload.inputs[0].as_numpy()
+        y = self.model.predict(x)
+        out = InferOutput(name="predict", shape=list(y.shape), datatype="INT64", data=y.astype(np.int64).tolist())
+        return InferResponse(model_name=self.name, infer_outputs=[out], response_id=payload.id or "bench")
+
+port, root, names = int(sys.argv[1]), sys.argv[2], sys.argv[3].split(",")
+sys.argv = sys.argv[:1]
+kserve.ModelServer(http_port=port, enable_grpc=False, workers=1).start(
+    [SK(n, f"{root}/{n}.joblib") for n in names])
+'''
 
 
-def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, command: str) -> str:
-    import httptools
-    import uvicorn
-
-    m, f, ml = results["modelcd"], results["floor"], results.get("mlserver")
-    lines = [
-        "## serving: modelcd node vs MLServer vs bare ASGI floor (bench/bench_serving.py)",
-        "",
-        f"{datetime.date.today()}, CPython {platform.python_version()}, {platform.machine()}, "
-        f"{os.cpu_count()} shared cores (other engineers' test runs on the box), uvicorn {uvicorn.__version__}, "
-        f"httptools {httptools.__version__}, load generator hey (same machine). Model: sklearn "
-        "DecisionTreeClassifier(max_depth=3) on iris, one FP64 [1, 4] row per JSON request.",
-        "",
-        f"    {command}",
-        "",
-        f"| server | max req/s (c={args.concurrency}) | p50 ms | p99 ms | at {args.rate:g} req/s: p50 ms | p99 ms | "
-        "failed |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for name, r in results.items():
-        bad = sum(n for run in (r["peak"], r["fixed"]) for c, n in run["codes"].items() if c != 200) + sum(
-            run["errors"] for run in (r["peak"], r["fixed"]))
-        lines.append(f"| {name} | {r['peak']['rps']:,.0f} | {r['peak']['p50']:.2f} | {r['peak']['p99']:.2f} | "
-                     f"{r['fixed']['p50']:.2f} | {r['fixed']['p99']:.2f} | {bad} |")
-    lines.append("")
-    per_req = (1 / m["peak"]["rps"]) / (1 / f["peak"]["rps"])
-    lines.append(f"- per-request cost vs the floor: {per_req:.2f}x (goal ≤ 1.3x)")
-    if ml is not None:
-        lines.append(f"- throughput vs MLServer: {m['peak']['rps'] / ml['peak']['rps']:.2f}x (goal ≥ 3x); "
-                     f"p99 at {args.rate:g} req/s: {m['fixed']['p99']:.2f} ms vs {ml['fixed']['p99']:.2f} ms "
-                     f"({ml['fixed']['p99'] / m['fixed']['p99']:.2f}x lower)")
-    return "\n".join(lines) + "\n"
+def run_kserve(work: Path, args: argparse.Namespace, sat: dict[tuple[str, int], float],
+               results: list[dict[str, Any]]) -> None:
+    py = ensure_venv(KSERVE_VENV, ["kserve", "scikit-learn"])
+    root = work / "kserve"
+    train_into(py, root)
+    (root / "server.py").write_text(KSERVE_SERVER)
+    port = free_port()
+    proc = subprocess.Popen([str(py), str(root / "server.py"), str(port), str(root), ",".join(args.models)],
+                            cwd=root, stdout=open(work / "kserve.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    try:
+        for name in args.models:
+            _wait_post(f"http://127.0.0.1:{port}/v2/models/{name}/infer", proc, body(1), timeout=180)
+        measure("kserve", f"http://127.0.0.1:{port}", work, args, sat, results)
+    finally:
+        stop(proc)
 
 
 def main() -> int:
+    import tempfile
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--duration", type=float, default=10.0, help="seconds per hey run")
-    ap.add_argument("--concurrency", type=int, default=32, help="connections for the throughput run")
-    ap.add_argument("--rate", type=float, default=400.0, help="offered requests/s for the latency run")
-    ap.add_argument("--skip-mlserver", action="store_true", help="only modelcd and the floor")
-    ap.add_argument("--append", action="store_true", help="append the result to bench/RESULTS.md")
+    ap.add_argument("--seconds", type=float, default=8.0, help="seconds per hey run")
+    ap.add_argument("--concurrency", type=int, default=32, help="connections for the saturation run")
+    ap.add_argument("--models", default="logreg,gbt", help="comma list of logreg, gbt")
+    ap.add_argument("--batches", default="1,64", help="rows per request (comma list)")
+    ap.add_argument("--servers", default="modelcd,frontdoor,mlserver,kserve,floor", help="comma list")
+    ap.add_argument("--json", type=Path, help="write the figures here (bench/run.py reads them)")
+    ap.add_argument("--profile", type=Path, help="py-spy raw stacks of the modelcd node at saturation, here")
     ap.add_argument("--floor-server", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--package", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--packages", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.floor_server:
-        run_floor(args.floor_server, args.package)
+        run_floor_server(args.floor_server, args.packages)
         return 0
-    if shutil.which("hey") is None:
-        print("bench_serving needs the `hey` load generator: apt-get install -y hey "
-              "(or: go install github.com/rakyll/hey@latest)", file=sys.stderr)
-        return 2
+    need_hey()
+    args.models = args.models.split(",")
+    args.batches = [int(b) for b in args.batches.split(",")]
+    servers = args.servers.split(",")
+    sat: dict[tuple[str, int], float] = {}
+    results: list[dict[str, Any]] = []
+    t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         work = Path(tmp)
-        package = build_package(work)
-        body = work / "body.json"
-        body.write_text(json.dumps(BODY))
-        results: dict[str, dict[str, Any]] = {}
-        results["modelcd"] = bench_modelcd(work, package, body, args)
-        results["floor"] = bench_floor(work, package, body, args)
-        if not args.skip_mlserver:
-            results["mlserver"] = bench_mlserver(work, body, args)
-    command = "python bench/bench_serving.py " + " ".join(sys.argv[1:])
-    text = report(results, args, command.strip())
-    print("\n" + text)
-    if args.append:
-        with open(HERE / "RESULTS.md", "a") as fh:
-            fh.write("\n\n" + text)
+        for b in args.batches:
+            (work / f"body-{b}.json").write_text(json.dumps(body(b)))
+        pkgs = {k: v for k, v in packages(work).items() if k in args.models}
+        served = run_modelcd(1, work, pkgs, args, sat, results)  # first: the others' rates come from it
+        if "frontdoor" in servers:
+            run_modelcd(2, work, pkgs, args, sat, results)
+        if "mlserver" in servers:
+            run_mlserver(work, args, sat, results)
+        if "kserve" in servers:
+            run_kserve(work, args, sat, results)
+        if "floor" in servers:
+            run_floor(work, served, args, sat, results)
+    out = {"scenario": "serving", "command": "python bench/bench_serving.py " + " ".join(sys.argv[1:]),
+           "seconds": args.seconds, "concurrency": args.concurrency, "results": results,
+           "elapsed_s": time.monotonic() - t0, "machine": machine(),
+           "profile": str(args.profile) if args.profile and args.profile.exists() else None}
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
     return 0
 
 

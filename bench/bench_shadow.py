@@ -59,7 +59,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_serving import hey
+from bench.common import hey
 from modelcd.events.broker import EmbeddedBroker, free_port
 from modelcd.events.bus import Publisher
 from modelcd.events.schemas import Route, ShadowRelation, TrafficPolicy
@@ -230,6 +230,9 @@ async def run(args: argparse.Namespace) -> str:
         async with open_store(store_url) as store, Publisher(broker.config, "bench") as pub:
             await deploy(store, pub, iris_package("iris", "1", depth=3))
             await deploy(store, pub, iris_package("iris", "2", depth=2))
+            # More cheap shadows for the 3-shadow mode (`--modes`): trees as cheap as the primary.
+            await deploy(store, pub, iris_package("iris", "4", depth=1))
+            await deploy(store, pub, iris_package("iris", "5", depth=4))
             if args.heavy_trees:
                 from sklearn.ensemble import RandomForestClassifier
 
@@ -264,19 +267,21 @@ async def run(args: argparse.Namespace) -> str:
                 else:
                     raise RuntimeError(f"node not ready; see {log_path}")
                 # Every model loaded before any timing (the shadows load on first use otherwise).
-                for version in ("1", "2") + (("3",) if args.heavy_trees else ()):
+                for version in ("1", "2", "4", "5") + (("3",) if args.heavy_trees else ()):
                     r = await client.post(f"/v2/models/iris/versions/{version}/infer", json=BODY)
                     if r.status_code != 200:
                         raise RuntimeError(f"iris:{version} answered {r.status_code}: {r.text[:200]}")
                 revision = 0
 
-                async def policy(shadow: str | None) -> None:
-                    """Apply the TrafficPolicy (iris:1 primary, `shadow` at 100 %) and wait until the node uses it."""
+                async def policy(shadow: str | list[str] | None) -> None:
+                    """Apply the TrafficPolicy (iris:1 primary, each shadow at 100 %) and wait until the node uses it."""
                     nonlocal revision
                     revision += 1
+                    shadows = [shadow] if isinstance(shadow, str) else list(shadow or [])
                     await set_traffic(store, pub, TrafficPolicy(  # type: ignore[arg-type]
                         endpoint="iris", routes=[Route(model="iris", version="1", weight=100.0)], revision=revision,
-                        shadows=[ShadowRelation(primary="iris", shadow=shadow)] if shadow else []))
+                        shadows=[ShadowRelation(primary="iris", shadow=s) for s in shadows]))
+                    shadow = shadows or None
                     deadline = time.monotonic() + 30
                     while time.monotonic() < deadline:  # applied when a probe request is (or is not) matched
                         before = (await scrape(client)).get("modelcd_shadow_matched_total", 0.0)
@@ -295,8 +300,8 @@ async def run(args: argparse.Namespace) -> str:
                     """One bounded load run: hey, else the httpx fallback."""
                     if not use_hey:
                         return await httpx_load(client, connections, seconds, rate)
-                    return await asyncio.to_thread(hey, url, body_file, duration=seconds, concurrency=connections,
-                                                   rate_per_worker=rate / connections if rate else 0)
+                    return await asyncio.to_thread(hey, url, body_file, seconds=seconds, connections=connections,
+                                                   rate=rate)
 
                 async def watched(connections: int, seconds: float, rate: float = 0.0
                                   ) -> tuple[dict[str, Any], list[dict[str, float]]]:
@@ -318,15 +323,17 @@ async def run(args: argparse.Namespace) -> str:
 
                 # ---- 2. comparison: ABBA rounds per load
                 loads = [float(x) for x in args.loads.split(",") if x.strip()]
-                comparison: dict[float, dict[bool, list[dict[str, Any]]]] = {}
+                comparison: dict[float, dict[int, list[dict[str, Any]]]] = {}
                 comparison_pauses: dict[float, int] = {}
+                modes = [int(m) for m in args.modes.split(",")]
+                cheap = ["iris:2", "iris:4", "iris:5"]
                 for share in loads:
                     rate = share * capacity
-                    comparison[share] = {False: [], True: []}
+                    comparison[share] = {m: [] for m in modes}
                     comparison_pauses[share] = 0
                     for rnd in range(args.rounds):
-                        for shadow in ((False, True) if rnd % 2 == 0 else (True, False)):
-                            await policy("iris:2" if shadow else None)
+                        for shadow in (modes if rnd % 2 == 0 else modes[::-1]):
+                            await policy(cheap[:shadow])
                             m0 = await scrape(client)
                             h = await drive(args.connections, args.seconds, rate)
                             m1 = await scrape(client)
@@ -429,6 +436,11 @@ async def run(args: argparse.Namespace) -> str:
                 node.kill()
         await broker.stop()
     elapsed = time.monotonic() - t_start
+    args.data = {"scenario": "shadow", "capacity": capacity, "elapsed_s": elapsed,
+                 "comparison": {str(share): {str(m): runs for m, runs in res.items()} for share, res in comparison.items()},
+                 "pauses": {str(k): v for k, v in comparison_pauses.items()}, "failed": total_failed,
+                 "ramps": [{"shadow": r.shadow, "paused_at": r.paused_at.offered if r.paused_at else None,
+                            "pause_reason": r.paused_at.reasons if r.paused_at else None} for r in ramps]}
     return report(args, use_hey, capacity, comparison, comparison_pauses, ramps, total_failed,
                   elapsed, tmp / "node.log")
 
@@ -437,7 +449,7 @@ async def run(args: argparse.Namespace) -> str:
 
 
 def report(args: argparse.Namespace, use_hey: bool, capacity: float,
-           comparison: dict[float, dict[bool, list[dict[str, Any]]]], comparison_pauses: dict[float, int],
+           comparison: dict[float, dict[int, list[dict[str, Any]]]], comparison_pauses: dict[float, int],
            ramps: list[Ramp], total_failed: int, elapsed: float,
            log_path: Path) -> str:
     client = "hey" if use_hey else "httpx (fallback: hey absent)"
@@ -457,7 +469,8 @@ def report(args: argparse.Namespace, use_hey: bool, capacity: float,
         (f"Capacity without shadow (closed loop, {args.concurrency} connections, {args.seconds:g} s): "
         f"{capacity:,.0f} req/s."),
         "",
-        (f"Comparison, 100 % shadow iris:2 vs none, at fixed offered loads ({args.connections} connections, hey -q), "
+        (f"Comparison, 100 % shadows vs none (1: iris:2; 3: iris:2, iris:4 (depth 1), iris:5 (depth 4), all cheap "
+        f"trees), at fixed offered loads ({args.connections} connections, hey -q), "
         f"{args.rounds} rounds of alternating {args.seconds:g}-s phases (ABBA), latencies as hey reports them "
         "(0.1-ms steps); per mode the median over rounds, ratio = shadow / none:"),
         "",
@@ -466,15 +479,17 @@ def report(args: argparse.Namespace, use_hey: bool, capacity: float,
     ]
     for share, res in comparison.items():
         rate = share * capacity
-        med = {s: {k: statistics.median(r[k] for r in res[s]) for k in ("rps", "p50", "p99")} for s in (False, True)}
-        for s in (False, True):
-            lines.append(f"| {rate:,.0f} req/s ({share:.0%}) | {'100 % shadow' if s else 'no shadow'} | "
+        med = {s: {k: statistics.median(r[k] for r in res[s]) for k in ("rps", "p50", "p99")} for s in res}
+        for s in res:
+            lines.append(f"| {rate:,.0f} req/s ({share:.0%}) | {mode_name(s)} | "
                          f"{med[s]['rps']:,.0f} | {med[s]['p50']:.2f} | {med[s]['p99']:.2f} | "
                          f"{' '.join(format(r['p99'], '.2f') for r in res[s])} | "
                          f"{sum(r['shadow_done'] for r in res[s]):,} |")
-        lines.append(f"| | ratio | {med[True]['rps'] / med[False]['rps']:.3f} | "
-                     f"{med[True]['p50'] / med[False]['p50']:.3f} | {med[True]['p99'] / med[False]['p99']:.3f} | "
-                     f"pauses in shadow phases: {comparison_pauses[share]} | |")
+        for s in res:
+            if s:
+                lines.append(f"| | ratio {mode_name(s)} / none | {med[s]['rps'] / med[0]['rps']:.3f} | "
+                             f"{med[s]['p50'] / med[0]['p50']:.3f} | {med[s]['p99'] / med[0]['p99']:.3f} | "
+                             f"pauses in all phases at this load: {comparison_pauses[share]} | |")
     lines += ["", (f"Failed primary requests over the whole run (non-2xx and transport errors from {client}): "
               f"{total_failed}."), ""]
     limits = "default thresholds: queue 800, loop lag 100 ms, loop busy 90 % (resume at 72 %), primary p99 off"
@@ -539,6 +554,10 @@ def report(args: argparse.Namespace, use_hey: bool, capacity: float,
     return "\n".join(lines).rstrip() + "\n"
 
 
+def mode_name(shadows: int) -> str:
+    return "no shadow" if shadows == 0 else f"{shadows} x 100 % shadow"
+
+
 def provenance() -> str:
     """The commit measured, and any uncommitted change to the code a node runs (other work in progress)."""
     try:
@@ -573,6 +592,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5, help="comparison rounds (each: one phase per mode)")
     ap.add_argument("--concurrency", type=int, default=8, help="connections for the capacity run")
     ap.add_argument("--connections", type=int, default=8, help="connections for the rate-limited runs (hey -q)")
+    ap.add_argument("--modes", default="0,1,3", help="shadows per comparison phase (comma list; 0 first)")
+    ap.add_argument("--json", type=Path, help="write the figures and the section here (bench/run.py reads them)")
     ap.add_argument("--loads", default="0.25,0.35", help="comparison loads, shares of the capacity (comma list)")
     ap.add_argument("--step-seconds", type=float, default=3.0, help="seconds per ramp step")
     ap.add_argument("--heavy-trees", type=int, default=25,
@@ -587,6 +608,12 @@ def main() -> int:
     print(text)
     if args.write:
         write_section(text)
+    if args.json:
+        from bench.common import machine
+
+        args.json.write_text(json.dumps({**args.data, "markdown": text, "machine": machine(),
+                                         "command": "python bench/bench_shadow.py " + " ".join(sys.argv[1:])},
+                                        indent=1, default=str))
     return 0
 
 

@@ -36,15 +36,15 @@ SCENARIOS: dict[str, tuple[str, list[str], list[str], int]] = {
     "serving": ("bench_serving.py", ["--seconds", "6"],
                 ["--seconds", "2", "--models", "logreg", "--batches", "1,64", "--servers", "modelcd,mlserver,floor"],
                 1500),
-    "propagation": ("bench_propagation.py", ["--nodes", "1,2,3", "--n", "20"], ["--nodes", "1,2", "--n", "5"], 900),
+    "propagation": ("bench_propagation.py", ["--nodes", "1,2,3", "--n", "20"], ["--nodes", "1,2", "--n", "3"], 900),
     "churn": ("bench_churn.py", ["--phase", "20", "--rate", "300", "--large-mb", "200"], ["--phase", "6"], 900),
     "scale": ("bench_scale.py", ["--counts", "10,100,1000", "--budget", "128MiB", "--ingest-n", "20", "--timeout", "420"],
-              ["--counts", "10,50", "--budget", "128MiB", "--ingest-n", "5", "--timeout", "120"], 1800),
+              ["--counts", "10", "--budget", "128MiB", "--ingest-n", "3", "--timeout", "120"], 1800),
     "shadow": ("bench_shadow.py", ["--loads", "0.25", "--modes", "0,1,3", "--rounds", "4", "--heavy-trees", "0"],
                ["--seconds", "2", "--rounds", "2", "--loads", "0.25", "--heavy-trees", "0", "--step-seconds", "1"],
                900),
-    "bus": ("bench_bus.py", ["--phase", "8"], ["--phase", "3"], 600),
-    "retirement": ("bench_retirement.py", ["--reports", "20000"], ["--reports", "5000"], 600),
+    "bus": ("bench_bus.py", ["--phase", "8"], ["--phase", "2"], 600),
+    "retirement": ("bench_retirement.py", ["--reports", "20000"], ["--reports", "3000"], 600),
 }
 
 TITLES = {
@@ -118,7 +118,7 @@ def build_report(quick: bool, command: str, load_before: tuple[float, ...], elap
             body = f"(could not render: {type(e).__name__}: {e})"
         if d:
             meta = meta or d.get("machine", {})
-        cmd = f"    {d['command']}" if d else ""
+        cmd = f"    {d['command'].replace(str(ROOT) + '/', '')}" if d else ""
         err = status.get("error")
         parts = [f"### {TITLES[name]}", ""]
         if cmd:

@@ -118,6 +118,9 @@ class Settings:
     worker_threads: int = _doc("Threads a model library may use inside its worker (OpenMP/BLAS/ONNX Runtime).", 1)
     worker_spawn: bool = _doc("Let model workers start processes (fork, exec). Off: a seccomp filter refuses them.",
                               False)
+    worker_batch: bool = _doc("Run predictions of one model that are waiting together as one call on the stacked "
+                              "rows, for models whose sample rows predicted alone equal the batch's (checked at "
+                              "load). Off: one call per request.", True)
     worker_queue: int = _doc("Predictions that may wait on one model's worker; beyond, 503.", 256)
     worker_crash_limit: int = _doc("Deaths of a model's worker within MODELCD_WORKER_CRASH_WINDOW after which the "
                                    "model is quarantined on the node instead of restarted.", 3)

@@ -480,7 +480,7 @@ class Registry:
     def _worker_spec(self, entry: ModelEntry) -> dict[str, Any]:
         s = self.settings
         return {"workdir": str(self.workdir / _safe(entry.key)), "memory": s.worker_memory, "nice": s.worker_nice,
-                "spawn": s.worker_spawn}
+                "spawn": s.worker_spawn, "batch": s.worker_batch}
 
     def _worker_died(self, entry: ModelEntry, worker: Worker, reason: str) -> None:
         """A serving worker ended: its model restarts after a backoff, or is quarantined if it keeps dying."""

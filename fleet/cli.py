@@ -48,6 +48,9 @@ def register(sub: Any) -> None:
     r.add_argument("env", type=Path, metavar="ENV")
     r.add_argument("--ready-timeout", type=float, default=120.0,
                    help="seconds a new node has to be ready and hold its share (default 120)")
+    r.add_argument("--observe", type=float, default=5.0,
+                   help="seconds each new node serves beside the old ones before they leave; a higher error rate "
+                        "than theirs rolls back (default 5)")
     r.set_defaults(func=cmd_roll)
 
 
@@ -79,6 +82,7 @@ def cmd_roll(args: argparse.Namespace, settings: Settings) -> int:
 
     async def main(stop: asyncio.Event) -> int:
         result = await roll(settings, args.env, workdir=_workdir(settings, "roll"), ready_timeout=args.ready_timeout,
+                            observe=args.observe,
                             say=lambda line: print(line, file=sys.stderr, flush=True))
         if result.ok:
             print(f"rolled: {', '.join(f'{o} -> {n}' for o, n in result.replaced)}")

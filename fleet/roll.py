@@ -7,8 +7,9 @@ every model placed on it → ask the old node to leave (a `NodeDrain` on modelcd
 its models off, drains and exits) → wait until it is gone. The front door follows the heartbeats,
 so requests move with the models and none fails.
 
-Rollback, by itself: when a new node exits, never becomes ready, or does not hold its placement
-within the timeout, every node this roll started is asked to leave, and each old node it had
+Rollback, by itself: when a new node exits, never becomes ready, does not hold its placement
+within the timeout, or answers with a higher error rate than the old nodes while both serve the
+live traffic for `observe` seconds (Prometheus counters scraped from each node's /metrics), every node this roll started is asked to leave, and each old node it had
 already replaced is started again from the current installation first. An old node is only ever
 asked to leave once its replacement holds its share, so a candidate that cannot start leaves
 every old node untouched.
@@ -140,6 +141,39 @@ class FleetView:
         return node in self.members() and all(node in held.get(k, ()) for k in mine)
 
 
+# ---------------------------------------------------------------------- error rate (pure)
+
+
+def counters(metrics_text: str) -> tuple[float, float]:
+    """(requests, errors) summed over models from a node's Prometheus /metrics text."""
+    req = err = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith("modelcd_requests_total"):
+            req += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("modelcd_request_errors_total"):
+            err += float(line.rsplit(" ", 1)[1])
+    return req, err
+
+
+def error_rate_regressed(new: tuple[float, float], old: tuple[float, float], *, min_requests: int = 20,
+                         slack: float = 0.01) -> str | None:
+    """Why the new node's error rate is above the old nodes' (over the same window), or None.
+
+    `new` and `old` are (requests, errors) deltas. Fewer than `min_requests` on the new node: no
+    judgement (None). Above means beyond the old rate by `slack` (an absolute share) and beyond twice it.
+    """
+    n_req, n_err = new
+    o_req, o_err = old
+    if n_req < min_requests:
+        return None
+    n_rate = n_err / n_req
+    o_rate = o_err / o_req if o_req else 0.0
+    if n_rate > o_rate + slack and n_rate > 2 * o_rate:
+        return (f"error rate {n_rate:.1%} ({n_err:.0f} of {n_req:.0f} requests) vs {o_rate:.1%} on the old nodes "
+                "over the same window")
+    return None
+
+
 @dataclass
 class RollResult:
     ok: bool
@@ -177,8 +211,35 @@ def _tail(path: Path, n: int = 1500) -> str:
         return ""
 
 
+async def _scrape(client: httpx.AsyncClient, url: str) -> tuple[float, float]:
+    try:
+        r = await client.get(f"{url}/metrics")
+        return counters(r.text) if r.status_code == 200 else (0.0, 0.0)
+    except httpx.TransportError:
+        return 0.0, 0.0
+
+
+async def _compare_errors(client: httpx.AsyncClient, view: FleetView, new: Launched, old_nodes: list[str],
+                          observe: float, say: Callable[[str], None]) -> None:
+    """Watch the new node and the remaining old ones for `observe` seconds under the live traffic."""
+    olds = [st.url for n in old_nodes if (st := view.alive(n)) is not None and st.url]
+    before_new = await _scrape(client, new.url)
+    before_old = [await _scrape(client, u) for u in olds]
+    await asyncio.sleep(observe)
+    after_new = await _scrape(client, new.url)
+    after_old = [await _scrape(client, u) for u in olds]
+    d_new = (after_new[0] - before_new[0], after_new[1] - before_new[1])
+    d_old = (sum(a[0] - b[0] for a, b in zip(after_old, before_old)),
+             sum(a[1] - b[1] for a, b in zip(after_old, before_old)))
+    why = error_rate_regressed(d_new, d_old)
+    if why is not None:
+        raise ReleaseError(f"node {new.node_id}: {why}")
+    say(f"    {new.node_id}: {d_new[1]:.0f} errors in {d_new[0]:.0f} requests over {observe:g}s "
+        f"(old nodes: {d_old[1]:.0f} in {d_old[0]:.0f})")
+
+
 async def roll(settings: Settings, env: Path, *, workdir: Path, ready_timeout: float = 120.0,
-               leave_timeout: float | None = None, tag: str | None = None,
+               leave_timeout: float | None = None, tag: str | None = None, observe: float = 5.0,
                say: Callable[[str], None] = lambda line: None) -> RollResult:
     """Replace every node of the fleet by one from `env`, one at a time; roll back by itself on failure."""
     python = env_python(env)
@@ -215,6 +276,8 @@ async def roll(settings: Settings, env: Path, *, workdir: Path, ready_timeout: f
                     if not await _wait(lambda n=new: view.holds_its_share(n.node_id), ready_timeout):
                         raise ReleaseError(f"node {new.node_id} did not load the models placed on it within "
                                            f"{ready_timeout:g}s; its log: {new.log}")
+                    if observe > 0:
+                        await _compare_errors(client, view, new, old_nodes, observe, say)
                 except ReleaseError as exc:
                     say(f"  {old}: FAILED: {exc}")
                     await _rollback(settings, view, pub, started, replaced, workdir, leave_timeout, say)

@@ -61,3 +61,17 @@ def test_dns_wire_format_round_trip() -> None:
     assert (rid, rflags & 0x8000, rflags & 0xF, qd, an) == (0x1234, 0x8000, 0, 1, 1)
     assert reply.endswith(struct.pack("!HHH", 0, 10, 8082) + encode_name("n1.nodes.modelcd"))
     assert build_response(qid, flags, q, qtype, None)[3] & 0xF == 3  # NXDOMAIN
+
+
+def test_roll_error_rate_rule_and_metrics_parsing() -> None:
+    """The new node fails the roll only with enough requests and an error rate clearly above the old nodes'."""
+    from modelcd.fleet.roll import counters, error_rate_regressed
+
+    text = ('# HELP x\nmodelcd_requests_total{model="iris",version="1"} 90.0\n'
+            'modelcd_requests_total{model="wine",version="1"} 10.0\n'
+            'modelcd_request_errors_total{kind="timeout",model="iris"} 3.0\nmodelcd_requests_created 1.7e9\n')
+    assert counters(text) == (100.0, 3.0)
+    assert error_rate_regressed((10, 10), (100, 0)) is None  # too few requests to judge
+    assert error_rate_regressed((100, 1), (100, 0)) is None  # within the slack
+    assert error_rate_regressed((100, 3), (100, 2)) is None  # not twice the old rate
+    assert "error rate 10.0%" in (error_rate_regressed((100, 10), (100, 1)) or "")

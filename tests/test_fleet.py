@@ -83,6 +83,9 @@ async def test_kill_9_a_node_the_front_door_routes_around_it(broker: EmbeddedBro
             await victim.proc.wait()
             # Within the health-check period Caddy marks it down; retries cover requests caught on it meanwhile.
             await asyncio.sleep(2 * settings.frontdoor_health_interval)
+            # Out of every answer the front door gives Caddy, though its last heartbeat is still fresh.
+            assert victim.node_id not in fd.healthy
+            assert all(dial(victim.url) not in ups for ups in (fd.table.default, *fd.table.by_upstreams))
             served = load.ok
             await eventually(lambda: load.ok > served + 100, 30, "traffic after the kill")
             late = [f for f in load.failures if f[0] > killed_at + settings.frontdoor_health_interval]

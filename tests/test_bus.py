@@ -10,7 +10,7 @@ from modelcd.events import Consumer, Envelope, Publisher, read_state, read_topic
 from modelcd.events.broker import EmbeddedBroker
 from modelcd.events.schemas import (
     ALL_EVENTS, DeployRequested, DeploymentCompleted, DeploymentFailed, DeploymentProgress, Event, LoadedModel,
-    ModelHealth, ModelState, NodeStatus, PredictionLog, RetireRequested, RetirementDecision, RetirementWarning,
+    ModelHealth, ModelState, NodeDrain, NodeStatus, PredictionLog, RetireRequested, RetirementDecision, RetirementWarning,
     RolloutStep, Route, ShadowComparison, ShadowPrediction, ShadowRelation, TrafficPolicy, UsageReport,
 )
 
@@ -35,6 +35,7 @@ def one_of_each() -> list[Event]:
                     last_used=9.0),
         NodeStatus(node="n1", ready=True, models=[LoadedModel(name="iris", version="1", sha256="ab")]),
         ModelHealth(node="n1", model="iris", version="1", ok=True),
+        NodeDrain(node="n1", reason="replaced by a new release"),
         RetirementWarning(model="iris", version="1", owner="ann", last_used=1.0, retire_at=2.0),
         RetirementDecision(model="iris", version="1", action="retire", reason="unused"),
     ]

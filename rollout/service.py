@@ -29,7 +29,7 @@ import contextlib
 import hashlib
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -40,6 +40,7 @@ from modelcd.events.bus import KafkaConfig, Publisher, partitions_of, read_topic
 from modelcd.events.codec import DecodeError, decode
 from modelcd.events.schemas import (
     Event,
+    ModelState,
     PredictionLog,
     RolloutStep,
     ShadowPrediction,
@@ -51,6 +52,7 @@ from modelcd.events.topics import PREDICTIONS, SHADOW_PREDICTIONS, TRAFFIC, USAG
 from modelcd.logs import get_logger
 from modelcd.settings import Settings
 from modelcd.store.restore import missing_rollouts, restore_id
+from modelcd.store.safety import Unsafe, World, check_serving
 
 from .analysis import Analysis, ArmWindow, analyze, extract_values
 from .machine import (
@@ -195,8 +197,12 @@ class RolloutController:
 
     def __init__(self, cfg: KafkaConfig, *, targets: TrafficSink | None = None, tick: float = 1.0,
                  max_samples: int = 20_000, topic_prefix: str = "",
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 models: Callable[[], Awaitable[Iterable[ModelState]]] | None = None) -> None:
         self._cfg = cfg
+        # The target state's models (`TargetState.models`): a start command that reached the topic without the
+        # CLI's or the API's check (published straight to Kafka) is checked again here. None: not checked.
+        self._models = models
         self._targets = targets
         self._tick = tick
         self._max_samples = max_samples
@@ -375,12 +381,26 @@ class RolloutController:
         self.stats["commands"] += 1
         bound = log.bind(endpoint=cmd.endpoint, command=cmd.action, command_id=cmd.command_id)
         try:
+            if cmd.action == "start":
+                await self._check_canary(cmd.canary)
             facts = on_command(self.rollouts.get(cmd.endpoint), cmd, self.policies.get(cmd.endpoint), self._clock())
-        except RolloutError as exc:
+        except (RolloutError, Unsafe) as exc:
             self.stats["refused"] += 1
             bound.warning("command refused", reason=str(exc))
             return
         await self._commit(facts)
+
+    async def _check_canary(self, canary: str) -> None:
+        """The store's safety check on a start command's canary: a canary that is not deployed and serving would
+        fail every request its first step routes to it. A store that cannot be read refuses (the command is
+        applied again after a restart: `pending_commands`)."""
+        if self._models is None:
+            return
+        try:
+            models = await self._models()
+        except Exception as exc:
+            raise RolloutError(f"could not read the target state to check canary {canary}: {exc}") from None
+        check_serving([canary], World(models={f"{m.name}:{m.version}": m for m in models}), role="canary")
 
     # --- decisions ------------------------------------------------------------------------------
 
@@ -455,6 +475,7 @@ async def run_controller(settings: Settings, *, stop: asyncio.Event, ready: asyn
     cfg = KafkaConfig.from_settings(settings)
     async with contextlib.AsyncExitStack() as stack:
         targets: TrafficSink | None = None
+        models = None
         try:
             from modelcd.store.blobs import open_store
             from modelcd.store.targets import TargetState
@@ -464,7 +485,8 @@ async def run_controller(settings: Settings, *, stop: asyncio.Event, ready: asyn
             store = await stack.enter_async_context(
                 open_store(settings.resolved_store_url, endpoint_url=settings.s3_endpoint_url))
             targets = TargetState(store)
+            models = targets.models
         controller = await stack.enter_async_context(
             RolloutController(cfg, targets=targets, tick=settings.rollout_tick,
-                              max_samples=settings.rollout_max_samples))
+                              max_samples=settings.rollout_max_samples, models=models))
         await controller.run(stop=stop, ready=ready)

@@ -12,6 +12,7 @@ endpoint a rollout drives is not deleted.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
@@ -90,6 +91,8 @@ def check_routes(routes: Sequence[Route]) -> None:
             split_ref(f"{r.model}:{r.version}")
         except RolloutError as exc:
             raise TrafficError(str(exc)) from None
+        if not math.isfinite(r.weight):  # NaN passes every comparison: the sum check below would wave it through
+            raise TrafficError(f"a weight is a number of percent: {r.model}:{r.version}={r.weight}")
         if r.weight < 0:
             raise TrafficError(f"weights cannot be negative: {r.model}:{r.version}={r.weight:g}")
         if r.log_rate is not None and not 0.0 <= r.log_rate <= 1.0:

@@ -601,7 +601,14 @@ class Pipeline:
                     "no package archive ingest may read at this path" if dirs is not None else
                     f"reading it took longer than {timeout:g} s (MODELCD_PACKAGE_READ_TIMEOUT)")) from None
         else:
-            data = await _read_s3(source.bucket, source.location, self.settings.s3_endpoint_url, limit)
+            timeout = self.settings.package_read_timeout
+            try:
+                async with asyncio.timeout(timeout):
+                    data = await _read_s3(source.bucket, source.location, self.settings.s3_endpoint_url, limit)
+            except TimeoutError:
+                # Retriable (S3 may be slow for a while), and not the deployment's own MODELCD_DEPLOY_TIMEOUT.
+                raise StoreUnavailable(f"reading {uri} took longer than {timeout:g} s "
+                                       "(MODELCD_PACKAGE_READ_TIMEOUT)") from None
         if len(data) > limit:
             raise ValidationFailed(f"archive too large: {len(data)} bytes, the limit is {limit} "
                                    "(MODELCD_MAX_UPLOAD_BYTES)")
@@ -622,7 +629,7 @@ async def _read_s3(bucket: str, key: str, endpoint_url: str | None, limit: int) 
             resp = await s3.get_object(Bucket=bucket, Key=key)
             async with resp["Body"] as body:
                 data: bytes = await body.read()
-            return data
+            return data  # its size is checked by the caller (the object may have grown since the head)
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))

@@ -53,8 +53,11 @@ async def off_loop(fn: Callable[..., T], *args: Any, timeout: float, name: str =
             pass  # the loop closed meanwhile: nobody waits any more
 
     threading.Thread(target=run, name=f"modelcd-{name}", daemon=True).start()
+    # asyncio.timeout, not wait_for: on 3.11 wait_for may swallow a cancellation that arrives as the result
+    # does, and the caller's own deadline (MODELCD_DEPLOY_TIMEOUT) would then be lost.
     try:
-        return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        async with asyncio.timeout(timeout):
+            return await asyncio.shield(fut)
     except TimeoutError:
         raise OffLoopTimeout(f"{name} did not finish within {timeout:g} s") from None
 

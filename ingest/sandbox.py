@@ -318,7 +318,8 @@ async def _line(proc: asyncio.subprocess.Process, stderr: asyncio.Future[bytes],
     """The child's next JSON line; `_Timeout` past `timeout`, `_Died` (with how) when it ended without one."""
     assert proc.stdout is not None
     try:
-        raw = await asyncio.wait_for(proc.stdout.readline(), timeout)
+        async with asyncio.timeout(timeout):  # not wait_for: it may swallow a cancellation on 3.11
+            raw = await proc.stdout.readline()
     except TimeoutError:
         raise _Timeout from None
     except ValueError:  # a line past the stream's limit: not the protocol
@@ -350,7 +351,8 @@ def _kill(proc: asyncio.subprocess.Process) -> None:
 
 async def _death(stderr: asyncio.Future[bytes], code: int) -> str:
     try:
-        tail = (await asyncio.wait_for(asyncio.shield(stderr), 5)).decode(errors="replace").strip()[-_STDERR_TAIL:]
+        async with asyncio.timeout(5):
+            tail = (await asyncio.shield(stderr)).decode(errors="replace").strip()[-_STDERR_TAIL:]
     except TimeoutError:
         tail = ""
     if code < 0:

@@ -152,7 +152,7 @@ async def test_a_deployment_past_its_time_limit_fails(broker: EmbeddedBroker, tm
     """An attempt longer than MODELCD_DEPLOY_TIMEOUT ends DeploymentFailed naming the limit and the step it was
     in, and the staged upload goes."""
     settings = settings_for(broker.bootstrap, str(tmp_path / "store"), port := free_port(), tmp_path,
-                            deploy_timeout=0.2)
+                            deploy_timeout=0.02)  # a whole deployment can take ~0.1 s
     async with running_ingest(settings) as watcher, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
         resp = await client.post("/deployments", content=iris_package("iris").data,
                                  headers={"content-type": "application/x-tar"})

@@ -207,6 +207,9 @@ class TensorCodec:
             if len(shape) != spec.rank or any(shape[i] != d for i, d in spec.fixed) or any(d < 0 for d in shape):
                 raise InvalidRequest(f"input {t.name!r} has shape {shape}; the model takes {spec.spec.describe()}")
             size = math.prod(shape)
+            if size == 0:  # the model libraries refuse an empty batch (a 500 from inside the model): say it here
+                raise InvalidRequest(f"input {t.name!r} has shape {shape}, no elements to predict on; send at least "
+                                     "one row")
             size_param = t.parameters.get("binary_data_size") if t.parameters else None
             if size_param is not None:
                 arr, offset = _from_binary(t.name, binary, offset, size_param, spec.dtype, size)
@@ -297,6 +300,9 @@ def _bytes_elements(name: str, chunk: memoryview) -> np.ndarray:
         if i + 4 > len(chunk):
             raise InvalidRequest(f"input {name!r}: truncated BYTES element")
         n = int.from_bytes(chunk[i:i + 4], "little")
+        if i + 4 + n > len(chunk):  # a length past the chunk would be cut short silently, not refused
+            raise InvalidRequest(f"input {name!r}: a BYTES element declares {n} bytes, past the end of its "
+                                 f"binary_data_size ({len(chunk) - i - 4} left)")
         items.append(bytes(chunk[i + 4:i + 4 + n]))
         i += 4 + n
     arr = np.empty(len(items), dtype=object)

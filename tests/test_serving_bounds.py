@@ -243,3 +243,27 @@ async def test_a_deployed_model_is_503_with_retry_after_until_loaded_never_404(b
     finally:
         stop.set()
         await asyncio.wait_for(task, 60)
+
+
+def test_binary_bytes_elements_that_claim_more_than_they_hold_are_refused() -> None:
+    """A BYTES element whose 4-byte length runs past its tensor's binary_data_size is a 400, not a cut-short string."""
+    codec = TensorCodec([TensorSpec("s", "BYTES", (-1,))], [TensorSpec("y", "INT64", (-1,))])
+    good = (3).to_bytes(4, "little") + b"abc"
+    lying = (1_000_000).to_bytes(4, "little") + b"abc"
+    for payload, ok in ((good, True), (lying, False)):
+        header = json.dumps({"inputs": [{"name": "s", "datatype": "BYTES", "shape": [1],
+                                         "parameters": {"binary_data_size": len(payload)}}]}).encode()
+        req, binary = decode_request(header + payload, len(header))
+        if ok:
+            assert codec.decode_inputs(req, binary)["s"].tolist() == [b"abc"]
+        else:
+            with pytest.raises(InvalidRequest, match="declares 1000000 bytes"):
+                codec.decode_inputs(req, binary)
+
+
+async def test_an_empty_batch_is_a_400_not_a_model_failure(iris_node: Any) -> None:
+    """Shape [0, 4] (no rows): a 400 saying so; before, the model library raised and the node answered 500."""
+    r = await iris_node.client.post("/v2/models/iris/infer", json={
+        "inputs": [{"name": "input", "shape": [0, 4], "datatype": "FP64", "data": []}]})
+    assert r.status_code == 400 and "no elements" in r.json()["error"], r.text
+    assert (await iris_node.infer("iris")).status_code == 200

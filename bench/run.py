@@ -33,7 +33,7 @@ PLOTS = HERE / "plots"
 
 # name: (script, full arguments, quick arguments, timeout in s for full)
 SCENARIOS: dict[str, tuple[str, list[str], list[str], int]] = {
-    "serving": ("bench_serving.py", ["--seconds", "6"],
+    "serving": ("bench_serving.py", ["--seconds", "5"],
                 ["--seconds", "2", "--models", "logreg", "--batches", "1,64", "--servers", "modelcd,mlserver,floor"],
                 1500),
     "propagation": ("bench_propagation.py", ["--nodes", "1,2,3", "--n", "20"], ["--nodes", "1,2", "--n", "3"], 900),

@@ -132,7 +132,9 @@ def section_scale(d: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
                    "after MiB", "processes", "PSS per model MiB", "hot p99 ms meanwhile", "first request ms",
                    "that model was", "restart-to-ready s"], rows)]
     res = {r["n"]: r for r in d["results"]}
-    biggest = max(res) if res else 0
+    # Per-model cost from the largest N that all stayed resident (with evictions, PSS covers only what is loaded).
+    resident = [n for n, r in res.items() if not r.get("evicted")] or list(res)
+    biggest = max(resident) if resident else 0
     per_model = res[biggest].get("per_model_pss", math.nan) if res else math.nan
     if res:
         at1000 = res.get(1000)

@@ -86,10 +86,16 @@ def run_scenario(name: str, quick: bool, python: str) -> dict[str, Any]:
 
 def load(name: str) -> dict[str, Any] | None:
     p = OUT / f"{name}.json"
-    return json.loads(p.read_text()) if p.exists() else None
+    if not p.exists():
+        return None
+    d = json.loads(p.read_text())
+    if isinstance(d.get("command"), str):
+        d["command"] = d["command"].replace(str(ROOT) + "/", "")
+    return d
 
 
-def build_report(quick: bool, command: str, load_before: tuple[float, ...], elapsed: float) -> tuple[str, str]:
+def build_report(quick: bool, command: str, load_before: tuple[float, ...], load_after: tuple[float, ...],
+                 elapsed: float) -> tuple[str, str]:
     """(generated RESULTS.md part, printed summary)."""
     from bench import plots
 
@@ -118,7 +124,7 @@ def build_report(quick: bool, command: str, load_before: tuple[float, ...], elap
             body = f"(could not render: {type(e).__name__}: {e})"
         if d:
             meta = meta or d.get("machine", {})
-        cmd = f"    {d['command'].replace(str(ROOT) + '/', '')}" if d else ""
+        cmd = f"    {d['command']}" if d else ""
         err = status.get("error")
         parts = [f"### {TITLES[name]}", ""]
         if cmd:
@@ -130,8 +136,9 @@ def build_report(quick: bool, command: str, load_before: tuple[float, ...], elap
         parts += [f"![{name}](plots/{p})" for p in pngs]
         sections.append("\n".join(parts))
         goals += g
-    meta["date"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    head = render.header(meta, command, load_before, os.getloadavg(), elapsed)
+    meta["date"] = datetime.datetime.fromtimestamp(max((p.stat().st_mtime for p in OUT.glob("*.json")), default=time.time()),
+                                                   datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    head = render.header(meta, command, load_before, load_after, elapsed)
     kind = "quick run (`make bench-quick`: shorter phases, fewer cases)" if quick else "full run (`make bench`)"
     text = "\n\n".join([f"## Latest {kind}", head, "### Goals", goals_table(goals), *sections])
     summary = goals_table(goals)
@@ -159,7 +166,17 @@ def main() -> int:
     command = "make bench-quick" if args.quick else "make bench"
     if args.only:
         command = f"python bench/run.py {'--quick ' if args.quick else ''}--only {args.only}"
-    text, summary = build_report(args.quick, command, load_before, time.monotonic() - t0)
+    run_meta = OUT / "run.json"
+    if args.report_only and run_meta.exists():  # the header describes the run, not this re-rendering
+        meta = json.loads(run_meta.read_text())
+        command, load_before, elapsed, args.quick = (meta["command"], tuple(meta["load_before"]), meta["elapsed_s"],
+                                                     meta["quick"])
+        load_after = tuple(meta["load_after"])
+    else:
+        elapsed, load_after = time.monotonic() - t0, os.getloadavg()
+        run_meta.write_text(json.dumps({"command": command, "load_before": load_before, "load_after": load_after,
+                                        "elapsed_s": elapsed, "quick": args.quick}))
+    text, summary = build_report(args.quick, command, load_before, load_after, elapsed)
     print("\n" + summary)
     if not args.no_write:
         path = HERE / "RESULTS.md"

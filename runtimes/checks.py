@@ -11,8 +11,10 @@ node), and every split feature is in range (below the tree's own number of featu
 estimator's `n_features_in_`, or the signature's width when none says; XGBoost and LightGBM: the
 model's and the signature's). scikit-learn (skops): `sklearn.tree._tree.Tree` (decision trees, forests, gradient
 boosting, isolation forests) and HistGradientBoosting's `TreePredictor`; XGBoost: every tree of a
-`gbtree` / `dart` booster; LightGBM: every tree of the model text. A file that cannot be read as its
-format says is refused too: what cannot be checked is not loaded. ONNX has no tree indices to check here
+`gbtree` / `dart` booster; LightGBM: every tree of the model text, read as LightGBM reads it (lines end
+at a line feed only, a tree's fields at its first blank line; a repeated key, a field past that line or a
+non-integer index is refused, so the check never reads a value LightGBM would not). A file that cannot
+be read as its format says is refused too: what cannot be checked is not loaded. ONNX has no tree indices to check here
 (onnxruntime checks its tree ensembles at session creation); a pickle is not checked (it runs code when
 loaded: trusting it is the operator's explicit choice).
 
@@ -24,8 +26,9 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Final
 
 import numpy as np
@@ -294,12 +297,45 @@ def _check_xgboost_categories(tree: Mapping[str, Any], where: str) -> None:
 # --- LightGBM text ----------------------------------------------------------------------------------------------
 
 
-def _lgb_ints(fields: Mapping[str, str], key: str, count: int, where: str) -> Array:
+_LGB_FIELD: Final = re.compile(r"[A-Za-z_]+=[ -~]*")  # KEY=VALUE in printable ASCII, as LightGBM writes it
+_LGB_INT: Final = re.compile(r"-?[0-9]{1,18}")
+
+
+def _lgb_fields(lines: Sequence[str], where: str, *, tree: bool) -> dict[str, str]:
+    """The KEY=VALUE lines as LightGBM reads them: lines end at "\n" only (not at the other characters
+    `str.splitlines` breaks on), and a tree's fields end at its first blank line, where LightGBM stops
+    reading the tree. A key given twice, a field after that blank line, or a line that is not KEY=VALUE is
+    refused: each would let this check read a value other than the one LightGBM loads."""
+    fields: dict[str, str] = {}
+    ended = False
+    for raw in lines:
+        line = raw.removesuffix("\r")
+        if not line.strip():
+            ended = tree
+            continue
+        if not tree and "=" not in line:
+            continue  # the header's first line ("tree") and the like
+        if ended or (tree and not _LGB_FIELD.fullmatch(line)):  # the header may name features in any script
+            raise StructureError(f"{where}: unexpected line {line[:60]!r} (LightGBM reads a tree's KEY=VALUE lines "
+                                 "up to its first blank line)")
+        key, _, value = line.partition("=")
+        if key in fields:
+            raise StructureError(f"{where}: {key} is given twice")
+        fields[key] = value
+    return fields
+
+
+def _lgb_ints(fields: Mapping[str, str], key: str, count: int, where: str, *, exact: bool = True) -> Array:
     raw = fields.get(key)
     if raw is None:
         raise StructureError(f"{where}: no {key}")
+    values = raw.split(" ")
+    values = [v for v in values if v]
+    # Indices are plain integers in the files LightGBM writes; "0.2e1" reads as 2 here but 0 to a C parser.
+    if exact and not all(_LGB_INT.fullmatch(v) for v in values):
+        raise StructureError(f"{where}: {key} is not a list of plain integers")
     try:
-        arr = np.array([int(float(v)) for v in raw.split()], dtype=np.int64)
+        arr = np.array([int(float(v)) for v in values], dtype=np.int64)
     except (ValueError, OverflowError):
         raise StructureError(f"{where}: {key} is not a list of integers") from None
     if len(arr) != count:
@@ -314,7 +350,7 @@ def check_lightgbm(data: bytes, *, model_file: str, n_features: int | None) -> s
     except UnicodeDecodeError:
         raise StructureError(f"{model_file}: not a LightGBM model text (not UTF-8)") from None
     blocks = text.split("\nTree=")
-    header = dict(line.split("=", 1) for line in blocks[0].splitlines() if "=" in line)
+    header = _lgb_fields(blocks[0].split("\n"), model_file, tree=False)
     try:
         max_feature_idx = int(header["max_feature_idx"])
     except (KeyError, ValueError):
@@ -322,9 +358,9 @@ def check_lightgbm(data: bytes, *, model_file: str, n_features: int | None) -> s
     bound = _min_features(max_feature_idx + 1, n_features)
     nodes = 0
     for block in blocks[1:]:
-        lines = block.split("\nend of trees", 1)[0].splitlines()
-        where = f"{model_file}: tree {lines[0].strip() if lines else '?'}"
-        fields = dict(line.split("=", 1) for line in lines[1:] if "=" in line)
+        lines = block.split("\nend of trees", 1)[0].split("\n")
+        where = f"{model_file}: tree {lines[0].strip()[:20] if lines else '?'}"
+        fields = _lgb_fields(lines[1:], where, tree=True)
         try:
             leaves = int(fields["num_leaves"])
             num_cat = int(fields.get("num_cat", "0"))
@@ -352,7 +388,7 @@ def check_lightgbm(data: bytes, *, model_file: str, n_features: int | None) -> s
                    where=where)
         if num_cat > 0:
             decision = _lgb_ints(fields, "decision_type", k, where)
-            threshold = _lgb_ints(fields, "threshold", k, where)
+            threshold = _lgb_ints(fields, "threshold", k, where, exact=False)  # doubles; a category's index
             boundaries = _lgb_ints(fields, "cat_boundaries", num_cat + 1, where)
             cat_threshold = fields.get("cat_threshold", "").split()
             categorical = (decision & 1).astype(bool)

@@ -163,3 +163,42 @@ def test_pipeline_tree_on_transformed_columns_passes_and_forest_width_bounds_its
             dst.writestr(info, json.dumps(schema) if info.filename == "schema.json" else src.read(info))
     with pytest.raises(StructureError, match="feature 7"):
         check_model("sklearn", "model.skops", out.getvalue(), n_features=None)
+
+
+def _lightgbm_text_with(edit: str) -> bytes:
+    """The healthy LightGBM model with tree 1's left_child turned into a cycle (node 2 -> root), hidden as `edit` says.
+
+    LightGBM reads a tree's KEY=VALUE lines up to its first blank line (the last of a key wins) and splits
+    lines at "\\n" only; it loaded the "blank" variant with the cycle (an outside review checked).
+    """
+    text = model_bytes(healthy("lightgbm")).decode()
+    head, _, rest = text.partition("\nTree=1\n")
+    head = "\n".join(line for line in head.split("\n") if not line.startswith("tree_sizes="))
+    lines = rest.split("\n")
+    i = next(i for i, line in enumerate(lines) if line.startswith("left_child="))
+    genuine = lines[i]
+    values = genuine.split("=", 1)[1].split(" ")
+    cyclic = "left_child=" + " ".join([*values[:-1], "0"])
+    if edit == "blank":  # the cycle where LightGBM reads, the genuine line after the blank line that ends the tree
+        lines[i] = cyclic
+        blank = next(k for k in range(i, len(lines)) if lines[k] == "")
+        lines.insert(blank + 1, genuine)
+    elif edit == "separator":  # one line to LightGBM, two to str.splitlines (the genuine one last)
+        lines[i] = cyclic + "\x1c" + genuine
+    elif edit == "duplicate":
+        lines.insert(i + 1, genuine)
+        lines[i] = cyclic
+    elif edit == "exponent":  # 0.2e1 is 2 to float(), 0 to a C integer parser
+        lines[i] = "left_child=" + " ".join([*values[:-1], "0.2e1"])
+    return f"{head}\nTree=1\n" + "\n".join(lines)
+
+
+@pytest.mark.parametrize("edit", ["blank", "separator", "duplicate", "exponent"])
+def test_lightgbm_text_is_read_as_lightgbm_reads_it(edit: str) -> None:
+    """A LightGBM cycle hidden where LightGBM reads but the check did not (after a blank line, a \\x1c, a duplicate
+    key, an exponent) is refused."""
+    data = _lightgbm_text_with(edit).encode()
+    with pytest.raises(StructureError) as info:
+        check_model("lightgbm", "model.txt", data, n_features=4)
+    assert "tree 1" in info.value.reason, info.value.reason
+    assert "trees" in check_model("lightgbm", "model.txt", model_bytes(healthy("lightgbm")), n_features=4)

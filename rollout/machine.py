@@ -117,6 +117,29 @@ def validate_plan(plan: RolloutPlan) -> None:
         raise RolloutError(f"the log rate is a share of requests, 0..1: {plan.log_rate}")
     if not plan.max_hold_s > 0 or not math.isfinite(plan.max_hold_s):
         raise RolloutError(f"max_hold must be a positive duration (e.g. 30m): {plan.max_hold_s}")
+    _check_thresholds(plan.thresholds)
+
+
+_SHARES = ("max_error_rate", "max_error_rate_increase", "max_client_error_increase", "min_agreement",
+           "min_label_overlap", "max_ks_statistic")
+_COUNTS = ("min_requests", "min_latency_samples", "min_divergence_samples")
+
+
+def _check_thresholds(t: AnalysisThresholds) -> None:
+    """Bounds that can decide: a NaN bound never fails nor passes (every step holds until max_hold), a share
+    above 1 or below 0 always fails or always passes, a count below 1 judges on no evidence."""
+    bad = [f"{k}={getattr(t, k)} (a share, 0..1)" for k in _SHARES if not 0.0 <= getattr(t, k) <= 1.0]
+    bad += [f"{k}={getattr(t, k)} (at least 1)" for k in _COUNTS if getattr(t, k) < 1]
+    if not 0.0 < t.confidence < 1.0:
+        bad.append(f"confidence={t.confidence} (between 0 and 1, e.g. 0.95)")
+    if not (0.0 <= t.max_mean_shift and math.isfinite(t.max_mean_shift)):
+        bad.append(f"max_mean_shift={t.max_mean_shift} (standard deviations, 0 or more)")
+    for k in ("max_latency_p50_ms", "max_latency_p99_ms"):
+        v = getattr(t, k)
+        if v is not None and not (v > 0 and math.isfinite(v)):
+            bad.append(f"{k}={v} (milliseconds, above 0)")
+    if bad:
+        raise RolloutError("analysis thresholds out of range: " + "; ".join(bad))
 
 
 # --- state --------------------------------------------------------------------------------------

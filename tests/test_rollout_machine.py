@@ -208,3 +208,21 @@ def msgspec_replace(route: Route, **kw: object) -> Route:
     import msgspec
 
     return msgspec.structs.replace(route, **kw)
+
+
+@pytest.mark.parametrize("bad", [
+    {"max_error_rate_increase": float("nan")},  # `--max-error-increase nan`: the check could never decide
+    {"max_error_rate_increase": -1.0},  # always fails: every canary rolled back
+    {"min_agreement": 7.0},
+    {"max_latency_p99_ms": -5.0},
+    {"max_latency_p50_ms": float("inf")},
+    {"min_requests": 0},  # judging on no evidence
+    {"min_divergence_samples": -1},
+    {"confidence": 1.0},
+    {"max_mean_shift": float("nan")},
+])
+def test_thresholds_that_cannot_judge_are_refused(bad: dict[str, float]) -> None:
+    """A plan whose analysis bounds are NaN, out of 0..1, negative or zero counts is a usage error naming the bound."""
+    with pytest.raises(RolloutError, match=f"thresholds out of range: {next(iter(bad))}="):
+        make_plan("fast", **bad)
+    make_plan("fast", max_error_rate_increase=0.1, min_agreement=0.8, max_latency_p99_ms=250.0, min_requests=1)

@@ -83,6 +83,8 @@ class TrafficSink(Protocol):
 
     async def rollouts(self) -> dict[str, list[RolloutStep]]: ...
 
+    async def traffic(self) -> dict[str, TrafficPolicy]: ...
+
 
 _inputs_encoder = msgspec.json.Encoder(order="deterministic")
 
@@ -269,6 +271,7 @@ class RolloutController:
                         if r is not None:
                             self.rollouts[event.endpoint] = r
         await self._restore(steps)
+        await self._restore_policies()
         for r in self.rollouts.values():
             if r.active:
                 self.evidence[r.rollout_id] = Evidence(self._max_samples)
@@ -307,6 +310,23 @@ class RolloutController:
                                     and len(r.history) < len(facts)):
                 if (folded := fold(facts).get(endpoint)) is not None:
                     self.rollouts[endpoint] = folded
+
+    async def _restore_policies(self) -> None:
+        """Policies the topic lost (a broker restarted empty) or holds older revisions of are read from the
+        store before anything is brought level: a policy published for a rollout after a restart continues
+        the endpoint's revisions and keeps its shadows, instead of starting over at revision 1 without
+        them (and overwriting the store's, so ingest's restore would then find nothing to put back)."""
+        if self._targets is None:
+            return
+        try:
+            stored = await self._targets.traffic()
+        except Exception:  # the topic is all we have; say so
+            log.exception("could not read the traffic policies kept in the store")
+            return
+        for endpoint, policy in stored.items():
+            seen = self.policies.get(endpoint)
+            if seen is None or seen.revision < policy.revision:
+                self.policies[endpoint] = policy
 
     async def _assign(self, consumer: AIOKafkaConsumer, positions: dict[TopicPartition, int]) -> None:
         tps = await partitions_of(consumer, [self._prefix + t for t in (TRAFFIC, *EVIDENCE_TOPICS)])

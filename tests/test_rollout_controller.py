@@ -20,6 +20,7 @@ from modelcd.events.schemas import (
     RolloutStep,
     Route,
     ShadowPrediction,
+    ShadowRelation,
     TrafficPolicy,
     new_id,
 )
@@ -294,3 +295,30 @@ async def cli(env: dict[str, str], *args: str) -> str:
     return out.decode()
 
 
+
+
+async def test_restart_on_an_empty_broker_keeps_the_stored_policy(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """A broker that lost its topics, a rollout ended before: the controller keeps the store's revision and shadows."""
+    cfg = broker.config
+    plan = fast_plan(interval_s=3600.0)
+    async with open_store(str(tmp_path / "store")) as store:
+        targets = TargetState(store)
+        shadow = ShadowRelation(primary="iris", shadow="iris:2", start=1.0, sample_rate=1.0)
+        kept = TrafficPolicy(endpoint="iris", routes=[Route(model="iris", version="2", weight=100.0)],
+                             shadows=[shadow], revision=6, reason="rollout r9 abort: iris:1 at 0%", at=30.0)
+        await targets.put_traffic(kept)
+        await targets.put_rollout("iris", [
+            RolloutStep(endpoint="iris", rollout_id="r9", action="start", canary="iris:1", baseline="iris:2",
+                        weight=10.0, plan=plan, at=10.0),
+            RolloutStep(endpoint="iris", rollout_id="r9", action="abort", canary="iris:1", baseline="iris:2",
+                        weight=0.0, at=20.0)])
+        stop, ready = asyncio.Event(), asyncio.Event()
+        async with RolloutController(cfg, targets=targets, tick=0.1) as c:
+            task = asyncio.create_task(c.run(stop=stop, ready=ready))
+            await asyncio.wait_for(ready.wait(), WAIT)
+            assert c.rollouts["iris"].phase is Phase.ABORTED
+            stop.set()
+            await asyncio.wait_for(task, WAIT)
+        after = await targets.get_traffic("iris")
+    assert after is not None and (after.revision, after.shadows) == (6, [shadow])
+    assert all(p.revision >= 6 and p.shadows == [shadow] for p in await policies(cfg))

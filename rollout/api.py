@@ -46,7 +46,7 @@ from modelcd.ingest.api import RoutesFactory
 from modelcd.ingest.errors import ApiError
 from modelcd.settings import Settings
 from modelcd.shadow.relations import RelationError, add_relation, make_relation, remove_relation
-from modelcd.store.safety import World
+from modelcd.store.safety import World, endpoint_name_problem
 from modelcd.store.targets import TargetState
 
 from .machine import RolloutError, make_plan, parse_duration
@@ -132,6 +132,8 @@ class EndpointRoutes:
 
     async def handle(self, method: str, parts: list[str], body: Callable[[], Awaitable[bytes]],
                      query: dict[str, str]) -> Response:
+        if parts and (problem := endpoint_name_problem(parts[0])) is not None:
+            raise ApiError(400, problem)  # before it becomes a store key (a NUL, a backslash, 5,000 characters)
         match parts:
             case []:
                 ApiError.allow(method, "GET")

@@ -21,7 +21,14 @@ import msgspec
 from modelcd.events.bus import KafkaConfig, read_topic
 from modelcd.events.schemas import RolloutPlan, RolloutStep, Route, TrafficPolicy, new_id
 from modelcd.events.topics import TRAFFIC
-from modelcd.store.safety import ActiveRollout, Unsafe, World, check_endpoint_delete, check_serving
+from modelcd.store.safety import (
+    ActiveRollout,
+    Unsafe,
+    World,
+    check_endpoint_delete,
+    check_serving,
+    endpoint_name_problem,
+)
 
 from .analysis import time_to_verdict
 from .machine import Rollout, RolloutError, apply, split_ref, summary
@@ -105,6 +112,12 @@ def check_routes(routes: Sequence[Route]) -> None:
         raise TrafficError(f"weights add up to {total:g}, not 100")
 
 
+def check_endpoint_name(endpoint: str) -> None:
+    """An endpoint a policy may name (a store key part, a Kafka key, a URL segment); TrafficError otherwise."""
+    if (problem := endpoint_name_problem(endpoint)) is not None:
+        raise TrafficError(problem)
+
+
 def _safe(exc: Unsafe) -> TrafficError:
     return TrafficError(str(exc), exc.kind)
 
@@ -116,6 +129,7 @@ def set_policy(view: EndpointView, routes: Sequence[Route], *, world: World, sti
     `force` overrides only a rollout in progress (whose next step will set the weights again); a
     route to a version that does not serve is never accepted: every request it gets would fail.
     """
+    check_endpoint_name(view.endpoint)
     check_routes(routes)
     try:
         check_serving([f"{x.model}:{x.version}" for x in routes], world, role="route")
@@ -134,6 +148,7 @@ def set_policy(view: EndpointView, routes: Sequence[Route], *, world: World, sti
 def start_command(view: EndpointView, canary: str, plan: RolloutPlan, *, world: World,
                   reason: str) -> RolloutStep:
     """The command that asks the controller to start rolling `canary` (deployed and serving) out on the endpoint."""
+    check_endpoint_name(view.endpoint)
     try:
         split_ref(canary)
     except RolloutError as exc:

@@ -16,7 +16,7 @@ import msgspec
 
 from modelcd import units
 from modelcd.events.schemas import Criterion, ShadowRelation, TrafficPolicy
-from modelcd.store.safety import Unsafe, World, check_serving
+from modelcd.store.safety import Unsafe, World, check_serving, endpoint_name_problem
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$", re.IGNORECASE)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -123,6 +123,8 @@ def add_relation(policy: TrafficPolicy | None, endpoint: str, relation: ShadowRe
 
     Its shadow must be deployed and serving (else every shadowed request logs an error), and so must
     its primary (a name: one of its versions)."""
+    if (problem := endpoint_name_problem(endpoint)) is not None:
+        raise RelationError(problem)
     check_refs(relation.primary, relation.shadow)
     if not 0.0 < relation.sample_rate <= 1.0:
         raise RelationError(f"rate {relation.sample_rate}: expected a share in (0, 1], e.g. 0.1 for 10 %")

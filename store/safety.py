@@ -18,13 +18,16 @@ Invariants:
 - a refusal (`Unsafe`) names each endpoint, rollout or shadow involved and the command that
   resolves it, and says what `--force` would break where forcing is offered at all;
 - a version named in a policy (a route, a rollout's canary, a shadow) must be in the target
-  state with target "serving"; the refusal lists the versions of that model that are.
+  state with target "serving"; the refusal lists the versions of that model that are;
+- an endpoint a policy, rollout or shadow names matches `ENDPOINT_NAME` (it becomes a store key
+  part, a Kafka key and a URL segment): the API answers 400 for any other name on every route.
 
 The part's shells turn `Unsafe` into their errors: a CLI error (exit 1) or HTTP 409 / 404.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -78,6 +81,21 @@ class World:
     models: Mapping[str, ModelState] = field(default_factory=dict)  # "name:version" -> its target state
     policies: Mapping[str, TrafficPolicy] = field(default_factory=dict)  # endpoint -> its last policy
     rollouts: Mapping[str, ActiveRollout] = field(default_factory=dict)  # endpoint -> rollout in progress
+
+
+# --- endpoint names -------------------------------------------------------------------------------
+
+# An endpoint's name is a store key part (targets/traffic/NAME.json), a Kafka key and a URL path segment
+# (/v2/models/NAME/infer): letters, digits, '.', '_', '-', starting with a letter or digit.
+ENDPOINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def endpoint_name_problem(endpoint: str) -> str | None:
+    """Why `endpoint` cannot name an endpoint (None when it can)."""
+    if ENDPOINT_NAME.fullmatch(endpoint):
+        return None
+    return (f"endpoint name {endpoint[:80]!r} is not valid: use 1 to 63 letters, digits, '.', '_' or '-', starting "
+            "with a letter or digit (e.g. iris or fraud-ep)")
 
 
 # --- folding what the caller read -----------------------------------------------------------------

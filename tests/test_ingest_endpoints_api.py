@@ -478,3 +478,19 @@ async def test_retire_through_the_api_is_refused_while_in_use(tmp_path: Path) ->
     assert [(e.version, e.force) for e in retires] == [("2", False), ("1", True), ("3", True)]  # type: ignore[attr-defined]
     assert "forced: it serves 100% of endpoint winep" in retires[1].reason  # type: ignore[attr-defined]
     assert retires[2].reason == "leaks (forced: it shadows wine:1 on endpoint winep)"  # type: ignore[attr-defined]
+
+
+async def test_endpoint_names_that_cannot_be_keys_are_a_400(tmp_path: Path) -> None:
+    """An endpoint named with a NUL, a backslash, '..', a space, 5,000 characters: a 400 naming the rule, not a 500
+    or a store error, on every route; nothing is written."""
+    client, sink, store = api(tmp_path)
+    async with client:
+        for name in ("a%00b", "a%5Cb", "%2e%2e", "%20", "x" * 5000, "caf%C3%A9", "-x"):
+            for method, path, body in (("PUT", "traffic", routes(iris_1=100)), ("GET", "traffic", None),
+                                       ("POST", "shadows", {"primary": "iris", "shadow": "iris:2"}),
+                                       ("POST", "rollout", {"to": "iris:2"})):
+                r = await client.request(method, f"/endpoints/{name}/{path}", json=body)
+                assert r.status_code == 400 and "endpoint name" in r.json()["error"], (name[:20], method, r.text)
+        assert (await client.put("/endpoints/fraud-ep.v2/traffic", json=routes(iris_1=100))).status_code == 200
+    assert list(await TargetState(store).traffic()) == ["fraud-ep.v2"]
+    assert [e.endpoint for e in sink.events] == ["fraud-ep.v2"]

@@ -81,3 +81,21 @@ async def test_a_start_published_straight_to_kafka_names_only_a_serving_canary(b
     started = [e.canary for e, _env, _r in await read_topic(cfg, TRAFFIC)
                if isinstance(e, RolloutStep) and not e.command and e.action == "start"]
     assert started == ["iris:3"], started
+
+
+def test_the_cli_refuses_endpoint_names_that_cannot_be_keys() -> None:
+    """`traffic set`, `rollout start` and `shadow add` on 'a/b', '..', 'a b': refused before anything is published."""
+    from modelcd.events.schemas import ShadowRelation
+    from modelcd.rollout.traffic_ops import EndpointView, set_policy, start_command
+    from modelcd.shadow.relations import RelationError, add_relation
+    from modelcd.store.safety import World
+
+    w = World(models={"iris:1": ModelState(name="iris", version="1", target="serving")})
+    for name in ("a/b", "..", "a b", "a\\b", ""):
+        view = EndpointView(name, [])
+        with pytest.raises(TrafficError, match="endpoint name"):
+            set_policy(view, [Route(model="iris", version="1", weight=100.0)], world=w, sticky_key=None)
+        with pytest.raises(TrafficError, match="endpoint name"):
+            start_command(view, "iris:1", fast_plan(), world=w, reason="")
+        with pytest.raises(RelationError, match="endpoint name"):
+            add_relation(None, name, ShadowRelation(primary="iris", shadow="iris:1"), now=0.0, world=w)

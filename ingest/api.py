@@ -454,7 +454,7 @@ class DeploymentApi:
         force = body.force or query.get("force", "").lower() in ("1", "true", "yes")
         try:
             broken = check_retire(f"{name}:{version}", await retire_world(self.targets, self.traffic), force=force,
-                                  force_hint='?force=true or {"force": true} (`modelcd retire --force`)')
+                                  force_hint=f'?force=true or {{"force": true}} (`modelcd retire {name} {version} --force`)')
         except Unsafe as exc:
             raise ApiError(409, str(exc)) from None
         if body.reason:

@@ -442,7 +442,7 @@ class Pipeline:
                     # straight to the topic, and the traffic may have changed since the API answered.
                     try:
                         check_retire(f"{req.model}:{req.version}", await retire_world(self.targets, self.traffic),
-                                     force=req.force, force_hint="modelcd retire --force")
+                                     force=req.force, force_hint=f"modelcd retire {req.model} {req.version} --force")
                     except Unsafe as exc:
                         raise ModelInUse(str(exc)) from None
                 state = existing if noop else retired_state(existing, req.reason, time.time())

@@ -149,12 +149,14 @@ def endpoint_uses(endpoint: str, weights: Mapping[str, float], shadows: Mapping[
     `rollouts`: rollout id -> the models it moves traffic between.
     """
     out: dict[str, list[Use]] = {}
+    # While a rollout drives the endpoint, `traffic set` and `traffic delete` are refused: end it first.
+    first = f"modelcd rollout abort {endpoint}, then " if rollouts else ""
     for model, weight in sorted(weights.items()):
         if weight > 0:
             out.setdefault(model, []).append(Use(
                 "route", endpoint, f"serves {weight:g}% of endpoint {endpoint}",
-                f"modelcd traffic set {endpoint} MODEL:VERSION=100 (without {model}), or modelcd traffic delete "
-                f"{endpoint}"))
+                f"{first}modelcd traffic set {endpoint} MODEL:VERSION=100 (without {model}), or modelcd traffic "
+                f"delete {endpoint}"))
     # A shadow under evaluation takes no traffic of its own, so it looks unused: its relation protects it.
     for model, primaries in sorted(shadows.items()):
         for primary in sorted(primaries):
@@ -165,7 +167,7 @@ def endpoint_uses(endpoint: str, weights: Mapping[str, float], shadows: Mapping[
         for model in sorted(set(models)):
             key = model if ":" in model else f"{model}:*"
             out.setdefault(key, []).append(Use(
-                "rollout", endpoint, f"rollout {rid} in progress on endpoint {endpoint}",
+                "rollout", endpoint, f"is moved by rollout {rid} in progress on endpoint {endpoint}",
                 f"modelcd rollout abort {endpoint} (or wait for it to end: modelcd rollout status {endpoint})"))
     return out
 

@@ -465,6 +465,8 @@ async def test_retire_through_the_api_is_refused_while_in_use(tmp_path: Path) ->
             r = await client.delete(f"/models/{ref}")
             assert r.status_code == 409, r.text
             assert all(s in r.json()["error"] for s in said) and "?force=true" in r.json()["error"], r.text
+            name, _, version = ref.partition("/versions/")
+            assert f"`modelcd retire {name} {version} --force`" in r.json()["error"], r.text  # a command that runs
         assert not [e for e in sink.events if type(e).__name__ == "RetireRequested"]
         free = await client.delete("/models/wine/versions/2")
         assert free.status_code == 202

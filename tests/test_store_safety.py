@@ -66,6 +66,17 @@ def test_retire_refused_for_a_rollout_arm_and_a_shadow() -> None:
     assert uses_of("iris:2", world(served("iris:2"), {}, [*events, ended])) == []
 
 
+def test_retiring_a_rollout_baseline_says_to_end_the_rollout_first() -> None:
+    """The baseline of a rollout: the reason reads as a sentence and the route's fix starts with the abort."""
+    events = [policy("iris", ("iris:1", 90.0), ("iris:2", 10.0)), start("iris", "r1", "iris:2", "iris:1")]
+    with pytest.raises(Unsafe) as err:
+        check_retire("iris:1", world(served("iris:1", "iris:2"), {}, events))
+    msg = str(err.value)
+    assert "it is moved by rollout r1 in progress on endpoint iris" in msg
+    # `traffic set` alone is refused while the rollout drives the endpoint: the fix says to abort first.
+    assert "(resolve: modelcd rollout abort iris, then modelcd traffic set iris" in msg
+
+
 def test_weight_zero_and_deleted_policies_protect_nothing() -> None:
     """A route at 0 % and a deleted endpoint do not keep a model."""
     w = World(policies={"a": policy("a", ("m:1", 100.0), ("m:2", 0.0)),

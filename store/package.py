@@ -111,12 +111,18 @@ DATATYPES: Final[Mapping[str, np.dtype[Any]]] = MappingProxyType({
     "BYTES": np.dtype(object),
 })
 
-_NAME_RE: Final = r"^[a-z0-9][a-z0-9._-]{0,62}$"
-_VERSION_RE: Final = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,62}$"
+# `\Z`, not `$`: `$` also matches before a trailing newline, so "iris\n" passed as a model name.
+_NAME_RE: Final = r"^[a-z0-9][a-z0-9._-]{0,62}\Z"
+_VERSION_RE: Final = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,62}\Z"
 # Member names: relative, '/'-separated, ASCII, short enough for a plain ustar header (no PAX records).
-_MEMBER_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
+_MEMBER_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*\Z")
 _MEMBER_MAX_LEN: Final = 100
-_SHA256_RE: Final = r"^[0-9a-f]{64}$"
+_SHA256_RE: Final = r"^[0-9a-f]{64}\Z"
+
+
+def is_model_ref(name: str, version: str) -> bool:
+    """Whether a package could name this model and version (no deployed model has any other name)."""
+    return re.match(_NAME_RE, name) is not None and re.match(_VERSION_RE, version) is not None
 #: The longest expiry period: 100 years. Its seconds, milliseconds and nanoseconds all fit in an int64, so
 #: no reader (the retirement processor's timers, a JSON encoder, a datetime) overflows on it.
 MAX_EXPIRY_SECONDS: Final = 100 * 365 * 86400

@@ -20,6 +20,7 @@ import msgspec
 from modelcd.events.schemas import ModelState, RolloutStep, TrafficPolicy
 
 from .blobs import Store, StoreNotFound
+from .package import is_model_ref
 
 _model_decoder = msgspec.json.Decoder(ModelState)
 _traffic_decoder = msgspec.json.Decoder(TrafficPolicy)
@@ -90,6 +91,8 @@ class TargetState:
         return await self.store.put_if_absent(model_key(state.name, state.version), _encoder.encode(state))
 
     async def get_model(self, name: str, version: str) -> ModelState | None:
+        if not is_model_ref(name, version):  # no package names it; as a key it may not even be valid (a NUL)
+            return None
         try:
             return _model_decoder.decode(await self.store.get(model_key(name, version)))
         except StoreNotFound:

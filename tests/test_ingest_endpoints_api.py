@@ -496,3 +496,13 @@ async def test_endpoint_names_that_cannot_be_keys_are_a_400(tmp_path: Path) -> N
         assert (await client.put("/endpoints/fraud-ep.v2/traffic", json=routes(iris_1=100))).status_code == 200
     assert list(await TargetState(store).traffic()) == ["fraud-ep.v2"]
     assert [e.endpoint for e in sink.events] == ["fraud-ep.v2"]
+
+
+async def test_retire_of_a_name_no_package_can_have_is_a_404(tmp_path: Path) -> None:
+    """DELETE /models/{name}/versions/{version} with a NUL, '..', a backslash or 5,000 characters: 404, not a 500/503."""
+    client, sink, _store = api(tmp_path)
+    async with client:
+        for name, version in (("a%00b", "1"), ("iris", "1%00"), ("%2e%2e", "%2e%2e"), ("a%5Cb", "1"), ("iris", "x" * 5000)):
+            r = await client.delete(f"/models/{name}/versions/{version}")
+            assert r.status_code == 404 and "no model" in r.json()["error"], (name, version[:20], r.text)
+    assert sink.events == []

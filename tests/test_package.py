@@ -569,3 +569,13 @@ def test_parse_duration_errors(text: str | int) -> None:
     """Invalid or non-positive durations raise a PackageError quoting the value and showing examples."""
     with pytest.raises(PackageError, match=r"invalid duration .*'30d'"):
         parse_duration(text)
+
+
+@pytest.mark.parametrize(("field", "value"), [("name", "iris\n"), ("version", "1.0.0\n"), ("model_file", "model.skops\n")])
+def test_a_trailing_newline_is_not_a_valid_name(built: BuiltPackage, field: str, value: str) -> None:
+    """`$` matches before a trailing newline: "iris\\n" passed as a model name (a second "iris" in every listing)."""
+    from modelcd.store.package import decode_manifest
+    doc = msgspec.to_builtins(read_package(built.data).manifest)
+    doc[field] = value
+    with pytest.raises(PackageError):
+        decode_manifest(json.dumps(doc).encode())

@@ -528,14 +528,17 @@ async def _lifespan(receive: Receive, send: Send) -> None:
 
 
 def _multipart_file(body: bytes, content_type: str) -> bytes:
-    """The first file part (or the part named `package`) of a multipart/form-data body."""
+    """The part named `package` of a multipart/form-data body, else its one file part; two of either is a 400."""
     match = re.search(r'boundary="?([^";]+)"?', content_type)
     if not match:
         raise ApiError(400, "multipart/form-data without a boundary parameter")
     delimiter = b"--" + match.group(1).encode("latin-1")
-    found: bytes | None = None
+    named: list[bytes] = []
+    files: list[bytes] = []
+    closed = False
     for raw in body.split(delimiter)[1:]:
         if raw.startswith(b"--"):
+            closed = True
             break  # the closing delimiter
         part = raw.removeprefix(b"\r\n")
         head, sep, content = part.partition(b"\r\n\r\n")
@@ -544,14 +547,21 @@ def _multipart_file(body: bytes, content_type: str) -> bytes:
         content = content.removesuffix(b"\r\n")
         disposition = next((line for line in head.split(b"\r\n")
                             if line.lower().startswith(b"content-disposition:")), b"")
-        is_file = b"filename=" in disposition
-        if b'name="package"' in disposition:
-            return content
-        if is_file and found is None:
-            found = content
-    if found is None:
+        if re.search(rb'(?<![a-z])name="package"', disposition):
+            named.append(content)
+        elif b"filename=" in disposition:
+            files.append(content)
+    if not closed:  # a body cut short: its last part would be staged as a package, cut short too
+        raise ApiError(400, "malformed multipart body: no closing boundary (the upload was cut short?)")
+    # One archive per deployment: of two, which one the caller meant is a guess, and the other would be lost.
+    chosen = named or files
+    if len(chosen) > 1:
+        which = "fields 'package'" if named else "file parts (and no field 'package')"
+        raise ApiError(400, f"multipart body holds {len(chosen)} {which}: send one package archive per request, as "
+                            "the field 'package'")
+    if not chosen:
         raise ApiError(400, "multipart body holds no file part; send the archive as the field 'package'")
-    return found
+    return chosen[0]
 
 
 class _NameOnly(msgspec.Struct):

@@ -164,3 +164,21 @@ async def test_retire_unknown_is_404_known_is_published(tmp_path: Path) -> None:
         assert [(m["name"], m["version"], m["state"]) for m in listed] == [("iris", "1", "serving")]
     (event,) = sink.events
     assert isinstance(event, RetireRequested) and (event.model, event.version) == ("iris", "1")
+
+
+async def test_multipart_with_two_packages_or_cut_short_is_a_400(tmp_path: Path) -> None:
+    """Two `package` fields, two unnamed files, or a body without its closing boundary: a 400, nothing staged;
+    a `package` field beside another file still deploys the package."""
+    client, sink, store = client_for(tmp_path)
+    async with client:
+        for files in ([("package", ("a.tar", b"a")), ("package", ("b.tar", b"b"))],
+                      [("x", ("a.tar", b"a")), ("y", ("b.tar", b"b"))]):
+            r = await client.post("/deployments", files=files)
+            assert r.status_code == 400 and "one package archive per request" in r.json()["error"], r.text
+        cut = b'--x\r\nContent-Disposition: form-data; name="package"; filename="m.tar"\r\n\r\npartial-tar'
+        r = await client.post("/deployments", content=cut, headers={"content-type": "multipart/form-data; boundary=x"})
+        assert r.status_code == 400 and "closing boundary" in r.json()["error"], r.text
+        assert sink.events == []
+        r = await client.post("/deployments", files=[("notes", ("README", b"hi")), ("package", ("m.tar", b"tar"))])
+        assert r.status_code == 202, r.text
+        assert await store.get(sink.events[0].package_uri.removeprefix("store:")) == b"tar"  # type: ignore[attr-defined]

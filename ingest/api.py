@@ -255,7 +255,7 @@ class DeploymentApi:
                 ApiError.allow(method, "GET")
                 versions = [self._model_json(m) for m in await self._models() if m.name == name]
                 if not versions:
-                    raise ApiError(404, f"no model named {name!r}; GET /models lists the deployed ones")
+                    raise ApiError(404, f"no model named {name!r}; GET /models (`modelcd models`) lists the deployed ones")
                 return 200, {"name": name, "versions": versions}, []
             case ["models", name, "versions", version]:
                 ApiError.allow(method, "DELETE")
@@ -401,7 +401,7 @@ class DeploymentApi:
             await self.view.wait_changed(after, wait)
         view = self.view.deployment(deployment_id) or await self._stored_deployment(deployment_id)
         if view is None:
-            raise ApiError(404, f"no deployment {deployment_id!r} (ids come from POST /deployments)")
+            raise ApiError(404, f"no deployment {deployment_id!r}: GET /deployments (`modelcd deployments --since 1d`) lists recent ones")
         return 200, msgspec.to_builtins(view), []
 
     async def _accept(self, event: DeployRequested | RetireRequested) -> None:
@@ -450,7 +450,7 @@ class DeploymentApi:
         "reason": ...}`) retires it anyway."""
         body = _decode_retire(raw)
         if await self.targets.get_model(name, version) is None:
-            raise ApiError(404, f"no model {name}:{version} in the target state; GET /models lists them")
+            raise ApiError(404, f"no model {name}:{version} is deployed; GET /models (`modelcd models`) lists them")
         force = body.force or query.get("force", "").lower() in ("1", "true", "yes")
         try:
             broken = check_retire(f"{name}:{version}", await retire_world(self.targets, self.traffic), force=force,

@@ -152,6 +152,18 @@ async def test_routes_and_methods(tmp_path: Path) -> None:
         assert (await client.get("/models/iris")).status_code == 404
 
 
+async def test_404s_name_the_command_that_lists_what_exists(tmp_path: Path) -> None:
+    """The CLI shows the API's 404 as it is: each names the `modelcd` command that lists what exists."""
+    client, _, _ = client_for(tmp_path)
+    async with client:
+        for path, command in [("/deployments/abc", "`modelcd deployments --since 1d`"),
+                              ("/models/iris", "`modelcd models`")]:
+            r = await client.get(path)
+            assert r.status_code == 404 and command in r.json()["error"], r.text
+        r = await client.delete("/models/iris/versions/9")
+        assert r.status_code == 404 and "`modelcd models`" in r.json()["error"], r.text
+
+
 async def test_retire_unknown_is_404_known_is_published(tmp_path: Path) -> None:
     """DELETE answers 404 for a model the target state lacks, 202 + RetireRequested for one it has."""
     client, sink, store = client_for(tmp_path)

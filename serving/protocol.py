@@ -279,7 +279,7 @@ def _from_binary(name: str, binary: memoryview | None, offset: int, nbytes: Any,
     if binary is None:
         raise InvalidRequest(f"input {name!r} declares binary_data_size but the request has no "
                              "Inference-Header-Content-Length header")
-    if not isinstance(nbytes, int) or nbytes < 0 or offset + nbytes > len(binary):
+    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0 or offset + nbytes > len(binary):
         raise InvalidRequest(f"input {name!r}: binary_data_size {nbytes!r} is outside the binary part")
     chunk = binary[offset:offset + nbytes]
     if dtype.kind == "O":

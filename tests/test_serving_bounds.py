@@ -267,3 +267,18 @@ async def test_an_empty_batch_is_a_400_not_a_model_failure(iris_node: Any) -> No
         "inputs": [{"name": "input", "shape": [0, 4], "datatype": "FP64", "data": []}]})
     assert r.status_code == 400 and "no elements" in r.json()["error"], r.text
     assert (await iris_node.infer("iris")).status_code == 200
+
+
+def test_binary_data_size_must_be_a_byte_count() -> None:
+    """`binary_data_size: true` (a JSON boolean, an int to Python) is a 400, not a one-byte tensor."""
+    codec = TensorCodec([TensorSpec("s", "BYTES", (-1,))], [TensorSpec("y", "INT64", (-1,))])
+    payload = (0).to_bytes(4, "little")
+    for size, ok in ((4, True), (True, False)):
+        header = json.dumps({"inputs": [{"name": "s", "datatype": "BYTES", "shape": [1],
+                                         "parameters": {"binary_data_size": size}}]}).encode()
+        req, binary = decode_request(header + payload, len(header))
+        if ok:
+            assert codec.decode_inputs(req, binary)["s"].tolist() == [b""]
+        else:
+            with pytest.raises(InvalidRequest, match="binary_data_size True"):
+                codec.decode_inputs(req, binary)

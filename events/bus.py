@@ -325,3 +325,48 @@ async def read_state(cfg: KafkaConfig, topic: str, *, topic_prefix: str = "") ->
         key = record.key.decode() if record.key else event.key()
         state[key] = event
     return state
+
+
+async def follow_events(cfg: KafkaConfig, names: Iterable[str], on_event: Callable[[Event], None], *,
+                        caught_up: asyncio.Event, client_id: str, backlog: int | None = None,
+                        on_undecodable: Callable[[str, int, int, DecodeError], None] | None = None,
+                        max_records: int = 500) -> None:
+    """Apply every event of `names` to `on_event`, for as long as the caller lets it run (cancel to stop).
+
+    No consumer group: every follower sees every record. It starts at the beginning of each partition, or at
+    its last `backlog` records (the fleet's heartbeats), and sets `caught_up` once it has read what the
+    partitions held when it started. A record that does not decode goes to `on_undecodable(topic, partition,
+    offset, error)` (or is skipped) and never stops the follower.
+    """
+    consumer = AIOKafkaConsumer(bootstrap_servers=cfg.bootstrap, client_id=client_id, group_id=None,
+                                enable_auto_commit=False, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        tps = await partitions_of(consumer, names)
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        begins = await consumer.beginning_offsets(tps)
+        for tp in tps:
+            consumer.seek(tp, begins[tp] if backlog is None else max(begins[tp], ends[tp] - backlog))
+        pending = {tp for tp in tps if ends[tp] > begins[tp]}
+        if not pending:
+            caught_up.set()
+        while True:
+            batches = await consumer.getmany(timeout_ms=200, max_records=max_records)
+            for tp, records in batches.items():
+                for r in records:
+                    try:
+                        event, _env = decode(tp.topic, r.value, r.headers)
+                    except DecodeError as exc:
+                        if on_undecodable is not None:
+                            on_undecodable(tp.topic, tp.partition, r.offset, exc)
+                        continue
+                    on_event(event)
+            if pending:
+                for tp in list(pending):
+                    if await consumer.position(tp) >= ends[tp]:
+                        pending.discard(tp)
+                if not pending:
+                    caught_up.set()
+    finally:
+        await consumer.stop()

@@ -16,15 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
-from aiokafka import AIOKafkaConsumer
 
 from modelcd.events import topics
-from modelcd.events.bus import KafkaConfig, ensure_topics, partitions_of
-from modelcd.events.codec import DecodeError, decode
+from modelcd.events.bus import KafkaConfig, ensure_topics, follow_events
 from modelcd.events.schemas import ModelState, NodeStatus, TrafficPolicy
 from modelcd.logs import get_logger
 from modelcd.placement.groups import groups
@@ -99,10 +96,12 @@ class FrontDoor:
             async with asyncio.TaskGroup() as tg:
                 state_known, fleet_known = asyncio.Event(), asyncio.Event()
                 tasks = [
-                    tg.create_task(_follow(cfg, [topics.MODEL_STATE, topics.TRAFFIC], None, self._on_state,
-                                           state_known, f"{s.kafka_client_id}-frontdoor"), name="frontdoor-state"),
-                    tg.create_task(_follow(cfg, [topics.HEALTH], HEALTH_BACKLOG, self._on_health, fleet_known,
-                                           f"{s.kafka_client_id}-frontdoor-fleet"), name="frontdoor-fleet"),
+                    tg.create_task(follow_events(cfg, [topics.MODEL_STATE, topics.TRAFFIC], self._on_state,
+                                                 caught_up=state_known, client_id=f"{s.kafka_client_id}-frontdoor",
+                                                 max_records=1000), name="frontdoor-state"),
+                    tg.create_task(follow_events(cfg, [topics.HEALTH], self._on_health, caught_up=fleet_known,
+                                                 client_id=f"{s.kafka_client_id}-frontdoor-fleet",
+                                                 backlog=HEALTH_BACKLOG, max_records=1000), name="frontdoor-fleet"),
                     tg.create_task(self._check_health(), name="frontdoor-health"),
                 ]
                 both = asyncio.ensure_future(asyncio.gather(state_known.wait(), fleet_known.wait()))
@@ -181,41 +180,6 @@ class FrontDoor:
         if isinstance(event, NodeStatus):
             age = max(0.0, time.time() - event.at)  # an old heartbeat read at start is not a live node
             self.fleet.observe(event, time.monotonic() - age)
-
-
-async def _follow(cfg: KafkaConfig, names: list[str], backlog: int | None, on_event: Callable[[Any], None],
-                  caught_up: asyncio.Event, client_id: str) -> None:
-    """Apply every event of `names` (from the beginning, or the last `backlog` records per partition), live."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=cfg.bootstrap, client_id=client_id, group_id=None,
-                                enable_auto_commit=False, auto_offset_reset="earliest")
-    await consumer.start()
-    try:
-        tps = await partitions_of(consumer, names)
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        begins = await consumer.beginning_offsets(tps)
-        for tp in tps:
-            consumer.seek(tp, begins[tp] if backlog is None else max(begins[tp], ends[tp] - backlog))
-        pending = {tp for tp in tps if ends[tp] > begins[tp]}
-        if not pending:
-            caught_up.set()
-        while True:
-            batches = await consumer.getmany(timeout_ms=200, max_records=1000)
-            for tp, records in batches.items():
-                for r in records:
-                    try:
-                        event, _env = decode(tp.topic, r.value, r.headers)
-                    except DecodeError:
-                        continue
-                    on_event(event)
-            if pending:
-                for tp in list(pending):
-                    if await consumer.position(tp) >= ends[tp]:
-                        pending.discard(tp)
-                if not pending:
-                    caught_up.set()
-    finally:
-        await consumer.stop()
 
 
 async def _ipv4(host: str) -> str:

@@ -30,11 +30,9 @@ from typing import Any
 
 import msgspec
 import uvicorn
-from aiokafka import AIOKafkaConsumer
 
 from modelcd.events import topics
-from modelcd.events.bus import KafkaConfig, Publisher, ensure_topics, partitions_of
-from modelcd.events.codec import DecodeError, decode
+from modelcd.events.bus import KafkaConfig, Publisher, ensure_topics, follow_events
 from modelcd.events.schemas import LoadedModel, ModelState, NodeDrain, NodeStatus, TrafficPolicy
 from modelcd.logs import get_logger
 from modelcd.settings import Settings
@@ -191,86 +189,43 @@ class ServingNode:
         """Apply every model-state and traffic event, from the beginning, for as long as the node runs."""
         assert self.registry is not None and self.placement is not None
         registry, placement = self.registry, self.placement
-        consumer = AIOKafkaConsumer(bootstrap_servers=cfg.bootstrap, client_id=f"{cfg.client_id}-{self.node_id}",
-                                    group_id=None, enable_auto_commit=False, auto_offset_reset="earliest")
-        await consumer.start()
-        try:
-            tps = await partitions_of(consumer, STATE_TOPICS)
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            ends = await consumer.end_offsets(tps)
-            pending = {tp for tp in tps if ends[tp] > 0}
-            if not pending:
-                caught_up.set()
-            while True:
-                batches = await consumer.getmany(timeout_ms=200, max_records=500)
-                for tp, records in batches.items():
-                    for r in records:
-                        try:
-                            event, _env = decode(tp.topic, r.value, r.headers)
-                        except DecodeError as exc:
-                            log.warning("skipped undecodable state record", topic=tp.topic, partition=tp.partition,
-                                        offset=r.offset, reason=str(exc))
-                            continue
-                        match event:
-                            case ModelState():
-                                placement.on_model(event)
-                            case TrafficPolicy():
-                                registry.apply_traffic(event)
-                                placement.on_traffic(event)
-                                if self.shadow is not None:
-                                    self.shadow.update_policy(event)
-                            case _:
-                                pass  # rollout steps travel on the traffic topic: not the node's business
-                if pending:
-                    for tp in list(pending):
-                        if await consumer.position(tp) >= ends[tp]:
-                            pending.discard(tp)
-                    if not pending:
-                        caught_up.set()
-        finally:
-            await consumer.stop()
+
+        def on_event(event: Any) -> None:
+            match event:
+                case ModelState():
+                    placement.on_model(event)
+                case TrafficPolicy():
+                    registry.apply_traffic(event)
+                    placement.on_traffic(event)
+                    if self.shadow is not None:
+                        self.shadow.update_policy(event)
+                case _:
+                    pass  # rollout steps travel on the traffic topic: not the node's business
+
+        def on_undecodable(topic: str, partition: int, offset: int, exc: Exception) -> None:
+            log.warning("skipped undecodable state record", topic=topic, partition=partition, offset=offset,
+                        reason=str(exc))
+
+        await follow_events(cfg, STATE_TOPICS, on_event, caught_up=caught_up,
+                            client_id=f"{cfg.client_id}-{self.node_id}", on_undecodable=on_undecodable)
 
     async def _follow_fleet(self, cfg: KafkaConfig, caught_up: asyncio.Event) -> None:
         """Fold the fleet's heartbeats into the placement: recent ones at start (the membership), then live."""
         assert self.placement is not None
         placement = self.placement
-        consumer = AIOKafkaConsumer(bootstrap_servers=cfg.bootstrap, client_id=f"{cfg.client_id}-{self.node_id}-fleet",
-                                    group_id=None, enable_auto_commit=False, auto_offset_reset="earliest")
-        await consumer.start()
-        try:
-            tps = await partitions_of(consumer, [topics.HEALTH])
-            consumer.assign(tps)
-            ends = await consumer.end_offsets(tps)
-            begins = await consumer.beginning_offsets(tps)
-            for tp in tps:
-                consumer.seek(tp, max(begins[tp], ends[tp] - HEALTH_BACKLOG))
-            pending = {tp for tp in tps if ends[tp] > begins[tp]}
-            if not pending:
-                caught_up.set()
-            while True:
-                batches = await consumer.getmany(timeout_ms=200, max_records=1000)
-                for tp, records in batches.items():
-                    for r in records:
-                        try:
-                            event, _env = decode(tp.topic, r.value, r.headers)
-                        except DecodeError:
-                            continue
-                        if isinstance(event, NodeStatus):
-                            # Received "as of" its own time: an old heartbeat read at start is not a live node.
-                            age = max(0.0, time.time() - event.at)
-                            placement.on_status(event, time.monotonic() - age)
-                        elif isinstance(event, NodeDrain) and event.node == self.node_id and event.at >= self._started:
-                            log.info("asked to leave the fleet", node=self.node_id, reason=event.reason)
-                            self.drain_requested.set()
-                if pending:
-                    for tp in list(pending):
-                        if await consumer.position(tp) >= ends[tp]:
-                            pending.discard(tp)
-                    if not pending:
-                        caught_up.set()
-        finally:
-            await consumer.stop()
+
+        def on_event(event: Any) -> None:
+            if isinstance(event, NodeStatus):
+                # Received "as of" its own time: an old heartbeat read at start is not a live node.
+                age = max(0.0, time.time() - event.at)
+                placement.on_status(event, time.monotonic() - age)
+            elif isinstance(event, NodeDrain) and event.node == self.node_id and event.at >= self._started:
+                log.info("asked to leave the fleet", node=self.node_id, reason=event.reason)
+                self.drain_requested.set()
+
+        await follow_events(cfg, [topics.HEALTH], on_event, caught_up=caught_up,
+                            client_id=f"{cfg.client_id}-{self.node_id}-fleet", backlog=HEALTH_BACKLOG,
+                            max_records=1000)
 
     def _place(self) -> None:
         p = self.placement

@@ -302,7 +302,7 @@ class ServingNode:
             size = e.state.resources.memory_bytes
             if size <= 0 and e.state.sha256 in cached:
                 size = estimate_size(0, cache.path(e.state.sha256).stat().st_size)
-            candidates.append(Candidate(e.key, estimate_size(size, 0), e.state.pinned,
+            candidates.append(Candidate(e.key, estimate_size(size, 0) + self.settings.model_overhead, e.state.pinned,
                                         e.state.deployed_at or e.state.at))
         keys = hot_set(candidates, self.settings.memory_budget)
         futures = self.registry.load_all(keys)

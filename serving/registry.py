@@ -424,7 +424,9 @@ class Registry:
                     raise ModelNotFound(f"model {entry.key} was retired while waiting to load")
                 entry.status = "loading"
                 pkg = await self.cache.fetch(entry.state.sha256)
-                size = estimate_size(entry.state.resources.memory_bytes, len(pkg.data))
+                # The model and the worker process that holds it: a budget blind to the worker would admit
+                # hundreds of small models whose workers alone overflow it.
+                size = estimate_size(entry.state.resources.memory_bytes, len(pkg.data)) + self.settings.model_overhead
                 await self._reserve(entry, size)
                 async with asyncio.timeout(self.settings.load_timeout):
                     worker = await self.zygote.spawn(entry.key, self._worker_spec(entry))

@@ -14,14 +14,17 @@ from ._models import MAGIC, faulty_loader
 from ._serving import MB, deploy, eventually, infer_body, iris_package, node_settings, running_node
 
 async def test_budget_for_three_serves_ten_and_never_exceeds_it(broker: EmbeddedBroker, tmp_path: Path) -> None:
-    """With a budget for 3 models and 10 deployed, all 10 answer and resident bytes never exceed the budget."""
+    """With a budget for 3 models and 10 deployed, all 10 answer and resident bytes never exceed the budget.
+
+    Each model is charged its declared size plus MODELCD_MODEL_OVERHEAD (its worker process)."""
     # Loads on demand happen within the request here (load_wait): this test is about the budget, not load time.
-    settings = node_settings(tmp_path, broker.bootstrap, memory_budget=30 * MB, load_wait=30.0)
+    settings = node_settings(tmp_path, broker.bootstrap, memory_budget=45 * MB, model_overhead=5 * MB, load_wait=30.0)
     async with open_store(settings.resolved_store_url) as store, Publisher(broker.config, "test") as pub:
         for i in range(10):
             await deploy(store, pub, iris_package(f"m{i}", "1", depth=1 + i % 4), memory_bytes=10 * MB)
         async with running_node(settings) as n:
             assert len(n.registry.loaded_keys()) == 3  # the hot set: what fits, the rest on demand
+            assert n.registry.resident_bytes == 3 * (10 * MB + 5 * MB)  # the worker is charged, not only the model
             peak = 0
             stop = asyncio.Event()
 
@@ -40,7 +43,7 @@ async def test_budget_for_three_serves_ten_and_never_exceeds_it(broker: Embedded
             finally:
                 stop.set()
                 await watcher
-            assert 0 < peak <= 30 * MB
+            assert 0 < peak <= 45 * MB
             assert len(n.registry.loaded_keys()) <= 3
             assert n.node.registry.cache.hits > 0  # reloads came from the local cache
 

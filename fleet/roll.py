@@ -33,14 +33,14 @@ import httpx
 from modelcd.errors import CliError
 from modelcd.events import topics
 from modelcd.events.broker import free_port
-from modelcd.events.bus import KafkaConfig, Publisher
+from modelcd.events.bus import KafkaConfig, Publisher, follow_events
 from modelcd.events.schemas import ModelState, NodeDrain, NodeStatus, TrafficPolicy
 from modelcd.logs import get_logger
 from modelcd.placement.membership import Membership
 from modelcd.placement.plan import place
 from modelcd.settings import Settings
 
-from .frontdoor import HEALTH_BACKLOG, _follow, membership_ttl
+from .frontdoor import HEALTH_BACKLOG, membership_ttl
 
 log = get_logger("modelcd.fleet.roll")
 
@@ -250,10 +250,12 @@ async def roll(settings: Settings, env: Path, *, workdir: Path, ready_timeout: f
     view = FleetView(settings)
     known_state, known_fleet = asyncio.Event(), asyncio.Event()
     followers = [
-        asyncio.create_task(_follow(cfg, [topics.MODEL_STATE, topics.TRAFFIC], None, view.on_state, known_state,
-                                    f"{settings.kafka_client_id}-roll")),
-        asyncio.create_task(_follow(cfg, [topics.HEALTH], HEALTH_BACKLOG, view.on_health, known_fleet,
-                                    f"{settings.kafka_client_id}-roll-fleet")),
+        asyncio.create_task(follow_events(cfg, [topics.MODEL_STATE, topics.TRAFFIC], view.on_state,
+                                          caught_up=known_state, client_id=f"{settings.kafka_client_id}-roll",
+                                          max_records=1000)),
+        asyncio.create_task(follow_events(cfg, [topics.HEALTH], view.on_health, caught_up=known_fleet,
+                                          client_id=f"{settings.kafka_client_id}-roll-fleet",
+                                          backlog=HEALTH_BACKLOG, max_records=1000)),
     ]
     started: list[Launched] = []
     replaced: list[tuple[str, str]] = []

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -289,33 +289,41 @@ async def read_topic(cfg: KafkaConfig, topic: str, *, topic_prefix: str = "",
             return out
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        # The end is re-read once reached: the embedded broker has been seen to answer
-        # an end offset below the last record of a batch that was still being appended,
-        # and a writer may land records while we scan. Three rounds bound a busy topic.
-        for _round in range(3):
-            remaining = {tp for tp in tps if await consumer.position(tp) < ends[tp]}
-            while remaining:
-                batches = await consumer.getmany(*remaining, timeout_ms=500)
-                for records in batches.values():
-                    for r in records:
-                        if since is not None and r.timestamp / 1000.0 < since:
-                            continue
-                        try:
-                            event, env = decode(topic, r.value, r.headers)
-                        except DecodeError:
-                            continue
-                        out.append((event, env, r))
-                for tp in list(remaining):
-                    if await consumer.position(tp) >= ends[tp]:
-                        remaining.discard(tp)
-            fresh = await consumer.end_offsets(tps)
-            if all(fresh[tp] <= ends[tp] for tp in tps):
-                break
-            ends = fresh
+        async for r in scan_to_end(consumer, tps):
+            if since is not None and r.timestamp / 1000.0 < since:
+                continue
+            try:
+                event, env = decode(topic, r.value, r.headers)
+            except DecodeError:
+                continue
+            out.append((event, env, r))
         return out
     finally:
         await consumer.stop()
+
+
+async def scan_to_end(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> AsyncIterator[Any]:
+    """The records of the assigned `tps` from the consumer's positions up to the partitions' end.
+
+    The end is re-read once reached: the embedded broker has been seen to answer an end offset
+    below the last record of a batch that was still being appended, and a writer may land
+    records while we scan. Three rounds bound a busy topic.
+    """
+    ends = await consumer.end_offsets(tps)
+    for _round in range(3):
+        remaining = {tp for tp in tps if await consumer.position(tp) < ends[tp]}
+        while remaining:
+            batches = await consumer.getmany(*remaining, timeout_ms=500)
+            for records in batches.values():
+                for r in records:
+                    yield r
+            for tp in list(remaining):
+                if await consumer.position(tp) >= ends[tp]:
+                    remaining.discard(tp)
+        fresh = await consumer.end_offsets(tps)
+        if all(fresh[tp] <= ends[tp] for tp in tps):
+            break
+        ends = fresh
 
 
 async def read_state(cfg: KafkaConfig, topic: str, *, topic_prefix: str = "") -> dict[str, Event]:

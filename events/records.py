@@ -21,7 +21,7 @@ from typing import IO, Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from .bus import KafkaConfig, partitions_of
+from .bus import KafkaConfig, partitions_of, scan_to_end
 
 
 class TopicMissing(LookupError):
@@ -122,21 +122,8 @@ async def scan(cfg: KafkaConfig, topic: str, *, offset: int | None = None,
         if offset is not None:
             for tp in tps:
                 consumer.seek(tp, offset)
-        ends = await consumer.end_offsets(tps)
-        for _round in range(3):
-            remaining = {tp for tp in tps if await consumer.position(tp) < ends[tp]}
-            while remaining:
-                batches = await consumer.getmany(*remaining, timeout_ms=500)
-                for records in batches.values():
-                    for r in records:
-                        yield RawRecord.of(r)
-                for tp in list(remaining):
-                    if await consumer.position(tp) >= ends[tp]:
-                        remaining.discard(tp)
-            fresh = await consumer.end_offsets(tps)
-            if all(fresh[tp] <= ends[tp] for tp in tps):
-                break
-            ends = fresh
+        async for r in scan_to_end(consumer, tps):
+            yield RawRecord.of(r)
     finally:
         await consumer.stop()
 

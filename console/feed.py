@@ -19,7 +19,7 @@ from collections.abc import Callable
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from modelcd.events.bus import KafkaConfig, partitions_of
+from modelcd.events.bus import KafkaConfig, partitions_of, stop_consumer
 from modelcd.events.codec import DecodeError, decode
 from modelcd.events.topics import DEPLOYMENTS, HEALTH, MODEL_STATE, RETIREMENT, SHADOW_COMPARISONS, TRAFFIC, USAGE
 from modelcd.logs import get_logger
@@ -103,7 +103,7 @@ class Feed:
                 if changed or batches:
                     self.on_change(frozenset(changed))
         finally:
-            await consumer.stop()
+            await stop_consumer(consumer)
 
     def _fold(self, topic: str, record: object) -> frozenset[str]:
         try:

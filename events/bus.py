@@ -8,13 +8,17 @@ Failure model:
 - an undecodable record is logged, counted and skipped (its offset committed);
 - a handler exception is logged and counted; the record is retried up to
   `max_attempts` times, then skipped, so one bad event never blocks a partition;
-- `stop()` is idempotent and flushes the producer before closing.
+- `stop()` is idempotent and flushes the producer before closing;
+- a consumer stops within `CONSUMER_STOP_S` (`stop_consumer`): aiokafka's own stop waits for
+  whatever the broker still holds (a group consumer's pending JoinGroup, up to the rebalance
+  timeout of minutes), and a service's drain must not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +34,25 @@ from .schemas import Event
 from .topics import TOPICS
 
 log = get_logger("modelcd.bus")
+
+CONSUMER_STOP_S = 10.0
+
+
+async def stop_consumer(consumer: AIOKafkaConsumer, timeout: float = CONSUMER_STOP_S) -> None:
+    """`consumer.stop()` within `timeout` seconds; past it, its connections are closed and it is abandoned.
+
+    A consumer holds nothing that must be flushed (offsets are committed after each record), so
+    giving up on a slow leave-group costs at most one rebalance on the broker's side.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            await consumer.stop()
+    except TimeoutError:
+        log.warning("a Kafka consumer did not stop in time; closing its connections",
+                    client_id=consumer._client._client_id, timeout_s=timeout)  # noqa: SLF001 - for the log only
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2.0):
+                await consumer._client.close()  # noqa: SLF001 - aiokafka has no public forced close
 
 
 @dataclass(frozen=True)
@@ -227,7 +250,7 @@ class Consumer:
                         await self._handle(record)
                         await consumer.commit({tp: record.offset + 1})
         finally:
-            await consumer.stop()
+            await stop_consumer(consumer)
 
     async def _handle(self, record: Any) -> None:
         topic = record.topic[len(self.topic_prefix):]
@@ -280,7 +303,7 @@ async def read_topic(cfg: KafkaConfig, topic: str, *, topic_prefix: str = "",
     try:
         await consumer.start()
     except BaseException:
-        await consumer.stop()  # a failed start leaves connections behind
+        await stop_consumer(consumer)  # a failed start leaves connections behind
         raise
     out: list[tuple[Event, Envelope, Any]] = []
     try:
@@ -299,7 +322,7 @@ async def read_topic(cfg: KafkaConfig, topic: str, *, topic_prefix: str = "",
             out.append((event, env, r))
         return out
     finally:
-        await consumer.stop()
+        await stop_consumer(consumer)
 
 
 async def scan_to_end(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> AsyncIterator[Any]:
@@ -377,4 +400,4 @@ async def follow_events(cfg: KafkaConfig, names: Iterable[str], on_event: Callab
                 if not pending:
                     caught_up.set()
     finally:
-        await consumer.stop()
+        await stop_consumer(consumer)

@@ -21,7 +21,7 @@ from typing import IO, Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from .bus import KafkaConfig, partitions_of, scan_to_end
+from .bus import KafkaConfig, partitions_of, scan_to_end, stop_consumer
 
 
 class TopicMissing(LookupError):
@@ -101,7 +101,7 @@ async def _start(consumer: AIOKafkaConsumer) -> None:
     try:
         await consumer.start()
     except BaseException:
-        await consumer.stop()
+        await stop_consumer(consumer)
         raise
 
 
@@ -125,7 +125,7 @@ async def scan(cfg: KafkaConfig, topic: str, *, offset: int | None = None,
         async for r in scan_to_end(consumer, tps):
             yield RawRecord.of(r)
     finally:
-        await consumer.stop()
+        await stop_consumer(consumer)
 
 
 async def follow(cfg: KafkaConfig, topic: str, *, from_beginning: bool = False) -> AsyncIterator[RawRecord]:
@@ -147,7 +147,7 @@ async def follow(cfg: KafkaConfig, topic: str, *, from_beginning: bool = False) 
                 for r in records:
                     yield RawRecord.of(r)
     finally:
-        await consumer.stop()
+        await stop_consumer(consumer)
 
 
 async def produce(cfg: KafkaConfig, topic: str, records: Iterable[RawRecord]) -> int:

@@ -45,6 +45,7 @@ from .tracking import TrackingView, run_tracker
 log = get_logger("modelcd.ingest")
 
 GROUP_ID = "modelcd-ingest"
+STRAGGLER_S = 20.0  # a drain step past this is reported with its stack
 HTTP_DRAIN_S = 5.0
 
 
@@ -146,6 +147,7 @@ async def run_ingest(settings: Settings, *, stop: asyncio.Event, ready: asyncio.
             # 3. the view is rebuilt from the topics on the next start.
             tracking.cancel()
             recalling.cancel()
+            await _stragglers((http, consuming, tracking, recalling, mounted), STRAGGLER_S)
         log.info("ingest stopped")
 
 
@@ -173,6 +175,18 @@ async def _first(stop: asyncio.Event, aw: Any) -> None:
         for f in (waiter, stopper):
             f.cancel()
         await asyncio.gather(waiter, stopper, return_exceptions=True)
+
+
+async def _stragglers(tasks: tuple[asyncio.Task[Any], ...], after: float) -> None:
+    """Wait `after` seconds for `tasks` to end; then say which have not, and where each is waiting.
+
+    The group still waits for them: this only leaves a trace for a drain that hangs in a library.
+    """
+    _, pending = await asyncio.wait(tasks, timeout=after)
+    for task in pending:
+        where = "; ".join(f"{f.f_code.co_filename.rsplit('/', 2)[-1]}:{f.f_lineno} {f.f_code.co_name}"
+                          for f in task.get_stack(limit=8))
+        log.warning("still draining", task=task.get_name(), waiting_in=where)
 
 
 async def _bounded(task: asyncio.Task[Any], deadline: float) -> None:

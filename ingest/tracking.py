@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 from aiokafka import AIOKafkaConsumer
 
-from modelcd.events.bus import KafkaConfig, partitions_of
+from modelcd.events.bus import KafkaConfig, partitions_of, stop_consumer
 from modelcd.events.codec import DecodeError, decode
 from modelcd.events.schemas import (
     DeploymentCompleted, DeploymentFailed, DeploymentProgress, Event, NodeStatus,
@@ -264,7 +264,7 @@ async def run_tracker(cfg: KafkaConfig, view: TrackingView, *, ready: asyncio.Ev
                 if not behind:
                     ready.set()
     finally:
-        await consumer.stop()
+        await stop_consumer(consumer)
 
 
 def _apply_record(view: TrackingView, topic: str, record: Any) -> None:

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from modelcd.events.bus import KafkaConfig, Publisher, partitions_of, read_topic
+from modelcd.events.bus import KafkaConfig, Publisher, partitions_of, read_topic, stop_consumer
 from modelcd.events.codec import DecodeError, decode
 from modelcd.events.schemas import (
     Event,
@@ -252,7 +252,7 @@ class RolloutController:
                 if not backlog:
                     await self.tick()
         finally:
-            await consumer.stop()
+            await stop_consumer(consumer)
 
     async def _recover(self) -> dict[TopicPartition, int]:
         """Rebuild every rollout from the traffic topic; return where to follow it from."""

@@ -38,7 +38,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
-from modelcd.events.bus import KafkaConfig, Publisher
+from modelcd.events.bus import KafkaConfig, Publisher, stop_consumer
 from modelcd.events.codec import DecodeError, decode
 from modelcd.events.schemas import ShadowComparison, ShadowPrediction
 from modelcd.events.topics import SHADOW_PREDICTIONS
@@ -276,7 +276,7 @@ class ComparisonProcessor:
                              count=w.count, errors=w.errors)
                 await self._commit(consumer, positions, committed)
         finally:
-            await consumer.stop()
+            await stop_consumer(consumer)
 
     def _forget_revoked(self, consumer: AIOKafkaConsumer, positions: dict[TopicPartition, int],
                         committed: dict[TopicPartition, int]) -> None:

@@ -152,3 +152,26 @@ async def test_read_state_takes_last_write_per_key(broker: EmbeddedBroker) -> No
 async def test_read_empty_topic(broker: EmbeddedBroker) -> None:
     """A state topic nobody has written to reads as empty, without hanging."""
     assert await read_state(broker.config, "modelcd.traffic") == {}
+
+
+async def test_a_consumer_that_will_not_stop_is_abandoned_with_its_connections_closed() -> None:
+    """A drain never waits on the broker for ever: aiokafka's stop() awaits a pending JoinGroup the broker may hold
+    for the rebalance timeout (minutes); `stop_consumer` gives up after its timeout and closes the connections."""
+    import types
+
+    from modelcd.events.bus import stop_consumer
+
+    closed = asyncio.Event()
+
+    async def close() -> None:
+        closed.set()
+
+    class Stuck:
+        _client = types.SimpleNamespace(_client_id="stuck", close=close)
+
+        async def stop(self) -> None:
+            await asyncio.Event().wait()  # the broker never answers
+
+    async with asyncio.timeout(30):  # the test's own guard, far above the 0.2 s asked for
+        await stop_consumer(Stuck(), timeout=0.2)  # type: ignore[arg-type]
+    assert closed.is_set()

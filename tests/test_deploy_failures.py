@@ -57,10 +57,11 @@ async def test_s3_without_credentials_fails_with_the_reason(broker: EmbeddedBrok
     assert (await _record(tmp_path, request.deployment_id))["status"] == "failed"
 
 
-async def test_unreachable_s3_fails_after_the_retry_time(broker: EmbeddedBroker, tmp_path: Path,
+async def test_unreachable_s3_fails_after_the_retry_time(broker: EmbeddedBroker, s3_endpoint: str, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """An S3 endpoint that refuses connections is retried with backoff for MODELCD_DEPLOY_RETRY_TIME, then the
     deployment fails saying how often it tried and what failed (and its record says so)."""
+    del s3_endpoint  # for its fake credentials: the endpoint used is one nobody listens on
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # one connection per attempt: ours are the retries under test
     settings = settings_for(broker.bootstrap, str(tmp_path / "store"), free_port(), tmp_path,
                             s3_endpoint_url=f"http://127.0.0.1:{free_port()}", deploy_retry_time=2.0)

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from modelcd.events import topics
-from modelcd.events.bus import KafkaConfig, ensure_topics, follow_events
+from modelcd.events.bus import PROMPT_FETCH_WAIT_MS, KafkaConfig, ensure_topics, follow_events
 from modelcd.events.schemas import ModelState, NodeStatus, TrafficPolicy
 from modelcd.logs import get_logger
 from modelcd.placement.groups import groups
@@ -98,7 +98,8 @@ class FrontDoor:
                 tasks = [
                     tg.create_task(follow_events(cfg, [topics.MODEL_STATE, topics.TRAFFIC], self._on_state,
                                                  caught_up=state_known, client_id=f"{s.kafka_client_id}-frontdoor",
-                                                 max_records=1000), name="frontdoor-state"),
+                                                 max_records=1000, fetch_wait_ms=PROMPT_FETCH_WAIT_MS),
+                                   name="frontdoor-state"),
                     tg.create_task(follow_events(cfg, [topics.HEALTH], self._on_health, caught_up=fleet_known,
                                                  client_id=f"{s.kafka_client_id}-frontdoor-fleet",
                                                  backlog=HEALTH_BACKLOG, max_records=1000), name="frontdoor-fleet"),

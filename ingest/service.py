@@ -29,7 +29,7 @@ from typing import Any
 
 import uvicorn
 
-from modelcd.events.bus import Consumer, KafkaConfig, Publisher, ensure_topics, read_topic
+from modelcd.events.bus import PROMPT_FETCH_WAIT_MS, Consumer, KafkaConfig, Publisher, ensure_topics, read_topic
 from modelcd.events.topics import DEPLOY_REQUESTS, TRAFFIC
 from modelcd.logs import get_logger
 from modelcd.settings import Settings
@@ -108,7 +108,7 @@ async def run_ingest(settings: Settings, *, stop: asyncio.Event, ready: asyncio.
             return [event for event, _env, _record in await read_topic(cfg, TRAFFIC)]
 
         pipeline = Pipeline(settings, store, publisher, sandbox, instance=instance, traffic=traffic)
-        consumer = Consumer(cfg, [DEPLOY_REQUESTS], GROUP_ID, pipeline.handle)
+        consumer = Consumer(cfg, [DEPLOY_REQUESTS], GROUP_ID, pipeline.handle, fetch_wait_ms=PROMPT_FETCH_WAIT_MS)
         tracker_ready = asyncio.Event()
 
         def health() -> dict[str, Any]:

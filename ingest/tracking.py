@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 from aiokafka import AIOKafkaConsumer
 
-from modelcd.events.bus import KafkaConfig, partitions_of, stop_consumer
+from modelcd.events.bus import PROMPT_FETCH_WAIT_MS, KafkaConfig, partitions_of, stop_consumer
 from modelcd.events.codec import DecodeError, decode
 from modelcd.events.schemas import (
     DeploymentCompleted, DeploymentFailed, DeploymentProgress, Event, NodeStatus,
@@ -241,7 +241,8 @@ async def run_tracker(cfg: KafkaConfig, view: TrackingView, *, ready: asyncio.Ev
     """
     topics = [topic_prefix + DEPLOYMENTS, topic_prefix + HEALTH]
     consumer = AIOKafkaConsumer(bootstrap_servers=cfg.bootstrap, client_id=f"{cfg.client_id}-ingest-tracker",
-                                group_id=None, enable_auto_commit=False, auto_offset_reset="earliest")
+                                group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
+                                fetch_max_wait_ms=PROMPT_FETCH_WAIT_MS)
     await consumer.start()
     try:
         tps = await partitions_of(consumer, topics)

@@ -32,7 +32,7 @@ import msgspec
 import uvicorn
 
 from modelcd.events import topics
-from modelcd.events.bus import KafkaConfig, Publisher, ensure_topics, follow_events
+from modelcd.events.bus import PROMPT_FETCH_WAIT_MS, KafkaConfig, Publisher, ensure_topics, follow_events
 from modelcd.events.schemas import LoadedModel, ModelState, NodeDrain, NodeStatus, TrafficPolicy
 from modelcd.logs import get_logger
 from modelcd.settings import Settings
@@ -207,7 +207,8 @@ class ServingNode:
                         reason=str(exc))
 
         await follow_events(cfg, STATE_TOPICS, on_event, caught_up=caught_up,
-                            client_id=f"{cfg.client_id}-{self.node_id}", on_undecodable=on_undecodable)
+                            client_id=f"{cfg.client_id}-{self.node_id}", on_undecodable=on_undecodable,
+                            fetch_wait_ms=PROMPT_FETCH_WAIT_MS)
 
     async def _follow_fleet(self, cfg: KafkaConfig, caught_up: asyncio.Event) -> None:
         """Fold the fleet's heartbeats into the placement: recent ones at start (the membership), then live."""

@@ -4,7 +4,8 @@
 through this entry point, with every setting passed down as `MODELCD_*` variables. The child
 writes `ready` on the pipe it was handed once it serves, drains on SIGTERM, and ends with
 `os._exit` so a thread stuck in model code cannot hold the process open at exit (the
-supervisor SIGKILLs its group at the deadline anyway).
+supervisor SIGKILLs its group at the deadline anyway). Batch services (`BATCH_KINDS`) run at
+MODELCD_BATCH_NICE, so on one machine the serving nodes win the CPU from a deployment's work.
 
 Test-only hooks (never set them in production; tests/test_up.py uses them):
 - `MODELCD_TEST_CRASH=NAME@FILE`: the component NAME, once ready, calls `os.abort()` (SIGABRT,
@@ -59,6 +60,16 @@ def services(settings: Settings) -> dict[str, tuple[ServiceFn, dict[str, Any]]]:
 
 
 KINDS = ("ingest", "serving", "frontdoor", "shadow-comparison", "rollout-controller", "retirement")
+# Batch work: what may wait while a prediction is answered on the same machine (serving and the front
+# door are the latency path).
+BATCH_KINDS = frozenset({"ingest", "shadow-comparison", "rollout-controller", "retirement"})
+
+
+def yield_to_serving(kind: str, settings: Settings) -> int:
+    """Lower this process's CPU priority by MODELCD_BATCH_NICE if `kind` is batch work; returns the niceness."""
+    if kind in BATCH_KINDS and settings.batch_nice > 0:
+        return os.nice(settings.batch_nice)  # inherited by what it starts (ingest's sandboxes)
+    return os.nice(0)
 
 
 def _test_hooks(name: str, environ: dict[str, str]) -> tuple[Path | None, bool]:
@@ -84,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure(settings.log_level, settings.log_format)
     structlog.contextvars.bind_contextvars(component=name)
+    yield_to_serving(args.kind, settings)
     crash_file, stuck = _test_hooks(name, dict(os.environ))
     fn, kwargs = services(settings)[args.kind]
 

@@ -117,6 +117,9 @@ class Settings:
                               "a model past it gets MemoryError or dies, alone.", 4 * 1024**3)
     worker_nice: int = _doc("Niceness added to model worker processes, so the node's front (HTTP, bus) wins the CPU "
                             "from a spinning model (0: same priority).", 5)
+    batch_nice: int = _doc("Niceness `modelcd up` gives its batch services (ingest, the shadow comparison, the "
+                           "rollout controller, retirement), so serving nodes on the same machine win the CPU "
+                           "(0: same priority).", 10)
     worker_threads: int = _doc("Threads a model library may use inside its worker (OpenMP/BLAS/ONNX Runtime).", 1)
     worker_spawn: bool = _doc("Let model workers start processes (fork, exec). Off: a seccomp filter refuses them.",
                               False)

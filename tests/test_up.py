@@ -247,3 +247,17 @@ async def test_sigint_ends_a_command_whose_worker_thread_is_stuck(tmp_path: Path
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_batch_services_yield_the_cpu_to_serving_nodes() -> None:
+    """On one machine, deployments raised a steady load's p99: ingest and the stream processors run at
+    MODELCD_BATCH_NICE, serving nodes and the front door at the priority `up` has."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys; from modelcd.child import yield_to_serving; from modelcd.settings import Settings; "
+            "base = os.nice(0); s = Settings(batch_nice=7); "
+            "print(yield_to_serving(sys.argv[1], s) - base)")
+    got = {kind: int(subprocess.run([sys.executable, "-c", code, kind], capture_output=True, text=True,
+                                    check=True).stdout) for kind in ("ingest", "retirement", "serving", "frontdoor")}
+    assert got == {"ingest": 7, "retirement": 7, "serving": 0, "frontdoor": 0}

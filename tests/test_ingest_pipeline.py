@@ -228,3 +228,41 @@ async def test_tracking_answers_steps_with_durations(env: Env) -> None:
     assert all(s["status"] == "succeeded" for s in view["steps"])
     assert all(s["duration_ms"] is not None for s in view["steps"][1:])
     assert view["nodes_serving"] == 0 and view["runtime"] == "onnx"
+
+
+async def test_progress_is_not_waited_for_but_nothing_overtakes_it() -> None:
+    """Each step's progress is queued without waiting for the broker's ack (a dozen acks cost ~100 ms of every
+    deployment); a ModelState or an ending waits for the progress before it, and a progress the broker refused
+    fails that publish (the request is retried) instead of vanishing."""
+    from modelcd.events.schemas import DeploymentProgress, ModelState
+    from modelcd.ingest.pipeline import _Progress
+
+    class Sink:
+        def __init__(self) -> None:
+            self.acks: list[asyncio.Future[None]] = []
+            self.published: list[str] = []
+
+        async def publish_nowait(self, event: Any) -> asyncio.Future[None]:
+            self.acks.append(asyncio.get_running_loop().create_future())
+            return self.acks[-1]
+
+        async def publish(self, event: Any, *, event_id: str | None = None) -> None:
+            self.published.append(type(event).__name__)
+
+    sink = Sink()
+    progress = _Progress(sink)  # type: ignore[arg-type]
+    for status in ("started", "succeeded"):
+        await progress.progress(DeploymentProgress(deployment_id="d", model="m", step="validate", status=status))
+    assert len(sink.acks) == 2 and sink.published == []  # returned before any ack
+    state = ModelState(name="m", version="1", target="serving", sha256="0" * 64, package_uri="store:x", runtime="onnx",
+                       deployment_id="d")
+    publishing = asyncio.create_task(progress.publish(state))
+    await asyncio.sleep(0.05)
+    assert not publishing.done() and sink.published == []  # held behind the unacknowledged progress
+    sink.acks[0].set_result(None)
+    sink.acks[1].set_exception(ConnectionError("broker went away"))
+    with pytest.raises(ConnectionError):
+        await publishing
+    assert sink.published == []
+    await progress.publish(state)  # nothing pending any more
+    assert sink.published == ["ModelState"]

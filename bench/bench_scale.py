@@ -66,35 +66,56 @@ def loaded(url: str) -> tuple[int, int]:
     return int(m.get("modelcd_model_loads_total{ok}", 0)), int(m.get("modelcd_model_evictions_total", 0))
 
 
-async def publish_models(system: System, n: int) -> None:
-    """N packages into the store and their ModelStates on the topic: the Kafka door, in bulk."""
+def _build(names: list[str]) -> list[bytes]:
+    """Packages of one small model under each name (run in a pool: ~25 ms each)."""
     import numpy as np
     from sklearn.datasets import load_iris
     from sklearn.linear_model import LogisticRegression
 
-    from modelcd.events.bus import KafkaConfig, Publisher
-    from modelcd.events.schemas import ModelState
     from modelcd.runtimes.build import build_package
-    from modelcd.store.blobs import open_store, put_package
-    from modelcd.store.targets import TargetState
 
     x, y = load_iris(return_X_y=True)
     x = x.astype(np.float32)
     model = LogisticRegression(max_iter=500).fit(x, y)
-    built = [build_package(model, name=f"m{i:05d}", version="1", owner="bench", expiry="30d",
-                           sample_inputs={"input": x[:4]}, verify=False) for i in range(n)]
+    return [build_package(model, name=name, version="1", owner="bench", expiry="30d",
+                          sample_inputs={"input": x[:4]}, verify=False).data for name in names]
+
+
+def build_packages(n: int) -> list[bytes]:
+    """N small packages (m00000, m00001, ...), built on every core before the clock starts."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    names = [f"m{i:05d}" for i in range(n)]
+    cores = max(1, os.cpu_count() or 1)
+    chunks = [names[i::cores] for i in range(cores)]
+    with ProcessPoolExecutor(cores) as pool:
+        parts = list(pool.map(_build, chunks))
+    by_name = dict(zip([nm for chunk in chunks for nm in chunk], [d for part in parts for d in part], strict=True))
+    return [by_name[nm] for nm in names]
+
+
+async def publish_models(system: System, packages: list[bytes]) -> None:
+    """The packages into the store and their ModelStates on the topic: the Kafka door, in bulk."""
+    from modelcd.events.bus import KafkaConfig, Publisher
+    from modelcd.events.schemas import ModelState
+    from modelcd.store.blobs import open_store, put_package
+    from modelcd.store.package import read_package
+    from modelcd.store.targets import TargetState
+
     bootstrap = f"127.0.0.1:{system.env['MODELCD_BROKER_PORT']}"
     async with open_store(str(system.home / "store")) as store, \
             Publisher(KafkaConfig(bootstrap=bootstrap, idempotence=False), "bench") as pub:
         targets = TargetState(store)
-        for b in built:  # what ingest's publish step writes: the package, the target, the ModelState
-            sha = await put_package(store, b.data)
-            m = b.manifest
+        acks = []
+        for data in packages:  # what ingest's publish step writes: the package, the target, the ModelState
+            sha = await put_package(store, data)
+            m = read_package(data).manifest
             state = ModelState(name=m.name, version=m.version, target="serving", package_uri=f"packages/{sha}",
                                sha256=sha, runtime=m.runtime, flavor=m.flavor, owner=m.owner,
                                expiry_seconds=m.expiry_seconds, deployed_at=time.time())
             await targets.put_model(state)
-            await pub.publish(state)
+            acks.append(await pub.publish_nowait(state))  # in bulk: acknowledged together below
+        await asyncio.gather(*acks)
 
 
 def first_request(url: str, name: str) -> float:
@@ -114,6 +135,7 @@ def first_request(url: str, name: str) -> float:
 def step(n: int, args: argparse.Namespace, hot: bytes, ingest_pkgs: list[bytes] | None) -> dict[str, Any]:
     env = {"MODELCD_MEMORY_BUDGET": str(args.budget)}
     out: dict[str, Any] = {"n": n, "budget": args.budget}
+    packages = build_packages(n)
     with System(1, env=env) as system:
         node = system.front
         system.wait_deployed(system.deploy(hot))
@@ -126,7 +148,7 @@ def step(n: int, args: argparse.Namespace, hot: bytes, ingest_pkgs: list[bytes] 
         loads0, ev0 = loaded(node)
         load = hey_async(f"{node}/v2/models/hot/infer", body, seconds=args.timeout, rate=args.rate)
         t0 = time.monotonic()
-        asyncio.run(publish_models(system, n))
+        asyncio.run(publish_models(system, packages))
         published = time.monotonic() - t0
         stalled_since, last = time.monotonic(), (loads0, ev0)
         while time.monotonic() - t0 < args.timeout:

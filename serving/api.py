@@ -41,8 +41,9 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import itertools
+import os
 import time
-import uuid
 import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -87,6 +88,18 @@ _CONTENT_ENCODING = b"content-encoding"
 _MODELS = "/v2/models/"
 _OK = b"{}"
 _JSON_RETRY = [*_JSON, (b"retry-after", b"1")]
+
+
+# Request ids the node makes: 32 hex digits like a uuid4's, but a random per-process prefix and a counter
+# instead of 16 fresh random bytes per request (uuid4 was ~5 % of the node's CPU at saturation). Unique on
+# this node (the counter), and across nodes and restarts (64 random bits per process).
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """A request id unique per node process: `<16 hex random per process><16 hex counter>`."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
 class NodeState:
@@ -224,7 +237,7 @@ class ServingApp:
                 body = self._inflate(body, encoding, held)
             req, binary = decode_request(body, header_length)
             # The id the caller finds in the response (field and header) and in its prediction log.
-            request_id = req.id or request_id or uuid.uuid4().hex
+            request_id = req.id or request_id or new_request_id()
             req.id = request_id
             entry, endpoint, route_rate = self._route(name, version, headers, req.parameters)
             if route_rate is not None:
@@ -420,7 +433,7 @@ class ServingApp:
             # Sampled like the successes, so a caller can find its refused request (and why) by its id.
             if log_rate and random.random() < log_rate:
                 self.telemetry.offer(PredictionLog(
-                    request_id=request_id or uuid.uuid4().hex, model=entry.name, version=entry.version,
+                    request_id=request_id or new_request_id(), model=entry.name, version=entry.version,
                     endpoint=endpoint, node=self.node, latency_ms=(time.perf_counter() - t0) * 1000,
                     error=exc.reason, status=exc.status))
         if exc.status >= 500 and not isinstance(exc, (NodeUnavailable, ModelLoading)):  # states, counted in metrics

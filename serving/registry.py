@@ -53,6 +53,7 @@ from .protocol import TensorCodec, TensorSpec, encode
 from .quarantine import CrashHistory
 from .router import CompiledPolicy, compile_policy
 from .telemetry import Telemetry, UsageCounter
+from .worker_main import default_loader
 from .workers import Worker, WorkerDied, WorkerError, Zygote
 
 log = get_logger("modelcd.serving.registry")
@@ -63,13 +64,6 @@ RuntimeLoader = Callable[[Package], Any]  # -> a runtime with predict(dict[str, 
 Spawn = Callable[[Coroutine[Any, Any, None]], Any]
 
 TIMING_RUNS = 7
-
-
-def default_loader(pkg: Package) -> Any:
-    """Runs in the model's worker process: the package's runtime (runtimes.flavors)."""
-    from modelcd.runtimes.flavors import load_runtime
-
-    return load_runtime(pkg.manifest, pkg.contents)
 
 
 def loader_spec(loader: RuntimeLoader) -> str:

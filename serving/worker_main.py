@@ -30,10 +30,13 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import batching
 from .channel import PREFIX, FrameError, decode, encode
+
+if TYPE_CHECKING:
+    from modelcd.store.package import Package
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
@@ -185,6 +188,15 @@ def forbid_spawn() -> bool:
     arr = (_SockFilter * len(prog))(*[_SockFilter(*p) for p in prog])
     fprog = _SockFprog(len(prog), arr)
     return _prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog)) == 0
+
+
+def default_loader(pkg: Package) -> Any:
+    """The package's runtime (runtimes.flavors). Lives here, not in the registry, because workers import a
+    loader by name: importing it must cost nothing the zygote did not preload (the registry's module pulls in
+    the front's whole stack, Kafka client included: ~100 ms and several MiB of private memory per worker)."""
+    from modelcd.runtimes.flavors import load_runtime
+
+    return load_runtime(pkg.manifest, pkg.contents)
 
 
 def resolve(spec: str) -> Any:

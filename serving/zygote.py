@@ -21,6 +21,7 @@ zygote → front `{"op": "ready"}`, `{"op": "spawned", "id", "pid"}`, `{"op": "e
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import select
@@ -61,9 +62,13 @@ def main(argv: list[str]) -> int:
     _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the front
     if os.getppid() != int(config["parent"]):
         return 0  # the front died before the line above took effect
+    # No collection while the preloaded heap is built: a collection frees objects in the middle of it, and the
+    # holes it leaves are filled later by each worker's own objects, copying the pages around them.
+    gc.disable()
     for module in config.get("preload", PRELOAD):
         with contextlib.suppress(ImportError):
             __import__(module)
+    gc.freeze()
     rpipe, wpipe = os.pipe()
     os.set_blocking(wpipe, False)
     signal.set_wakeup_fd(wpipe)
@@ -90,8 +95,12 @@ def main(argv: list[str]) -> int:
                     for fd in fds:
                         os.close(fd)
                     continue
+                # Everything alive now is the workers' shared heap: in the permanent generation their collector
+                # never walks (a walk writes into every object's GC header, copying each page on write).
+                gc.freeze()
                 pid = os.fork()
                 if pid == 0:
+                    gc.enable()
                     signal.set_wakeup_fd(-1)
                     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                     signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -326,6 +326,12 @@ class OnnxRuntime(_BaseRuntime):
         opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        # One small model per process: ONNX Runtime's arena and memory patterns keep buffers sized for the
+        # largest run around for the session's life (tens of MiB per worker), and its idle threads spin.
+        opts.enable_cpu_mem_arena = False
+        opts.enable_mem_pattern = False
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as exc:

@@ -123,6 +123,9 @@ class Settings:
     worker_threads: int = _doc("Threads a model library may use inside its worker (OpenMP/BLAS/ONNX Runtime).", 1)
     worker_spawn: bool = _doc("Let model workers start processes (fork, exec). Off: a seccomp filter refuses them.",
                               False)
+    worker_spares: int = _doc("Idle model workers a node keeps forked and confined ahead of need, so a load (a cold "
+                              "model's first request, a restart) does not wait for one; each is charged "
+                              "MODELCD_MODEL_OVERHEAD in the memory budget (0: fork one per load).", 1)
     worker_batch: bool = _doc("Run predictions of one model that are waiting together as one call on the stacked "
                               "rows, for models whose sample rows predicted alone equal the batch's (checked at "
                               "load). Off: one call per request.", True)

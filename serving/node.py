@@ -132,7 +132,10 @@ class ServingNode:
                     background = [tg.create_task(self._follow(cfg, caught_up), name="state-follower"),
                                   tg.create_task(self._follow_fleet(cfg, fleet_known), name="fleet-follower"),
                                   # Heartbeats from the start: the fleet counts a loading node in its placement.
-                                  tg.create_task(self._every(s.heartbeat_interval, self._heartbeat), name="heartbeat")]
+                                  tg.create_task(self._every(s.heartbeat_interval, self._heartbeat), name="heartbeat"),
+                                  # The zygote (numpy, scikit-learn) and its spare workers start while the state
+                                  # is read, not after: a restart's hot set starts loading at once.
+                                  tg.create_task(registry.zygote.start(), name="zygote")]
                     self._heartbeat_now()
                     both = asyncio.gather(caught_up.wait(), fleet_known.wait())
                     if await _first(both, stop.wait()) and not stop.is_set():
@@ -305,7 +308,7 @@ class ServingNode:
                 size = estimate_size(0, cache.path(e.state.sha256).stat().st_size)
             candidates.append(Candidate(e.key, estimate_size(size, 0) + self.settings.model_overhead, e.state.pinned,
                                         e.state.deployed_at or e.state.at))
-        keys = hot_set(candidates, self.settings.memory_budget)
+        keys = hot_set(candidates, self.registry.budget)
         futures = self.registry.load_all(keys)
         if futures:
             # Failures are the models' own (reported, 503 on their requests): the node is ready regardless.

@@ -146,7 +146,6 @@ class Registry:
         self.telemetry = telemetry
         self.loader = loader
         self.loader_spec = loader_spec(loader)
-        self.budget = settings.memory_budget
         self.entries: dict[str, ModelEntry] = {}
         self.by_name: dict[str, list[ModelEntry]] = {}
         self.policies: dict[str, CompiledPolicy] = {}
@@ -159,7 +158,16 @@ class Registry:
         # Workers write only in private directories under a fresh one (Landlock): nothing of the node's is theirs.
         self.workdir = Path(tempfile.mkdtemp(prefix=f"modelcd-workers-{_safe(node)}-"))
         self.workdir.chmod(0o711)
-        self.zygote = Zygote(self.workdir, threads=settings.worker_threads)
+        # Spare workers hold no model but cost a worker each: their room comes off the models' budget (none
+        # when that would leave no room for one model's worker).
+        spares = max(0, settings.worker_spares)
+        if settings.memory_budget < (spares + 1) * settings.model_overhead:
+            spares = 0
+        self.spare_reserve = spares * settings.model_overhead
+        self.budget = settings.memory_budget - self.spare_reserve
+        limits = {"memory": settings.worker_memory, "nice": settings.worker_nice, "spawn": settings.worker_spawn,
+                  "batch": settings.worker_batch}
+        self.zygote = Zygote(self.workdir, threads=settings.worker_threads, limits=limits, spares=spares)
         self._spawn: Spawn | None = None
 
     def start(self, spawn: Spawn) -> None:
@@ -423,7 +431,7 @@ class Registry:
                 size = estimate_size(entry.state.resources.memory_bytes, len(pkg.data)) + self.settings.model_overhead
                 await self._reserve(entry, size)
                 async with asyncio.timeout(self.settings.load_timeout):
-                    worker = await self.zygote.spawn(entry.key, self._worker_spec(entry))
+                    worker = await self.zygote.worker(entry.key)
                     loaded = await self._build(entry, worker, pkg, size)
             if self.entries.get(entry.key) is not entry:
                 raise ModelNotFound(f"model {entry.key} was retired while loading")
@@ -472,11 +480,6 @@ class Registry:
         finally:
             self._changed.set()
             self._retire_deferred(entry.name)
-
-    def _worker_spec(self, entry: ModelEntry) -> dict[str, Any]:
-        s = self.settings
-        return {"workdir": str(self.workdir / _safe(entry.key)), "memory": s.worker_memory, "nice": s.worker_nice,
-                "spawn": s.worker_spawn, "batch": s.worker_batch}
 
     def _worker_died(self, entry: ModelEntry, worker: Worker, reason: str) -> None:
         """A serving worker ended: its model restarts after a backoff, or is quarantined if it keeps dying."""

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -75,9 +76,10 @@ def describe_status(status: int) -> str:
 class Worker(asyncio.Protocol):
     """One worker process, seen from the front. Calls are pipelined; answers come in order."""
 
-    def __init__(self, name: str, pid: int, zygote: Zygote) -> None:
-        self.name = name
+    def __init__(self, name: str, pid: int, zygote: Zygote, workdir: Path | None = None) -> None:
+        self.name = name  # the model it holds; "(spare)" until a load takes it (Zygote.worker)
         self.pid = pid
+        self.workdir = workdir  # its private directory, removed once it has ended
         self._zygote = zygote
         self._reader = FrameReader()
         self._transport: asyncio.Transport | None = None
@@ -143,6 +145,8 @@ class Worker(asyncio.Protocol):
         if not self.closed.done():
             self.closed.set_result(reason)
         self._report(reason)
+        if self.workdir is not None:  # what the model wrote is its own: gone with its process
+            await asyncio.to_thread(shutil.rmtree, self.workdir, True)
 
     def _report(self, reason: str) -> None:
         """Tell the owner once (a worker being retired is no one's loss)."""
@@ -216,11 +220,23 @@ class Worker(asyncio.Protocol):
 
 
 class Zygote:
-    """The node's zygote process: started on first use, restarted if it ever dies."""
+    """The node's zygote process: started on first use (or `start`), restarted if it ever dies.
 
-    def __init__(self, workdir: Path, *, threads: int = 1) -> None:
+    It keeps up to `spares` idle workers forked and confined ahead of need (`worker` takes one and a
+    background task forks its replacement), so a load does not wait for a fork. A spare is an ordinary
+    worker: confined before it reads a frame, with its own private directory, holding no model yet.
+    """
+
+    def __init__(self, workdir: Path, *, threads: int = 1, limits: Mapping[str, Any] | None = None,
+                 spares: int = 0) -> None:
         self.workdir = workdir
         self.threads = threads
+        self.limits = dict(limits or {})  # every worker's spec but its directory (worker_main.confine)
+        self.spares = max(0, spares)
+        self._idle: list[Worker] = []
+        self._filling: asyncio.Task[None] | None = None
+        self._closing = False
+        self.taken = 0  # loads that took a spare
         self._proc: asyncio.subprocess.Process | None = None
         self._ctl: socket.socket | None = None
         self._lock = asyncio.Lock()
@@ -316,13 +332,71 @@ class Zygote:
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(err)
 
-    async def spawn(self, name: str, spec: dict[str, Any], *, timeout: float = 30.0) -> Worker:
-        """Fork a worker for `name` with `spec` (limits, see worker_main.confine) and connect to it."""
+    async def start(self) -> None:
+        """Start the zygote and its spares ahead of the first load (a node does it while it reads its state).
+        A failure is logged, not raised: the first load starts the zygote again and reports why it cannot."""
+        try:
+            await self._ensure()
+        except Exception as exc:
+            log.warning("model-worker zygote did not start ahead of loads", reason=repr(exc))
+            return
+        self._replenish()
+
+    async def worker(self, name: str, *, timeout: float = 30.0) -> Worker:
+        """A worker for model `name`: a spare if one is idle (its replacement forks in the background), else
+        a fresh fork."""
+        while self._idle:
+            spare = self._idle.pop(0)
+            spare.on_death = None
+            if spare.alive:
+                spare.name = name
+                self.taken += 1
+                self._replenish()
+                return spare
+        worker = await self.spawn(name, timeout=timeout)
+        self._replenish()
+        return worker
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    def _replenish(self) -> None:
+        if self.spares <= 0 or self._closing or (self._filling is not None and not self._filling.done()):
+            return
+        self._filling = asyncio.get_running_loop().create_task(self._fill(), name="spare-workers")
+        self.track(self._filling)
+
+    async def _fill(self) -> None:
+        while len(self._idle) < self.spares and not self._closing:
+            try:
+                spare = await self.spawn("(spare)")
+            except Exception as exc:  # the next load forks its own worker and reports why it cannot
+                log.warning("could not fork a spare model worker", reason=repr(exc))
+                return
+            if self._closing:
+                spare.kill("the node stopped")
+                return
+            spare.on_death = self._spare_died
+            self._idle.append(spare)
+
+    def _spare_died(self, worker: Worker, reason: str) -> None:
+        if worker in self._idle:
+            self._idle.remove(worker)
+            log.warning("spare model worker ended", pid=worker.pid, reason=reason)
+
+    async def spawn(self, name: str, spec: Mapping[str, Any] | None = None, *, timeout: float = 30.0) -> Worker:
+        """Fork a worker for `name` and connect to it: confined with `limits` updated by `spec`
+        (worker_main.confine), in a private directory of its own unless `spec` names one."""
         ctl = await self._ensure()
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._next += 1
         ident = self._next
+        spec = {**self.limits, **(spec or {})}
+        if "workdir" not in spec:
+            spec["workdir"] = str(self.workdir / f"w{ident}")
+        workdir = Path(spec["workdir"])
         fut: asyncio.Future[int] = loop.create_future()
         self._replies[ident] = fut
         try:
@@ -337,7 +411,7 @@ class Zygote:
             theirs.close()
         self.spawned += 1
         ours.setblocking(False)
-        _transport, worker = await loop.create_unix_connection(lambda: Worker(name, pid, self), sock=ours)
+        _transport, worker = await loop.create_unix_connection(lambda: Worker(name, pid, self, workdir), sock=ours)
         return worker
 
     async def exit_status(self, pid: int, timeout: float) -> int | None:
@@ -379,6 +453,12 @@ class Zygote:
             await proc.wait()
 
     async def close(self) -> None:
+        self._closing = True
+        if self._filling is not None:
+            self._filling.cancel()
+        idle, self._idle = self._idle, []
+        for spare in idle:
+            spare.kill("the node stopped")
         async with self._lock:
             await self._stop_process()
         if self._tasks:  # endings still waiting for an exit status: the zygote is gone, they end at once

@@ -16,13 +16,16 @@ from ._serving import MB, deploy, eventually, infer_body, iris_package, node_set
 async def test_budget_for_three_serves_ten_and_never_exceeds_it(broker: EmbeddedBroker, tmp_path: Path) -> None:
     """With a budget for 3 models and 10 deployed, all 10 answer and resident bytes never exceed the budget.
 
-    Each model is charged its declared size plus MODELCD_MODEL_OVERHEAD (its worker process)."""
+    Each model is charged its declared size plus MODELCD_MODEL_OVERHEAD (its worker process), and the spare
+    worker its overhead."""
     # Loads on demand happen within the request here (load_wait): this test is about the budget, not load time.
-    settings = node_settings(tmp_path, broker.bootstrap, memory_budget=45 * MB, model_overhead=5 * MB, load_wait=30.0)
+    settings = node_settings(tmp_path, broker.bootstrap, memory_budget=50 * MB, model_overhead=5 * MB, load_wait=30.0,
+                             worker_spares=1)
     async with open_store(settings.resolved_store_url) as store, Publisher(broker.config, "test") as pub:
         for i in range(10):
             await deploy(store, pub, iris_package(f"m{i}", "1", depth=1 + i % 4), memory_bytes=10 * MB)
         async with running_node(settings) as n:
+            assert n.registry.budget == 45 * MB  # the spare worker's room is kept
             assert len(n.registry.loaded_keys()) == 3  # the hot set: what fits, the rest on demand
             assert n.registry.resident_bytes == 3 * (10 * MB + 5 * MB)  # the worker is charged, not only the model
             peak = 0

@@ -175,7 +175,8 @@ async def test_native_crash_at_predict_costs_one_worker_then_quarantine(broker: 
             zygotes = [p for p in _children(node.proc.pid)
                        if b"modelcd.serving.zygote" in Path(f"/proc/{p}/cmdline").read_bytes()]
             workers = [w for z in zygotes for w in _children(z)]
-            assert len(zygotes) == 1 and len(workers) == 1  # the healthy model's worker; the quarantined one is gone
+            # The healthy model's worker and the spare (MODELCD_WORKER_SPARES=1); the quarantined one is gone.
+            assert len(zygotes) == 1 and len(workers) == 2
         assert await node.stop() == 0
         for pid in [*zygotes, *workers]:
             await eventually(lambda p=pid: not _alive(p), timeout=10, what=f"process {pid} gone")

@@ -98,7 +98,8 @@ class Settings:
     node_id: str | None = _doc("Name of this serving node. Unset: hostname:port.", None)
     memory_budget: int = _doc("Resident bytes of loaded models a node may hold (bytes or 2GiB); LRU beyond.", 2 * 1024**3)
     model_overhead: int = _doc("Bytes the memory budget charges each loaded model on top of its own size: its worker "
-                               "process (measured ~23 MiB private per worker on x86_64; bytes or 24MiB).", 24 * 1024**2)
+                               "process (measured ~7.3 MiB PSS per small model's worker on x86_64; bytes or 8MiB).",
+                               8 * 1024**2)
     replicas: int = _doc("Serving nodes each model is placed on (a model's own `replicas` wins); nodes load only "
                          "what is placed on them. 0: every node loads every model.", 2)
     handoff_timeout: float = _doc("Seconds a stopping node keeps serving while its models load on the nodes they "

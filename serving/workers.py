@@ -13,7 +13,10 @@ Invariants:
 - `kill()` kills the worker's process group (what the model spawned too); `retire()`
   closes the channel once the calls in flight are answered, and kills after a grace period;
 - `Zygote.close()` leaves no process behind: closing its control socket makes it kill every
-  worker; it is killed itself if it does not exit in time.
+  worker; it is killed itself if it does not exit in time;
+- a spare worker (MODELCD_WORKER_SPARES) is an ordinary worker that holds no model yet: forked
+  and confined the same way, in a private directory of its own; a load takes it whole (one
+  worker, one model, as before), and every worker's directory is removed once it has ended.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from modelcd.serving.registry import default_loader
+from modelcd.serving.worker_main import default_loader
 
 MAGIC = 99.0  # a first feature value the faulty runtimes react to
 
@@ -202,3 +202,25 @@ def alloc_onnx(name: str = "alloc", version: str = "1") -> Any:
     onnx.checker.check_model(model)
     return build_package(model, name=name, version=version, owner="tests", expiry="30d",
                          sample_inputs={"input": np.array([[1, 2], [3, 1]], np.float32)})
+
+
+# ---------------------------------------------------------------------- what a worker inherited
+
+class GcState:
+    """Answers with its worker's collector state: objects frozen (inherited from the zygote) and whether it runs."""
+
+    name = "gc-state"
+
+    def predict(self, inputs: Any) -> Any:
+        import gc
+
+        import numpy as np
+
+        return {"frozen": np.array([gc.get_freeze_count()]), "enabled": np.array([int(gc.isenabled())])}
+
+    def close(self) -> None:
+        pass
+
+
+def gc_state_loader(pkg: Any) -> Any:
+    return GcState()

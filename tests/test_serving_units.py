@@ -189,3 +189,13 @@ async def test_accepted_connections_have_nodelay(tmp_path: Path) -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+def test_request_ids_the_node_makes_are_unique_and_uuid_shaped() -> None:
+    """Ids made for requests without one never repeat on a node and keep uuid4().hex's shape (32 hex digits)."""
+    from modelcd.serving.api import new_request_id
+
+    ids = [new_request_id() for _ in range(100_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 for i in ids[:10] + ids[-10:])
+    assert int(ids[-1], 16) > int(ids[0], 16)

@@ -135,7 +135,7 @@ def channel_cost(package: Path, calls: int = 3000) -> dict[str, float]:
             zygote = Zygote(Path(tmp))
             try:
                 worker = await zygote.spawn("iris", {"workdir": f"{tmp}/w", "memory": 4 << 30, "nice": 0})
-                await worker.call("load", "iris", {"loader": "modelcd.serving.registry:default_loader"},
+                await worker.call("load", "iris", {"loader": "modelcd.serving.worker_main:default_loader"},
                                   payload=data)
                 for _ in range(200):
                     await worker.call("predict", "iris", None, x)

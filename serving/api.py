@@ -243,6 +243,7 @@ class ServingApp:
             if route_rate is not None:
                 log_rate = route_rate
             loaded = entry.loaded or await self._acquire(entry)
+            entry.last_used = time.monotonic()  # the budget evicts least recently used: a model in use stays
             inputs = loaded.codec.decode_inputs(req, binary)
             if req.outputs:
                 loaded.codec.check_requested(req)

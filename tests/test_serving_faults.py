@@ -51,6 +51,23 @@ async def test_budget_for_three_serves_ten_and_never_exceeds_it(broker: Embedded
             assert n.node.registry.cache.hits > 0  # reloads came from the local cache
 
 
+async def test_a_model_in_use_is_not_the_one_evicted(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """Eviction is least recently *used*: a model answering requests outlives one loaded later and left idle."""
+    settings = node_settings(tmp_path, broker.bootstrap, memory_budget=30 * MB, model_overhead=5 * MB, load_wait=30.0,
+                             worker_spares=0)
+    async with open_store(settings.resolved_store_url) as store, Publisher(broker.config, "test") as pub:
+        for name in ("a", "b", "c"):
+            await deploy(store, pub, iris_package(name, "1"), memory_bytes=10 * MB)
+        async with running_node(settings) as n:
+            assert (await n.infer("a")).status_code == 200  # evicts one of the hot set (b, c): room for two
+            kept = next(k.split(":")[0] for k in n.registry.loaded_keys() if k != "a:1")
+            evicted = ({"b", "c"} - {kept}).pop()
+            for _ in range(5):  # `kept` serves from its loaded worker, after `a` was loaded
+                assert (await n.infer(kept)).status_code == 200
+            assert (await n.infer(evicted)).status_code == 200  # needs room: `a` is the least recently used
+            assert sorted(n.registry.loaded_keys()) == sorted([f"{kept}:1", f"{evicted}:1"])
+
+
 async def test_broken_models_leave_the_others_answering(broker: EmbeddedBroker, tmp_path: Path) -> None:
     """Models that fail to load, raise at predict, or hang answer 503/500/504 with a reason; others keep answering."""
     settings = node_settings(tmp_path, broker.bootstrap, predict_timeout=1.0, worker_restart_backoff=0.2)

@@ -118,6 +118,9 @@ class Settings:
                               "a model past it gets MemoryError or dies, alone.", 4 * 1024**3)
     worker_nice: int = _doc("Niceness added to model worker processes, so the node's front (HTTP, bus) wins the CPU "
                             "from a spinning model (0: same priority).", 5)
+    ready_window: float = _doc("A restarting node loads the models requested within this many seconds (and pinned "
+                               "ones) before it reports ready, and the rest of its hot set after; 0: the whole hot "
+                               "set before ready.", 86_400.0)
     batch_nice: int = _doc("Niceness `modelcd up` gives its batch services (ingest, the shadow comparison, the "
                            "rollout controller, retirement), so serving nodes on the same machine win the CPU "
                            "(0: same priority).", 10)

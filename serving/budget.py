@@ -62,15 +62,17 @@ class Candidate:
     size: int
     pinned: bool = False
     deployed_at: float = 0.0
+    last_used: float = 0.0  # the last request before the node restarted (serving/recent.py), 0: none
 
 
 def hot_set(candidates: Sequence[Candidate], budget: int) -> list[str]:
-    """The models to load before a node reports ready: pinned first, then newest deployed, while they fit.
+    """The models a starting node loads: pinned first, then the most recently requested, then the newest
+    deployed, while they fit (serving/recent.py splits them into before and after ready).
 
     Greedy: a model that does not fit is skipped and smaller ones after it may still fit.
     The rest load on their first request.
     """
-    order = sorted(candidates, key=lambda c: (not c.pinned, -c.deployed_at, c.key))
+    order = sorted(candidates, key=lambda c: (not c.pinned, -c.last_used, -c.deployed_at, c.key))
     out: list[str] = []
     used = 0
     for c in order:

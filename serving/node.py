@@ -6,7 +6,10 @@ reconciler, telemetry (publisher, usage, heartbeats, health checks).
 Start: bind and serve HTTP at once (live; ready answers 503) → read `model-state` and
 `traffic` from the beginning to their current end (no consumer group: every node sees
 every event) → one reconciliation against the store → load the hot set (what fits the
-budget, with bounded concurrency) → ready. Models outside the hot set load on demand.
+budget, with bounded concurrency: pinned, then recently requested, then newest) → ready. A node
+with a request history (serving/recent.py, saved every usage interval and at stop) loads only the
+pinned and recently requested part before ready (MODELCD_READY_WINDOW) and the rest of the hot set
+after. Models outside the hot set load on demand.
 
 Stop (the `stop` event, set by SIGTERM/SIGINT in `modelcd serve`, or a `NodeDrain` for this node on
 modelcd.health, as a release roll sends): hand-off (leave the placement, keep serving until what it
@@ -26,6 +29,7 @@ import socket
 import time
 from collections.abc import Coroutine, Mapping
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -40,6 +44,7 @@ from modelcd.store.blobs import Store, open_store
 from modelcd.store.targets import TargetState
 
 from .api import NodeState, ServingApp
+from . import recent
 from .budget import ESTIMATE_FACTOR, Candidate, estimate_size, hot_set
 from .cache import PackageCache
 from .hooks import NodeHooks, ShadowFactory, ShadowHook
@@ -81,6 +86,11 @@ class ServingNode:
         self._shadow_factory = shadow  # None: this node runs no shadows (modelcd up / serve pass shadow.node.attach)
         self.shadow: ShadowHook | None = None
         self._loads: set[asyncio.Task[None]] = set()
+        # The request history (serving/recent.py): read at start, saved every usage interval and at stop.
+        self._history_path: Path | None = None
+        self._history: dict[str, float] = {}
+        self._saved_history: dict[str, float] = {}
+        self.loaded_before_ready: list[str] = []  # what was loaded when the node reported ready (logged)
         self.placement: NodePlacement | None = None
         self.drain_requested = asyncio.Event()  # a NodeDrain for this node: leave as on SIGTERM
         self._started = time.time()  # NodeDrain events older than this node are for an earlier one of its name
@@ -102,7 +112,10 @@ class ServingNode:
             publisher = Publisher(cfg, source=f"serving/{self.node_id}")
             await publisher.start()
             telemetry = self.telemetry = Telemetry(self.node_id, publisher, s.telemetry_buffer)
-            cache = PackageCache(s.home / "cache" / re.sub(r"[^A-Za-z0-9._-]", "_", self.node_id), store)
+            safe_id = re.sub(r"[^A-Za-z0-9._-]", "_", self.node_id)
+            cache = PackageCache(s.home / "cache" / safe_id, store)
+            self._history_path = s.home / "history" / f"{safe_id}.json"
+            self._history = await asyncio.to_thread(recent.load, self._history_path)
             registry = self.registry = Registry(s, node=self.node_id, cache=cache, metrics=self.metrics,
                                                 telemetry=telemetry, loader=self.loader)
             self.placement = NodePlacement(self.node_id, registry, s, on_change=self._heartbeat_now)
@@ -153,6 +166,7 @@ class ServingNode:
                         # Start-up objects (libraries, clients, loaded models) live as long as the node: moving
                         # them out of the collector's generations keeps each collection small on the request path.
                         gc.freeze()
+                        self.loaded_before_ready = sorted(registry.loaded_keys())
                         self.state.ready = True
                         ready.set()
                         self._heartbeat_now()
@@ -307,13 +321,16 @@ class ServingNode:
             if size <= 0 and e.state.sha256 in cached:
                 size = estimate_size(0, cache.path(e.state.sha256).stat().st_size)
             candidates.append(Candidate(e.key, estimate_size(size, 0) + self.settings.model_overhead, e.state.pinned,
-                                        e.state.deployed_at or e.state.at))
+                                        e.state.deployed_at or e.state.at, self._history.get(e.key, 0.0)))
         keys = hot_set(candidates, self.registry.budget)
-        futures = self.registry.load_all(keys)
+        pinned = {e.key for e in self.registry.entries.values() if e.state.pinned}
+        first, after = recent.split(keys, self._history, pinned, now=time.time(), window=self.settings.ready_window)
+        futures = self.registry.load_all(first)
         if futures:
             # Failures are the models' own (reported, 503 on their requests): the node is ready regardless.
             await _first(asyncio.wait(futures), stop.wait())
-        log.info("hot set loaded", loaded=len(self.registry.loaded_keys()), hot=len(keys),
+        self.registry.load_all(after)  # in the background, bounded like every load; requests may come first
+        log.info("hot set loaded", loaded=len(self.registry.loaded_keys()), hot=len(keys), after_ready=len(after),
                  deployed=len(self.registry.entries), estimate_factor=ESTIMATE_FACTOR)
 
     # ------------------------------------------------------------------ periodic
@@ -325,9 +342,23 @@ class ServingNode:
             if asyncio.iscoroutine(result):
                 await result
 
-    def _usage(self) -> None:
+    async def _usage(self) -> None:
         assert self.telemetry is not None
         self.telemetry.flush_usage()
+        await self._save_history()
+
+    async def _save_history(self) -> None:
+        """Keep the request history (serving/recent.py): what was used, among what still serves here."""
+        assert self.registry is not None and self.telemetry is not None
+        merged = {**self._history, **self.telemetry.last_used()}
+        history = {k: t for k, t in merged.items() if k in self.registry.entries}
+        if history != self._saved_history and self._history_path is not None:
+            try:
+                await asyncio.to_thread(recent.save, self._history_path, history)
+                self._saved_history = history
+            except OSError as exc:  # a full disk costs the next restart its order, not this node
+                log.warning("could not save the request history", path=str(self._history_path), reason=str(exc))
+        self._history = history
 
     def _heartbeat(self) -> None:
         self._heartbeat_now()
@@ -399,6 +430,8 @@ class ServingNode:
             task.cancel()
         await asyncio.gather(*background, *self._loads, publisher_task, return_exceptions=True)
         self.telemetry.flush_usage()
+        with contextlib.suppress(Exception):
+            await self._save_history()
         self._heartbeat_now(stopping=True)
         await self.telemetry.drain(self.settings.drain_timeout)
         log.info("serving node stopped", node=self.node_id, telemetry=vars(self.telemetry.stats))

@@ -88,6 +88,10 @@ class Telemetry:
             counter = self._usage[key] = UsageCounter(model, version)
         return counter
 
+    def last_used(self) -> dict[str, float]:
+        """{"name:version": last request time (epoch s)} of every model version requested since start."""
+        return {f"{c.model}:{c.version}": c.last_used for c in self._usage.values() if c.last_used > 0}
+
     @property
     def buffered(self) -> int:
         return self._queue.qsize()

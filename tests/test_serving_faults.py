@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 from modelcd.events.broker import EmbeddedBroker
@@ -149,3 +150,23 @@ async def test_stop_drains_in_flight_requests_then_flushes_telemetry(broker: Emb
         statuses = [e for e, _, _ in await read_topic(broker.config, "modelcd.health")
                     if type(e).__name__ == "NodeStatus"]
         assert statuses[-1].stopping and not statuses[-1].ready
+
+
+async def test_a_restart_loads_what_requests_used_before_ready_and_the_rest_after(broker: EmbeddedBroker,
+                                                                                  tmp_path: Path) -> None:
+    """A node with many models used to load its whole hot set before it answered; with a request history it loads
+    the recently requested (and pinned) models first, reports ready, and loads the rest of the hot set after."""
+    settings = node_settings(tmp_path, broker.bootstrap, memory_budget=200 * MB, model_overhead=5 * MB,
+                             worker_spares=0)
+    async with open_store(settings.resolved_store_url) as store, Publisher(broker.config, "test") as pub:
+        for name in ("a", "b", "c", "d"):
+            await deploy(store, pub, iris_package(name, "1"), memory_bytes=10 * MB)
+        async with running_node(settings) as n:
+            assert n.node.loaded_before_ready == ["a:1", "b:1", "c:1", "d:1"]  # no history: the whole hot set
+            assert (await n.infer("c")).status_code == 200
+        history = settings.home / "history" / "test-node.json"
+        assert set(json.loads(history.read_text())["last_used"]) == {"c:1"}  # saved at stop
+        async with running_node(settings) as n:
+            assert n.node.loaded_before_ready == ["c:1"]
+            await eventually(lambda: len(n.registry.loaded_keys()) == 4, what="the rest of the hot set, after ready")
+            assert (await n.infer("a")).status_code == 200

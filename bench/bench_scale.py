@@ -15,7 +15,8 @@ Per N, a fresh `modelcd up` (one node, MODELCD_MEMORY_BUDGET=`--budget`):
 4. the first request of a model not loaded (evicted under the budget, or never loaded), timed
    from this process (one request, connection already open);
 5. restart-to-ready: the serving child SIGKILLed (the supervisor restarts it) until the node
-   answers /v2/health/ready (its hot set loaded: the newest models that fit the budget);
+   answers /v2/health/ready (what its requests used loads before ready, serving/recent.py), and
+   until the rest of its hot set (the newest models that fit the budget) has loaded after;
 6. once (first N only): `--ingest-n` deployments through the API at once, deployments per minute
    on one ingest (each one validated, compiled and checked in a sandbox).
 """
@@ -190,11 +191,19 @@ def step(n: int, args: argparse.Namespace, hot: bytes, ingest_pkgs: list[bytes] 
             try:
                 out["restart_to_ready_s"] = wait_http(f"{node}/v2/health/ready", timeout=args.timeout) + 0.05
                 out["restart_loaded"] = loaded(node)[0]
+                last, still_since = out["restart_loaded"], time.monotonic()
+                while time.monotonic() - still_since < 3 and time.monotonic() - t1 < args.timeout:
+                    time.sleep(0.25)
+                    if (now := loaded(node)[0]) != last:
+                        last, still_since = now, time.monotonic()
+                out["restart_hot_set_loaded"] = last
+                out["restart_hot_set_s"] = still_since - t1
             except SystemExit as e:
                 out["restart_error"] = str(e)
             out["restart_wall_s"] = time.monotonic() - t1
             print(f"N={n}: restart-to-ready {out.get('restart_to_ready_s', float('nan')):.2f} s "
-                  f"({out.get('restart_loaded')} loaded); first request of m00000 "
+                  f"({out.get('restart_loaded')} loaded; {out.get('restart_hot_set_loaded')} after "
+                  f"{out.get('restart_hot_set_s', float('nan')):.1f} s); first request of m00000 "
                   f"({out.get('first_request_model_state')}) {out.get('first_request_ms', float('nan')):.1f} ms",
                   flush=True)
         # 6. deployments/min on one ingest

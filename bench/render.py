@@ -127,10 +127,13 @@ def section_scale(d: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
                      r["before"].get("pss", 0) / MiB, r["after"].get("pss", 0) / MiB, r["after"].get("processes"),
                      r.get("per_model_pss", 0) / MiB, r["hot"]["p99"], r.get("first_request_ms"),
                      r.get("first_request_model_state", r.get("first_request_error", "-")),
-                     r.get("restart_to_ready_s")))
+                     r.get("restart_to_ready_s"), r.get("restart_loaded"), r.get("restart_hot_set_s"),
+                     r.get("restart_hot_set_loaded")))
     text = [table(["models", "loaded", "evicted", "seconds to load", "loads/min", "node PSS before MiB",
                    "after MiB", "processes", "PSS per model MiB", "hot p99 ms meanwhile", "first request ms",
-                   "that model was", "restart-to-ready s"], rows)]
+                   "that model was", "restart-to-ready s", "loaded at ready", "hot set loaded s", "hot set"], rows),
+            "", "Restart: the models its requests used load before the node reports ready (serving/recent.py); the "
+                "rest of its hot set (the newest that fit the budget) after, in the background (last two columns)."]
     res = {r["n"]: r for r in d["results"]}
     # Per-model cost from the largest N that all stayed resident (with evictions, PSS covers only what is loaded).
     resident = [n for n, r in res.items() if not r.get("evicted")] or list(res)

@@ -1,13 +1,10 @@
 """The sandbox: every step of a deployment that runs model code runs here, in a child process killed on its limits.
 
 Ingest's own process never imports or runs model code: it reads archives as bytes, and hands the package
-to a child, `python -m modelcd.ingest.sandbox -`, which does, in this order and reporting each phase as
-a JSON line on its stdout:
+to a child process that does, in this order and reporting each phase as a JSON line on its stdout:
 
-1. `warm`: the interpreter has started and imported numpy, scikit-learn, skops, ONNX Runtime and skl2onnx
-   (the child is started ahead of need: the next one is started as soon as one is taken, so a
-   deployment does not wait for an interpreter); it then waits for its job on stdin (EOF, when ingest
-   exits, ends it);
+1. `warm`: the child has numpy, scikit-learn, skops, ONNX Runtime and skl2onnx imported; it then waits
+   for its job on stdin (EOF, when ingest exits, ends it);
 2. `ready`: it read the package and imported the runtime libraries it needs;
 3. `checked`: the structural checks of the model files (`runtimes.checks`: tree indices in range, no
    cycles, features in range), before any model library loads them;
@@ -17,22 +14,36 @@ a JSON line on its stdout:
    serving code), predict on the samples, compare with `outputs_match`, time, measure memory; the fallback
    model too, if any.
 
-Limits: the child limits its own address space to MODELCD_VALIDATION_MEMORY (`RLIMIT_AS`) before
-anything else. The parent's clock for each phase starts when the previous phase answered: checks and
+Where children come from (MODELCD_VALIDATION_WARM): by default each child is forked by the sandbox zygote
+(`zygote.py`), one long-lived `python -m modelcd.ingest.sandbox --zygote` per ingest, started ahead of
+need (`prestart`), which imported those libraries once; a child then costs a fork, not ~1 s of CPU for an
+interpreter and its imports. If the zygote cannot start or dies, the next job restarts it; a zygote that
+fails to start leaves that job (and those of the next `_ZYGOTE_RETRY_S`) to a child started the old way,
+`python -m modelcd.ingest.sandbox -`, which imports the libraries itself (with the setting off, always).
+Both kinds are the same child from `warm` on; what follows holds for both.
+
+Limits: the child limits its own address space to MODELCD_VALIDATION_MEMORY (`RLIMIT_AS`) before it
+reads the package. The parent's clock for each phase starts when the previous phase answered: checks and
 compile each get MODELCD_COMPILE_TIMEOUT, serving validation MODELCD_VALIDATION_TIMEOUT. Interpreter
 start-up and imports never count against the model. Past a limit the child's process group is
 SIGKILLed; a child that dies (a signal, the OOM killer, a native crash) is reported with its signal and
 the tail of its stderr. Each is a `DeploymentRejected` at the step of the phase: `ValidationFailed`
 (checks), `CompileFailed` (compile), `ServingValidationFailed` (validation).
 
-Each child runs one package and exits: nothing a model did survives into the next deployment. Its stdin
-and a private copy of its stdout are the only channel (fd 1 points at stderr, so what a model library
-prints cannot corrupt a phase line; only the last 64 KiB of stderr are kept); it runs in its own
-session, in a temporary working directory, with an environment stripped of ingest's secrets (only
-`_CHILD_ENV`: no MODELCD_API_TOKEN, no AWS credentials, but `modelcd up`'s run mark), and it never
-outlives ingest (the parent-death signal, SIGKILL, on Linux). The parent does not trust what it hands
-back: a compiled archive is read with `read_package` again and
-compared with the original by the caller (`policy.check_compiled`).
+CPU: sandbox processes (the zygote and every child) run at niceness MODELCD_VALIDATION_NICE (19 by
+default), so a serving node on the same cores wins the CPU while a deployment validates; not SCHED_IDLE,
+which could starve a deployment for ever on a saturated host.
+
+Each child runs one package and exits: nothing a model did survives into the next deployment (a forked
+child never returns into the zygote). Its stdin and a private copy of its stdout are the only channel
+(fd 1 points at stderr, so what a model library prints cannot corrupt a phase line; only the last 64 KiB
+of stderr are kept); it runs in its own session, in a temporary working directory, with an environment
+stripped of ingest's secrets (only `_CHILD_ENV`: no MODELCD_API_TOKEN, no AWS credentials, but `modelcd
+up`'s run mark; the zygote's is the same, with the thread pools sized 1), and it never outlives ingest:
+the parent-death signal (SIGKILL, on Linux) ties a started child or the zygote to ingest, and a forked
+child to the zygote, which kills its children when ingest closes it (`close()` leaves no sandbox process
+behind). The parent does not trust what it hands back: a compiled archive is read with `read_package`
+again and compared with the original by the caller (`policy.check_compiled`).
 
 Memory: `memory_bytes` is the resident growth while the serving model loads and predicts. After a
 compile in the same process, freed allocator pages may be reused by that load, so it is a lower bound
@@ -55,11 +66,16 @@ from pathlib import Path
 from typing import Any
 
 from modelcd.events.schemas import Resources
+from modelcd.logs import get_logger
 from modelcd.runner import preexec_die_with_parent
 
 from .errors import CompileFailed, DeploymentRejected, ServingValidationFailed, ValidationFailed
+from .zygote import EXIT_STATUS_WAIT_S, THREAD_VARS, SandboxZygote, ZygoteError, ZygoteTimeout
+
+log = get_logger("modelcd.ingest.sandbox")
 
 _STARTUP_DEADLINE_S = 120.0  # interpreter + numpy + the model library, on a loaded 2-core host
+_ZYGOTE_RETRY_S = 60.0  # after the zygote failed to start, jobs use started children this long before a retry
 _TIMING_RUNS = 15
 _TIMING_BUDGET_S = 1.0
 _STDERR_TAIL = 600
@@ -87,19 +103,155 @@ class CompileOutcome:
     reason: str
 
 
+class _Process:
+    """A sandbox child as ingest sees it: its pid, its stdout and stderr, how it ended. Two kinds: `_Started`
+    (its own interpreter, ingest's child) and `_Forked` (forked by the zygote, which reports its end)."""
+
+    pid: int
+    stdout: asyncio.StreamReader
+    stderr: asyncio.StreamReader
+
+    @property
+    def returncode(self) -> int | None:
+        """Its exit code (-N: killed by signal N) once it ended and that is known; else None."""
+        raise NotImplementedError
+
+    async def send(self, data: bytes) -> None:
+        """Write to its stdin; `ConnectionError` if it is gone."""
+        raise NotImplementedError
+
+    async def wait(self) -> int | None:
+        """Its exit code once it ended; None if that cannot be known (`lost` says why)."""
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        """SIGKILL its process group (what the model spawned) and itself, if it has not ended."""
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Close ingest's ends of its pipes."""
+
+    lost: str = ""
+
+
+class _Started(_Process):
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None and proc.stderr is not None
+        self.proc, self.pid, self.stdout, self.stderr = proc, proc.pid, proc.stdout, proc.stderr
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    async def send(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        await self.proc.stdin.drain()
+
+    async def wait(self) -> int | None:
+        return await self.proc.wait()
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+
+
+class _Forked(_Process):
+    """A child of the zygote: ingest holds the other ends of its three pipes; the zygote reaps it."""
+
+    def __init__(self, zygote: SandboxZygote, pid: int, stdin: int, stdout: asyncio.StreamReader,
+                 stderr: asyncio.StreamReader, transports: list[asyncio.BaseTransport]) -> None:
+        self.zygote, self.pid, self.stdout, self.stderr = zygote, pid, stdout, stderr
+        self._stdin = stdin
+        self._transports = transports
+        self._code: int | None = None
+        self._ended = False  # the zygote reported its end (or is gone): its pid is not ours to signal any more
+
+    @classmethod
+    async def fork(cls, zygote: SandboxZygote, cwd: str) -> _Forked:
+        """Have the zygote fork a child with fresh pipes as its stdin, stdout and stderr; `ZygoteError` if not."""
+        loop = asyncio.get_running_loop()
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            pid = await zygote.spawn(in_r, out_w, err_w, cwd)
+        except BaseException:
+            for fd in (in_w, out_r, err_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (in_r, out_w, err_w):  # the child's ends: it has its own copies now
+                os.close(fd)
+        readers, transports = [], []
+        for fd in (out_r, err_r):
+            reader = asyncio.StreamReader(limit=1 << 16, loop=loop)  # asyncio's subprocess limit, as before
+            transport, _ = await loop.connect_read_pipe(lambda r=reader: asyncio.StreamReaderProtocol(r),
+                                                        os.fdopen(fd, "rb", buffering=0))
+            readers.append(reader)
+            transports.append(transport)
+        return cls(zygote, pid, in_w, readers[0], readers[1], transports)
+
+    @property
+    def returncode(self) -> int | None:
+        return self._code
+
+    async def send(self, data: bytes) -> None:
+        if self._stdin < 0:
+            raise BrokenPipeError("the sandbox child's stdin is closed")
+        view = memoryview(data)
+        while view:  # one short line into an empty pipe: written at once
+            view = view[os.write(self._stdin, view):]
+        os.close(self._stdin)  # the child reads one line; EOF after it
+        self._stdin = -1
+
+    async def wait(self) -> int | None:
+        if not self._ended:
+            status = await self.zygote.exit_status(self.pid, EXIT_STATUS_WAIT_S)
+            if status is None:
+                # Never reported: the zygote is gone (and this child with it, by its parent-death signal), or
+                # the child closed its pipes and lives on. Kill its group in case, and stop waiting.
+                self.kill()
+                self.lost = ("the sandbox zygote exited (its children die with it)" if not self.zygote.alive
+                             else f"its exit status was not reported within {EXIT_STATUS_WAIT_S:g} s")
+            else:
+                self._code = os.waitstatus_to_exitcode(status)
+            self._ended = True
+        return self._code
+
+    def kill(self) -> None:
+        if self._ended:
+            return  # reaped: the pid may be another process's by now
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(self.pid, signal.SIGKILL)
+
+    def release(self) -> None:
+        for transport in self._transports:
+            transport.close()
+        if self._stdin >= 0:
+            os.close(self._stdin)
+            self._stdin = -1
+        self.zygote.forget(self.pid)
+
+
 @dataclass(slots=True)
 class _Child:
-    proc: asyncio.subprocess.Process
+    proc: _Process
     tmp: tempfile.TemporaryDirectory[str]
     stderr: asyncio.Future[bytes]
 
     async def end(self) -> None:
         if self.proc.returncode is None:
-            _kill(self.proc)
+            self.proc.kill()
             await self.proc.wait()
         self.stderr.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.stderr
+        self.proc.release()
         self.tmp.cleanup()
 
 
@@ -163,7 +315,7 @@ class SandboxJob:
         try:
             doc = await _line(proc, stderr, timeout)
         except _Timeout:
-            _kill(proc)
+            proc.kill()
             await proc.wait()
             raise error(f"killed after {timeout:g} s: {what} did not finish within {setting}") from None
         except _Died as exc:
@@ -180,65 +332,122 @@ class SandboxJob:
 
 @dataclass(slots=True)
 class Sandbox:
-    """Starts sandbox children (a warm spare ahead of need) and runs one package's job in each."""
+    """Runs one package's job in one sandbox child each: forked by the zygote (started ahead of need,
+    restarted if it dies), or started on its own when the zygote is off or cannot start."""
 
     timeout_s: float  # serving validation
     memory_bytes: int
     python: str = sys.executable
-    warm: bool = True  # keep the next child started: validation without the interpreter's start-up
+    warm: bool = True  # fork children from the zygote: validation without an interpreter's start-up
     compile_timeout_s: float = 60.0
     max_compiled_bytes: int = 8 << 30
-    _spare: asyncio.Task[_Child] | None = field(default=None, repr=False)
+    nice: int = 19  # niceness of every sandbox process (0: ingest's own)
+    _zygote: SandboxZygote | None = field(default=None, repr=False)
+    _starting: asyncio.Task[None] | None = field(default=None, repr=False)
+    _retry_at: float = field(default=0.0, repr=False)  # no zygote (re)start before this (monotonic)
+    _closed: bool = field(default=False, repr=False)
 
     @classmethod
     def from_settings(cls, settings: Any) -> Sandbox:
         return cls(timeout_s=settings.validation_timeout, memory_bytes=settings.validation_memory,
                    warm=settings.validation_warm, compile_timeout_s=settings.compile_timeout,
-                   max_compiled_bytes=2 * settings.max_package_bytes + (1 << 20))
+                   max_compiled_bytes=2 * settings.max_package_bytes + (1 << 20), nice=settings.validation_nice)
+
+    def _argv(self, *args: str) -> list[str]:
+        return [self.python, "-m", "modelcd.ingest.sandbox", *args, "--memory", str(self.memory_bytes),
+                "--parent", str(os.getpid()), "--nice", str(self.nice)]
 
     async def _start(self) -> _Child:
+        """A child with an interpreter of its own (no zygote): it imports the libraries itself."""
         tmp = tempfile.TemporaryDirectory(prefix="modelcd-sandbox-")
-        proc = await asyncio.create_subprocess_exec(
-            self.python, "-m", "modelcd.ingest.sandbox", "-", "--memory", str(self.memory_bytes),
-            "--parent", str(os.getpid()),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            cwd=tmp.name, start_new_session=True,  # its own process group: a kill takes its threads and children
-            env=_child_env(),
-            # The kernel SIGKILLs the child when ingest dies, however it dies (the runner's shared helper).
-            preexec_fn=preexec_die_with_parent(),
-        )
-        assert proc.stdout is not None and proc.stderr is not None
-        return _Child(proc, tmp, asyncio.ensure_future(_tail(proc.stderr)))
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self._argv("-"),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                cwd=tmp.name, start_new_session=True,  # its own process group: a kill takes its threads and children
+                env=_child_env(),
+                # The kernel SIGKILLs the child when ingest dies, however it dies (the runner's shared helper).
+                preexec_fn=preexec_die_with_parent(),
+            )
+        except BaseException:
+            tmp.cleanup()
+            raise
+        child = _Started(proc)
+        return _Child(child, tmp, asyncio.ensure_future(_tail(child.stderr)))
+
+    async def _fork(self, zygote: SandboxZygote) -> _Child:
+        tmp = tempfile.TemporaryDirectory(prefix="modelcd-sandbox-")
+        try:
+            child = await _Forked.fork(zygote, tmp.name)
+        except BaseException:
+            tmp.cleanup()
+            raise
+        return _Child(child, tmp, asyncio.ensure_future(_tail(child.stderr)))
+
+    async def _start_zygote(self) -> None:
+        env = _child_env()
+        env.update({k: "1" for k in THREAD_VARS})  # before numpy loads in the zygote: nothing to fork mid-pool
+        env.update(_ZYGOTE_ENV)
+        zygote = SandboxZygote(self._argv("--zygote"), env)
+        await zygote.start(_STARTUP_DEADLINE_S)
+        self._zygote = zygote
+
+    async def _running_zygote(self) -> SandboxZygote | None:
+        """The zygote, started (or restarted) if need be; None: this job takes a started child."""
+        if not self.warm or self._closed:
+            return None
+        if self._zygote is not None and self._zygote.alive:
+            return self._zygote
+        if self._starting is None:
+            if self._zygote is not None:
+                log.warning("the sandbox zygote exited: restarting it", pid=self._zygote.pid)
+                await self._zygote.close()
+                self._zygote = None
+            if time.monotonic() < self._retry_at:
+                return None
+            self._starting = asyncio.ensure_future(self._start_zygote())
+        task = self._starting
+        try:
+            await asyncio.shield(task)  # a cancelled deployment leaves the start to the next one
+        except ZygoteTimeout:
+            raise ValidationFailed(f"the sandbox did not start within {_STARTUP_DEADLINE_S:g} s") from None
+        except ZygoteError as exc:
+            log.warning("the sandbox zygote cannot start: started sandbox children instead",
+                        error=str(exc), retry_in_s=_ZYGOTE_RETRY_S)
+            self._retry_at = time.monotonic() + _ZYGOTE_RETRY_S
+            return None
+        finally:
+            if task.done() and self._starting is task:
+                self._starting = None
+        return self._zygote
 
     async def _take(self) -> _Child:
-        """The spare child if it is alive, else a new one; starts the next spare either way."""
-        spare, self._spare = self._spare, None
-        child = None
-        if spare is not None:
+        """A child forked by the zygote, or one started on its own if there is no zygote."""
+        zygote = await self._running_zygote()
+        if zygote is not None:
             try:
-                child = await spare
-            except OSError:
-                child = None
-            if child is not None and child.proc.returncode is not None:
-                await child.end()
-                child = None
-        if child is None:
-            child = await self._start()
-        if self.warm:
-            self._spare = asyncio.ensure_future(self._start())
-        return child
+                return await self._fork(zygote)
+            except ZygoteError as exc:  # it died just now: this job takes a started child, the next restarts it
+                log.warning("the sandbox zygote did not fork: starting a sandbox child instead", error=str(exc))
+        return await self._start()
 
     def prestart(self) -> None:
-        """Start the spare now, so the first deployment does not wait for an interpreter either."""
-        if self.warm and self._spare is None:
-            self._spare = asyncio.ensure_future(self._start())
+        """Start the zygote now, so the first deployment does not wait for its imports either."""
+        if self.warm and not self._closed and self._starting is None and self._zygote is None:
+            self._starting = asyncio.ensure_future(self._start_zygote())
 
     async def close(self) -> None:
-        """Stop the spare child (ingest's shutdown); a job can still start a cold one after."""
-        spare, self._spare = self._spare, None
-        if spare is not None:
-            with contextlib.suppress(OSError, asyncio.CancelledError):
-                await (await spare).end()
+        """Stop the zygote and every child it forked (ingest's shutdown); idempotent. A job can still run
+        after, in a started child of its own."""
+        self._closed = True
+        starting, self._starting = self._starting, None
+        if starting is not None:
+            starting.cancel()
+            with contextlib.suppress(ZygoteError, asyncio.CancelledError):
+                await starting
+        zygote, self._zygote = self._zygote, None
+        if zygote is not None:
+            await zygote.close()
 
     async def start(self, package: bytes, *, compile: bool = False, checks: bool = True) -> SandboxJob:
         """Hand `package` to a child; the returned job answers its phases (and must be closed).
@@ -254,11 +463,9 @@ class Sandbox:
                 warm = await _line(child.proc, child.stderr, _STARTUP_DEADLINE_S)
                 if warm.get("phase") != "warm":
                     raise ValidationFailed(f"the sandbox answered out of turn: {str(warm)[:200]}")
-                assert child.proc.stdin is not None
                 job = {"package": str(path), "compile": compile, "checks": checks,
                        "out": str(Path(child.tmp.name) / "compiled.tar")}
-                child.proc.stdin.write(json.dumps(job).encode() + b"\n")
-                await child.proc.stdin.drain()
+                await child.proc.send(json.dumps(job).encode() + b"\n")
                 ready = await _line(child.proc, child.stderr, _STARTUP_DEADLINE_S)
             except _Timeout:
                 raise ValidationFailed(f"the sandbox did not start within {_STARTUP_DEADLINE_S:g} s") from None
@@ -292,6 +499,11 @@ _CHILD_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "TZ", "PYT
               "MODELCD_UP_RUN")
 
 
+#: Also in the zygote's environment: pyarrow (which scikit-learn imports) starts jemalloc's background thread
+#: unless told not to.
+_ZYGOTE_ENV = {"JE_ARROW_MALLOC_CONF": "background_thread:false"}
+
+
 def _child_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k in _CHILD_ENV}
 
@@ -314,9 +526,8 @@ class _Died(Exception):
     pass
 
 
-async def _line(proc: asyncio.subprocess.Process, stderr: asyncio.Future[bytes], timeout: float) -> dict[str, Any]:
+async def _line(proc: _Process, stderr: asyncio.Future[bytes], timeout: float) -> dict[str, Any]:
     """The child's next JSON line; `_Timeout` past `timeout`, `_Died` (with how) when it ended without one."""
-    assert proc.stdout is not None
     try:
         async with asyncio.timeout(timeout):  # not wait_for: it may swallow a cancellation on 3.11
             raw = await proc.stdout.readline()
@@ -326,7 +537,7 @@ async def _line(proc: asyncio.subprocess.Process, stderr: asyncio.Future[bytes],
         raise _Died("the sandbox wrote an oversized line") from None
     if not raw:  # the child died without a word: a signal, the OOM killer, a hard crash
         code = await proc.wait()
-        raise _Died(await _death(stderr, code))
+        raise _Died(await _death(stderr, code, proc.lost))
     try:
         doc = json.loads(raw)
     except ValueError:
@@ -342,19 +553,14 @@ def _read_bounded(path: Path, limit: int) -> bytes:
     return data
 
 
-def _kill(proc: asyncio.subprocess.Process) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError):
-        proc.kill()
-
-
-async def _death(stderr: asyncio.Future[bytes], code: int) -> str:
+async def _death(stderr: asyncio.Future[bytes], code: int | None, lost: str = "") -> str:
     try:
         async with asyncio.timeout(5):
             tail = (await asyncio.shield(stderr)).decode(errors="replace").strip()[-_STDERR_TAIL:]
     except TimeoutError:
         tail = ""
+    if code is None:  # not the model's doing as far as we know: the zygote went away under it
+        return f"the sandbox ended ({lost or 'its exit status is unknown'})" + (f": {tail}" if tail else "")
     if code < 0:
         how = f"killed by {signal.Signals(-code).name}"
         if -code == signal.SIGKILL:
@@ -533,10 +739,30 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m modelcd.ingest.sandbox",
                                      description="Check, compile and validate one package (run by ingest).")
-    parser.add_argument("package", help="package archive to validate, or - to warm up and read the job from stdin")
+    parser.add_argument("package", nargs="?", default="-",
+                        help="package archive to validate, or - to warm up and read the job from stdin")
     parser.add_argument("--memory", type=int, default=0, help="address-space limit in bytes (0: none)")
-    parser.add_argument("--parent", type=int, default=0, help="pid of the ingest that started it (a label)")
+    parser.add_argument("--parent", type=int, default=0,
+                        help="pid of the ingest that started it (a label; the zygote exits if it is gone)")
+    parser.add_argument("--nice", type=int, default=0, help="niceness to run at (0: the parent's)")
+    parser.add_argument("--zygote", action="store_true",
+                        help="be the zygote: import the libraries, then fork one child per job (zygote.py)")
+    parser.add_argument("--ctl-fd", type=int, default=-1, help="the zygote's control socket (from ingest)")
     args = parser.parse_args(argv)
+    if args.nice > 0:
+        # Before any import: the zygote's imports yield to serving too, and every child inherits it.
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, 0, max(os.getpriority(os.PRIO_PROCESS, 0), min(args.nice, 19)))
+    if args.zygote:
+        import socket
+
+        from .zygote import serve
+
+        # Not ONNX Runtime: its import starts a thread (a fork could copy a lock it holds); each child imports
+        # it (~20 ms once the rest is loaded).
+        preload = ("numpy", *_LIBRARIES["sklearn"], "skl2onnx", "modelcd.runtimes.checks",
+                   "modelcd.runtimes.compile", "modelcd.runtimes.flavors", "modelcd.store.package")
+        return serve(socket.socket(fileno=args.ctl_fd), args.parent, preload, lambda: _child("-", args.memory))
     return _child(args.package, args.memory)
 
 

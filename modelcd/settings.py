@@ -89,9 +89,13 @@ class Settings:
         "deletes it.", 24 * 3600.0)
     validation_memory: int = _doc("Address-space limit of the sandbox that checks, compiles and validates a "
                                   "package (bytes or 2GiB).", 4 * 1024**3)
-    validation_warm: bool = _doc("Keep the next sandbox process started, its libraries imported (scikit-learn, "
-                                 "skops, ONNX Runtime, skl2onnx: about 280 MB), so a deployment does not wait ~1 s "
-                                 "for an interpreter.", True)
+    validation_warm: bool = _doc("Fork each sandbox process from a zygote that imported the libraries once "
+                                 "(scikit-learn, skops, ONNX Runtime, skl2onnx: about 280 MB, shared copy-on-write), "
+                                 "so a deployment neither waits nor spends ~1 s of CPU on an interpreter. false: a "
+                                 "fresh interpreter per deployment.", True)
+    validation_nice: int = _doc("Niceness (0-19) of the sandbox processes that check, compile and validate "
+                                "packages, so a serving node on the same cores wins the CPU (0: ingest's own "
+                                "priority).", 19)
     compile_onnx: bool = _doc("Try to compile scikit-learn models to ONNX at ingest.", True)
     serving_host: str = _doc("Address a serving node listens on.", "127.0.0.1")
     serving_port: int = _doc("Port of the (first) serving node.", 8081)

@@ -61,6 +61,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -357,6 +358,18 @@ class Sandbox:
         return [self.python, "-m", "modelcd.ingest.sandbox", *args, "--memory", str(self.memory_bytes),
                 "--parent", str(os.getpid()), "--nice", str(self.nice)]
 
+    def _preexec(self) -> Callable[[], None]:
+        """Between fork and exec of a sandbox process: the kernel SIGKILLs it when ingest dies, however ingest
+        dies (the runner's shared helper), and it runs at its niceness from its first instruction."""
+        die_with_parent, nice = preexec_die_with_parent(), min(max(self.nice, 0), 19)
+
+        def preexec() -> None:
+            die_with_parent()
+            if nice:
+                os.setpriority(os.PRIO_PROCESS, 0, max(os.getpriority(os.PRIO_PROCESS, 0), nice))
+
+        return preexec
+
     async def _start(self) -> _Child:
         """A child with an interpreter of its own (no zygote): it imports the libraries itself."""
         tmp = tempfile.TemporaryDirectory(prefix="modelcd-sandbox-")
@@ -366,8 +379,7 @@ class Sandbox:
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                 cwd=tmp.name, start_new_session=True,  # its own process group: a kill takes its threads and children
                 env=_child_env(),
-                # The kernel SIGKILLs the child when ingest dies, however it dies (the runner's shared helper).
-                preexec_fn=preexec_die_with_parent(),
+                preexec_fn=self._preexec(),
             )
         except BaseException:
             tmp.cleanup()
@@ -388,7 +400,7 @@ class Sandbox:
         env = _child_env()
         env.update({k: "1" for k in THREAD_VARS})  # before numpy loads in the zygote: nothing to fork mid-pool
         env.update(_ZYGOTE_ENV)
-        zygote = SandboxZygote(self._argv("--zygote"), env)
+        zygote = SandboxZygote(self._argv("--zygote"), env, self._preexec())
         await zygote.start(_STARTUP_DEADLINE_S)
         self._zygote = zygote
 

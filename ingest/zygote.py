@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from modelcd.logs import get_logger
-from modelcd.runner import die_with_parent, preexec_die_with_parent
+from modelcd.runner import die_with_parent
 
 log = get_logger("modelcd.ingest.zygote")
 
@@ -192,9 +192,10 @@ class SandboxZygote:
     Not restarted here: once `alive` is False the owner makes a new one (`Sandbox` does, on the next job).
     """
 
-    def __init__(self, argv: Sequence[str], env: dict[str, str]) -> None:
+    def __init__(self, argv: Sequence[str], env: dict[str, str], preexec: Callable[[], None]) -> None:
         self.argv = list(argv)  # the command, to which `--ctl-fd N` is appended
         self.env = env
+        self.preexec = preexec  # run between fork and exec: at least the parent-death signal
         self.pid = 0
         self.threads = 0  # the zygote's thread count when it said ready (1: fork is safe)
         self._proc: asyncio.subprocess.Process | None = None
@@ -218,8 +219,7 @@ class SandboxZygote:
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *self.argv, "--ctl-fd", str(theirs.fileno()), pass_fds=[theirs.fileno()], env=self.env, cwd="/",
-                stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
-                preexec_fn=preexec_die_with_parent())  # dies with ingest, however ingest dies
+                stdin=asyncio.subprocess.DEVNULL, start_new_session=True, preexec_fn=self.preexec)
         except OSError as exc:
             ours.close()
             self._lost = True

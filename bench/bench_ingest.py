@@ -2,8 +2,8 @@
 
 Run: python bench/bench_ingest.py [--n 20] [--append]   (--append adds the result to bench/RESULTS.md)
 
-Runs twice in one go: with the warm spare sandbox (the default, MODELCD_VALIDATION_WARM=true) and
-with a cold sandbox process started per deployment, and reports both and their ratio.
+Runs twice in one go: with sandbox children forked by the zygote (the default, MODELCD_VALIDATION_WARM=true)
+and with a cold sandbox process started per deployment, and reports both and their ratio.
 
 Starts the embedded broker, a local store and one ingest instance in this process, then
 1. latency: deploys N packages one after another (iris LogisticRegression, a new version each, so
@@ -134,7 +134,7 @@ def main() -> int:
     configure("warning", "console")
     lines = []
     results = {}
-    for warm in (True, False):  # same run, same machine: the warm spare sandbox vs a cold start per deployment
+    for warm in (True, False):  # same run, same machine: the zygote's children vs a cold start per deployment
         r = results[warm] = asyncio.run(bench(args.n, warm))
         lines.append(f"{'warm sandbox' if warm else 'cold sandbox'}: deploy → ModelState median "
                      f"{r['median_s'] * 1000:.0f} ms, p90 {r['p90_s'] * 1000:.0f} ms (n={args.n}); "

@@ -103,7 +103,7 @@ async def run_ingest(settings: Settings, *, stop: asyncio.Event, ready: asyncio.
         view = TrackingView()
         sandbox = Sandbox.from_settings(settings)
         sandbox.prestart()
-        stack.push_async_callback(sandbox.close)  # its warm spare child
+        stack.push_async_callback(sandbox.close)  # its zygote, and every child it forked
         async def traffic() -> list[object]:  # the safety check's rollouts in progress
             return [event for event, _env, _record in await read_topic(cfg, TRAFFIC)]
 

@@ -90,9 +90,9 @@ class Settings:
     validation_memory: int = _doc("Address-space limit of the sandbox that checks, compiles and validates a "
                                   "package (bytes or 2GiB).", 4 * 1024**3)
     validation_warm: bool = _doc("Fork each sandbox process from a zygote that imported the libraries once "
-                                 "(scikit-learn, skops, ONNX Runtime, skl2onnx: about 280 MB, shared copy-on-write), "
-                                 "so a deployment neither waits nor spends ~1 s of CPU on an interpreter. false: a "
-                                 "fresh interpreter per deployment.", True)
+                                 "(scikit-learn, skops, skl2onnx; shared copy-on-write), so a deployment neither "
+                                 "waits for nor spends ~1 s of CPU on an interpreter. false: a fresh interpreter per "
+                                 "deployment.", True)
     validation_nice: int = _doc("Niceness (0-19) of the sandbox processes that check, compile and validate "
                                 "packages, so a serving node on the same cores wins the CPU (0: ingest's own "
                                 "priority).", 19)

@@ -108,7 +108,7 @@ async def test_cyclic_tree_is_killed_at_the_compile_time_limit(ingest: Ingest) -
     outcome = await ingest.watcher.outcome(deployment_id)
     assert isinstance(outcome, DeploymentFailed) and outcome.step == "compile", outcome
     assert f"killed after {COMPILE_TIMEOUT_S} s" in outcome.reason and "MODELCD_COMPILE_TIMEOUT" in outcome.reason
-    assert len(sandbox_children(ingest.proc.pid)) <= 1  # at most the warm spare: the hung child is gone
+    assert len(sandbox_children(ingest.proc.pid)) <= 1  # at most the zygote: the hung child is gone
 
 
 async def test_next_deployment_proceeds(ingest: Ingest) -> None:

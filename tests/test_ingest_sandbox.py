@@ -157,7 +157,7 @@ async def test_child_environment_has_no_secrets_and_prints_do_not_break_the_prot
         child = await sandbox._take()  # noqa: SLF001
         assert sandbox._zygote is not None  # noqa: SLF001
         for pid in (sandbox._zygote.pid, child.proc.pid):  # noqa: SLF001
-            environ = open(f"/proc/{pid}/environ", "rb").read()
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
             assert b"s3cret" not in environ and b"MODELCD_API_TOKEN" not in environ
             assert b"MODELCD_UP_RUN=run-1" in environ  # modelcd up's supervisor finds leftovers of its run by it
         await child.end()

@@ -111,6 +111,7 @@ class _Process:
     pid: int
     stdout: asyncio.StreamReader
     stderr: asyncio.StreamReader
+    lost: str = ""  # why its exit status is unknown, when it is
 
     @property
     def returncode(self) -> int | None:
@@ -131,8 +132,6 @@ class _Process:
 
     def release(self) -> None:
         """Close ingest's ends of its pipes."""
-
-    lost: str = ""
 
 
 class _Started(_Process):
@@ -186,14 +185,20 @@ class _Forked(_Process):
         finally:
             for fd in (in_r, out_w, err_w):  # the child's ends: it has its own copies now
                 os.close(fd)
-        readers, transports = [], []
-        for fd in (out_r, err_r):
-            reader = asyncio.StreamReader(limit=1 << 16, loop=loop)  # asyncio's subprocess limit, as before
-            transport, _ = await loop.connect_read_pipe(lambda r=reader: asyncio.StreamReaderProtocol(r),
-                                                        os.fdopen(fd, "rb", buffering=0))
-            readers.append(reader)
-            transports.append(transport)
-        return cls(zygote, pid, in_w, readers[0], readers[1], transports)
+        child = cls(zygote, pid, in_w, asyncio.StreamReader(limit=1 << 16), asyncio.StreamReader(limit=1 << 16),
+                    [])  # the limit of asyncio's subprocess pipes, as for a started child
+        pipes = [os.fdopen(out_r, "rb", buffering=0), os.fdopen(err_r, "rb", buffering=0)]
+        try:
+            for pipe, reader in zip(pipes, (child.stdout, child.stderr), strict=True):
+                transport, _ = await loop.connect_read_pipe(lambda r=reader: asyncio.StreamReaderProtocol(r), pipe)
+                child._transports.append(transport)
+        except BaseException:  # leave no child waiting for a job nobody will give it
+            child.kill()
+            child.release()
+            for pipe in pipes:
+                pipe.close()
+            raise
+        return child
 
     @property
     def returncode(self) -> int | None:

@@ -80,7 +80,7 @@ def serve(ctl: socket.socket, parent: int, preload: Sequence[str], job: Callable
 
     Returns when ingest closes the control socket, after killing and reaping every child still running.
     """
-    die_with_parent(parent=parent)  # also set by the launcher's preexec_fn; checks we were not orphaned since
+    die_with_parent(parent=parent or None)  # also set by the launcher's preexec_fn; checks we were not orphaned
     for module in preload:
         with contextlib.suppress(ImportError):  # a missing library is reported by the job that needs it
             __import__(module)

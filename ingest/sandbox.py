@@ -228,7 +228,7 @@ class _Forked(_Process):
         return self._code
 
     def kill(self) -> None:
-        if self._ended:
+        if self._ended or self.zygote.exited(self.pid):
             return  # reaped: the pid may be another process's by now
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
@@ -426,6 +426,11 @@ class Sandbox:
         task = self._starting
         try:
             await asyncio.shield(task)  # a cancelled deployment leaves the start to the next one
+        except asyncio.CancelledError:
+            task_ = asyncio.current_task()
+            if task_ is not None and task_.cancelling():
+                raise  # this job is cancelled
+            return None  # the start was, by close(): this job takes a started child
         except ZygoteTimeout:
             raise ValidationFailed(f"the sandbox did not start within {_STARTUP_DEADLINE_S:g} s") from None
         except ZygoteError as exc:

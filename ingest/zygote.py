@@ -286,6 +286,11 @@ class SandboxZygote:
         except TimeoutError:
             return None
 
+    def exited(self, pid: int) -> bool:
+        """The zygote reported the child's end (or is gone): its pid is no longer the child's to signal."""
+        fut = self._exits.get(pid)
+        return fut is None or fut.done()
+
     def forget(self, pid: int) -> None:
         """The child's status is no longer wanted (its job closed)."""
         self._exits.pop(pid, None)

@@ -83,7 +83,8 @@ async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
     await broker.start()
     port = free_port()
     settings = settings_for(broker.bootstrap, str(home / "store"), port, home, compile_timeout=30.0,
-                            validation_timeout=30.0, file_uri_dirs=str(files))
+                            validation_timeout=30.0, file_uri_dirs=str(files),
+                            validation_warm=True)  # the sandbox zygote, as in production
     try:
         async with running_ingest(settings) as watcher:
             yield Env(broker, watcher, f"http://127.0.0.1:{port}", files)

@@ -68,7 +68,7 @@ async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
     await broker.start()
     port = free_port()
     settings = settings_for(broker.bootstrap, str(home / "store"), port, home, validation_timeout=4.0,
-                            max_package_bytes=4 * 1024**2)
+                            max_package_bytes=4 * 1024**2, validation_warm=True)  # the sandbox zygote, as in production
     try:
         async with running_ingest(settings) as watcher:
             yield Env(broker, LocalStore(home / "store"), watcher, f"http://127.0.0.1:{port}")

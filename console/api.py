@@ -32,6 +32,7 @@ from modelcd.ingest.api import Receive, Response, RoutesFactory, Scope, Send
 from modelcd.ingest.errors import ApiError
 from modelcd.ingest.session import clear_cookie, issue, set_cookie, token_matches
 from modelcd.logs import get_logger
+from modelcd.runner import wait_for
 from modelcd.settings import Settings
 
 from . import render
@@ -152,7 +153,7 @@ class ConsoleRoutes:
         status = ""
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), TICK_S)
+                await wait_for(self._wake.wait(), TICK_S)
             except TimeoutError:
                 if self.hub.clients:
                     self._dirty |= {"deployments", "models", "endpoints", "fleet"}  # relative times moved on

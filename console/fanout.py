@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from modelcd.runner import wait_for
+
 CLOSED = object()
 
 
@@ -73,7 +75,7 @@ class Hub:
             client.missed.discard(section)
             return self.latest[section]
         try:
-            item = await asyncio.wait_for(client.queue.get(), timeout)
+            item = await wait_for(client.queue.get(), timeout)
         except TimeoutError:
             return PING
         if item is CLOSED:

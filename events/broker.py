@@ -18,7 +18,7 @@ from pathlib import Path
 from aiokafka.admin import AIOKafkaAdminClient
 
 from modelcd.logs import get_logger
-from modelcd.runner import preexec_die_with_parent
+from modelcd.runner import preexec_die_with_parent, wait_for
 
 from .bus import KafkaConfig, ensure_topics
 
@@ -148,7 +148,7 @@ class EmbeddedBroker:
         if proc is not None and proc.poll() is None:
             proc.terminate()
             try:
-                await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
+                await wait_for(asyncio.to_thread(proc.wait), timeout)
             except TimeoutError:
                 proc.kill()
                 await asyncio.to_thread(proc.wait)

@@ -21,7 +21,7 @@ import httpx
 
 from modelcd.errors import CliError
 from modelcd.logs import get_logger
-from modelcd.runner import preexec_die_with_parent
+from modelcd.runner import preexec_die_with_parent, wait_for
 
 from .routes import SERVER
 
@@ -101,11 +101,11 @@ class Caddy:
                 except httpx.TransportError:
                     pass
                 try:
-                    await asyncio.wait_for(proc.wait(), timeout)
+                    await wait_for(proc.wait(), timeout)
                 except TimeoutError:
                     proc.terminate()
                     try:
-                        await asyncio.wait_for(proc.wait(), 5)
+                        await wait_for(proc.wait(), 5)
                     except TimeoutError:
                         proc.kill()
                         await proc.wait()

@@ -30,6 +30,7 @@ from modelcd.events import topics
 from modelcd.events.broker import EmbeddedBroker, free_port
 from modelcd.events.bus import KafkaConfig, read_topic
 from modelcd.events.schemas import ModelState, PredictionLog
+from modelcd.runner import wait_for
 from modelcd.settings import Settings
 from modelcd.store.blobs import get_package, open_store
 from modelcd.store.package import Package, read_package
@@ -193,7 +194,7 @@ async def _recent_logs(settings: Settings, logged: int) -> dict[str, list[Predic
     if logged <= 0:
         return {}
     try:
-        records = await asyncio.wait_for(read_topic(KafkaConfig.from_settings(settings), topics.PREDICTIONS), 30)
+        records = await wait_for(read_topic(KafkaConfig.from_settings(settings), topics.PREDICTIONS), 30)
     except Exception:  # no logs to replay (broker unreachable or topic empty): samples still run
         return {}
     out: dict[str, list[PredictionLog]] = {}

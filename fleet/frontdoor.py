@@ -27,6 +27,7 @@ from modelcd.logs import get_logger
 from modelcd.placement.groups import groups
 from modelcd.placement.membership import Membership
 from modelcd.placement.plan import place
+from modelcd.runner import wait_for
 from modelcd.settings import Settings
 
 from .caddy import Caddy
@@ -116,7 +117,7 @@ class FrontDoor:
                     log.info("front door ready", url=self.url, nodes=len(self.fleet.alive(time.monotonic())))
                 while not stop.is_set():
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(halt), TICK)
+                        await wait_for(asyncio.shield(halt), TICK)
                     self._update()
                 halt.cancel()
                 await caddy.stop()  # in-flight requests finish while the table still answers

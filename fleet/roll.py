@@ -38,6 +38,7 @@ from modelcd.events.schemas import ModelState, NodeDrain, NodeStatus, TrafficPol
 from modelcd.logs import get_logger
 from modelcd.placement.membership import Membership
 from modelcd.placement.plan import place
+from modelcd.runner import wait_for
 from modelcd.settings import Settings
 
 from .frontdoor import HEALTH_BACKLOG, membership_ttl
@@ -260,7 +261,7 @@ async def roll(settings: Settings, env: Path, *, workdir: Path, ready_timeout: f
     started: list[Launched] = []
     replaced: list[tuple[str, str]] = []
     try:
-        await asyncio.wait_for(asyncio.gather(known_state.wait(), known_fleet.wait()), 30)
+        await wait_for(asyncio.gather(known_state.wait(), known_fleet.wait()), 30)
         old_nodes = sorted(view.members())
         if not old_nodes:
             raise ReleaseError("no serving node heartbeats on the bus: nothing to roll (is the fleet up, and "

@@ -26,11 +26,10 @@ from aiokafka import AIOKafkaConsumer
 
 from modelcd.events.bus import PROMPT_FETCH_WAIT_MS, KafkaConfig, partitions_of, stop_consumer
 from modelcd.events.codec import DecodeError, decode
-from modelcd.events.schemas import (
-    DeploymentCompleted, DeploymentFailed, DeploymentProgress, Event, NodeStatus,
-)
+from modelcd.events.schemas import DeploymentCompleted, DeploymentFailed, DeploymentProgress, Event, NodeStatus
 from modelcd.events.topics import DEPLOYMENTS, HEALTH
 from modelcd.logs import get_logger
+from modelcd.runner import wait_for
 
 from .policy import AcceptedRequest, DeploymentRecord
 
@@ -205,7 +204,7 @@ class TrackingView:
         if self.revision > after:
             return
         try:
-            await asyncio.wait_for(self._changed.wait(), timeout)
+            await wait_for(self._changed.wait(), timeout)
         except TimeoutError:
             pass
 

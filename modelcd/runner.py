@@ -23,13 +23,23 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from modelcd.logs import get_logger
+
+T = TypeVar("T")
 
 log = get_logger("modelcd.runner")
 
 Service = Callable[[asyncio.Event], Awaitable[None]]
+
+
+async def wait_for(aw: Awaitable[T], timeout: float | None) -> T:
+    """`asyncio.wait_for` without Python 3.11's flaw: it returns `aw`'s result when a cancellation arrives just
+    as `aw` completes, losing the cancellation, so a loop around it never ends (ingest's drain hung on the
+    console's render loop that way). `asyncio.timeout` never loses one. Raises TimeoutError past `timeout`."""
+    async with asyncio.timeout(timeout):
+        return await aw
 
 
 def install_stop_signals(stop: asyncio.Event, main_task: asyncio.Task[object] | None = None) -> None:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from modelcd.logs import get_logger
-from modelcd.runner import become_subreaper, preexec_die_with_parent, proc_start_time
+from modelcd.runner import become_subreaper, preexec_die_with_parent, proc_start_time, wait_for
 
 log = get_logger("modelcd.supervisor")
 
@@ -197,7 +197,7 @@ class Supervisor:
                         ran_s=round(ran_for, 1), restarts=child.restarts, restart_in_s=delay)
             self.on_change()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
+                await wait_for(self._stopping.wait(), delay)
         child.state = "stopped"
         self.on_change()
 
@@ -305,7 +305,7 @@ class Supervisor:
     async def _sweeping(self) -> None:
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), SWEEP_S)
+                await wait_for(self._stopping.wait(), SWEEP_S)
             self.sweep()
 
     def sweep(self) -> list[int]:
@@ -362,13 +362,13 @@ class Supervisor:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
         try:
-            await asyncio.wait_for(child.exited.wait(), timeout)
+            await wait_for(child.exited.wait(), timeout)
         except TimeoutError:
             log.warning("component did not stop in time; killing it", component=child.component.name,
                         timeout_s=timeout)
         self._kill_group(proc.pid)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(child.exited.wait(), KILL_WAIT_S)
+            await wait_for(child.exited.wait(), KILL_WAIT_S)
         log.info("component stopped", component=child.component.name, exit=describe_exit(proc.returncode)
                  if proc.returncode is not None else "unknown")
 

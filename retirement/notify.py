@@ -15,6 +15,7 @@ import msgspec
 
 from modelcd.events.schemas import RetirementDecision, RetirementWarning
 from modelcd.logs import get_logger
+from modelcd.runner import wait_for
 
 log = get_logger("modelcd.retirement.notify")
 
@@ -90,7 +91,7 @@ class NotifyQueue:
     async def run(self) -> None:
         while (notice := await self._queue.get()) is not None:
             try:
-                await asyncio.wait_for(self.notifier.notify(notice), self._timeout)
+                await wait_for(self.notifier.notify(notice), self._timeout)
                 self.stats.sent += 1
             except asyncio.CancelledError:
                 raise

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 from modelcd.events.schemas import ShadowPrediction, TrafficPolicy
 from modelcd.logs import get_logger
+from modelcd.runner import wait_for
 from modelcd.serving.hooks import PrimaryResult
 
 from .criteria import RequestView, ShadowRules, ShadowTarget
@@ -240,7 +241,7 @@ class ShadowExecutor:
             await self._stopping.wait()
             self._closed = True
             try:
-                await asyncio.wait_for(self._queue.join(), cfg.drain_timeout_s)
+                await wait_for(self._queue.join(), cfg.drain_timeout_s)
             except TimeoutError:
                 log.warning("shadow jobs abandoned at stop", queued=self._queue.qsize())
             for t in tasks:

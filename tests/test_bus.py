@@ -3,15 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from modelcd.events import Consumer, Envelope, Publisher, read_state, read_topic
 from modelcd.events.broker import EmbeddedBroker
 from modelcd.events.schemas import (
-    ALL_EVENTS, DeployRequested, DeploymentCompleted, DeploymentFailed, DeploymentProgress, Event, LoadedModel,
-    ModelHealth, ModelState, NodeDrain, NodeStatus, PredictionLog, RetireRequested, RetirementDecision, RetirementWarning,
-    RolloutStep, Route, ShadowComparison, ShadowPrediction, ShadowRelation, TrafficPolicy, UsageReport,
+    ALL_EVENTS,
+    DeploymentCompleted,
+    DeploymentFailed,
+    DeploymentProgress,
+    DeployRequested,
+    Event,
+    LoadedModel,
+    ModelHealth,
+    ModelState,
+    NodeDrain,
+    NodeStatus,
+    PredictionLog,
+    RetirementDecision,
+    RetirementWarning,
+    RetireRequested,
+    RolloutStep,
+    Route,
+    ShadowComparison,
+    ShadowPrediction,
+    ShadowRelation,
+    TrafficPolicy,
+    UsageReport,
 )
 
 
@@ -175,3 +196,40 @@ async def test_a_consumer_that_will_not_stop_is_abandoned_with_its_connections_c
     async with asyncio.timeout(30):  # the test's own guard, far above the 0.2 s asked for
         await stop_consumer(Stuck(), timeout=0.2)  # type: ignore[arg-type]
     assert closed.is_set()
+
+
+async def test_wait_for_never_loses_a_cancellation() -> None:
+    """Python 3.11's asyncio.wait_for returns the result when a cancellation arrives just as what it waits for
+    completes, losing the cancellation: a loop around it never ends (ingest's drain hung 300 s on the console's
+    render loop so). modelcd.runner.wait_for, which every part uses, does not."""
+    from modelcd.runner import wait_for
+
+    woken = asyncio.Event()
+
+    async def loop() -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await wait_for(woken.wait(), 5)
+            woken.clear()
+
+    task = asyncio.create_task(loop())
+    await asyncio.sleep(0.01)
+    woken.set()
+    task.cancel()  # in the same turn as the wake-up
+    done, _ = await asyncio.wait({task}, timeout=10)
+    assert task in done and task.cancelled()
+    with pytest.raises(TimeoutError):
+        await wait_for(asyncio.Event().wait(), 0.01)
+    assert await wait_for(asyncio.sleep(0, "x"), 5) == "x"
+
+
+def test_no_part_uses_asyncio_wait_for() -> None:
+    """The flawed asyncio.wait_for stays out of the project's code (tests may use it)."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    offenders = [str(p.relative_to(root)) for part in ("events", "store", "placement", "runtimes", "ingest",
+                                                      "serving", "shadow", "rollout", "retirement", "fleet",
+                                                      "console", "modelcd")
+                 for p in (root / part).rglob("*.py") if "asyncio.wait_for(" in p.read_text()]
+    assert offenders == []

@@ -47,7 +47,7 @@ again and compared with the original by the caller (`policy.check_compiled`).
 
 Memory: `memory_bytes` is the resident growth while the serving model loads and predicts. After a
 compile in the same process, freed allocator pages may be reused by that load, so it is a lower bound
-for small models (large arrays are mmapped and measured in full).
+for small models (large arrays are mmapped and measured in full), and never below the model file's size.
 """
 
 from __future__ import annotations
@@ -735,7 +735,9 @@ def _child(path: str, memory: int) -> int:
                 if time.perf_counter() > budget:
                     break
             return {"ok": True, "runtime": name, "load_ms": load_ms, "predict_us": statistics.median(times),
-                    "memory_bytes": max(_rss_bytes() - rss0, 0)}
+                    # Never below the model file's size: pages freed by the compile (or a runtime without an
+                    # arena) can make a small model's resident growth 0, and a budget charging 0 admits any.
+                    "memory_bytes": max(_rss_bytes() - rss0, len(pkg.model_bytes))}
         finally:
             rt.close()
 

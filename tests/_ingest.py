@@ -212,10 +212,5 @@ async def running_ingest(settings: Settings) -> AsyncIterator[Watcher]:
 
 
 def settings_for(bootstrap: str, store_url: str, port: int, home: Path, **kw: Any) -> Settings:
-    # In-process ingests start sandbox children themselves (no zygote) unless a test asks for one: with the
-    # zygote, test_deploy_failures' drain hung in the console feed (run_mounted) when run after
-    # test_ingest_hostile in one session (not understood yet; not seen with a real `modelcd ingest` process).
-    # The zygote is covered by test_ingest_sandbox and by the real-process ingests (test_ingest_hostile_sandbox).
-    kw.setdefault("validation_warm", False)
     return Settings(kafka_bootstrap=bootstrap, kafka_idempotence=False, store_url=store_url, ingest_port=port,
                     home=home, log_format="console", **kw)

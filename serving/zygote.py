@@ -8,7 +8,7 @@ constants (`_warm_up`), and then forks one worker per request in a few milliseco
 share those pages copy-on-write. Invariants:
 
 - the zygote runs no model code and starts no thread (the BLAS/OpenMP thread pools are
-  sized 1 before numpy loads), so `fork` is safe;
+  sized 1 before numpy loads, pyarrow's jemalloc background thread is off), so `fork` is safe;
 - its heap is built with the collector off and frozen (`gc.freeze`) before every fork: a
   worker's collector never walks the inherited objects, which would write into each one's GC
   header and copy every page of the shared heap into the worker (measured: 62 MiB private per
@@ -49,6 +49,9 @@ def clean_env(threads: int) -> dict[str, str]:
     env = {k: os.environ[k] for k in KEEP_VARS if k in os.environ}
     for k in THREAD_VARS:
         env[k] = str(max(1, threads))
+    # pyarrow (which scikit-learn imports) starts its jemalloc's background thread at import: off, so the
+    # zygote stays single-threaded and forking it is safe.
+    env["JE_ARROW_MALLOC_CONF"] = "background_thread:false"
     env["PYTHONNOUSERSITE"] = "1"
     return env
 

@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from modelcd.logs import get_logger
-from modelcd.runner import die_with_parent
+from modelcd.runner import die_with_parent, kill_and_reap
 
 log = get_logger("modelcd.ingest.zygote")
 
@@ -129,14 +129,7 @@ def serve(ctl: socket.socket, parent: int, preload: Sequence[str], job: Callable
                 children.add(pid)
             _send(ctl, {"op": "spawned", "id": ident, "pid": max(pid, 0)})
     finally:
-        for pid in children:
-            with contextlib.suppress(OSError):
-                os.killpg(pid, signal.SIGKILL)
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        for pid in children:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
+        kill_and_reap(children)
 
 
 def _child(ctl: socket.socket, wakeup: tuple[int, int], fds: list[int], cwd: str, job: Callable[[], int]) -> None:

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import ctypes
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 from modelcd.logs import get_logger
@@ -189,6 +190,22 @@ def preexec_die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None]:
         die_with_parent(sig, parent=parent)
 
     return preexec
+
+
+def kill_and_reap(pids: Iterable[int]) -> None:
+    """SIGKILL each child's process group (what it spawned) and the child, then reap them all.
+
+    A zygote's last act (serving's model workers, ingest's sandboxes): nothing it forked outlives it.
+    """
+    pids = list(pids)
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
 
 
 def proc_start_time(pid: int) -> int | None:

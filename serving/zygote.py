@@ -35,6 +35,8 @@ import socket
 import sys
 from typing import Any
 
+from modelcd.runner import kill_and_reap
+
 # Preloaded before the first fork: what every worker imports (scikit-learn is most of a load's time).
 PRELOAD = ("numpy", "modelcd.store.package", "modelcd.runtimes.flavors", "sklearn.tree", "skops.io")
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS",
@@ -125,14 +127,7 @@ def main(argv: list[str]) -> int:
                 children.add(pid)
                 _send(ctl, {"op": "spawned", "id": doc["id"], "pid": pid})
     finally:
-        for pid in children:
-            with contextlib.suppress(OSError):
-                os.killpg(pid, signal.SIGKILL)
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        for pid in children:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
+        kill_and_reap(children)
 
 
 def _warm_up() -> None:

@@ -37,10 +37,9 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from modelcd.logs import get_logger
-from modelcd.runner import die_with_parent, kill_and_reap
+from modelcd.runner import die_with_parent, kill_and_reap, reap_exited, zygote_send
 
 log = get_logger("modelcd.ingest.zygote")
 
@@ -70,10 +69,6 @@ def thread_count() -> int:
 # --- in the zygote -------------------------------------------------------------------------------------
 
 
-def _send(ctl: socket.socket, doc: dict[str, Any]) -> None:
-    with contextlib.suppress(OSError):
-        ctl.send(json.dumps(doc).encode())
-
 
 def serve(ctl: socket.socket, parent: int, preload: Sequence[str], job: Callable[[], int]) -> int:
     """The zygote's loop: import `preload`, say ready, then fork a child running `job()` per spawn request.
@@ -90,14 +85,14 @@ def serve(ctl: socket.socket, parent: int, preload: Sequence[str], job: Callable
     signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes select through the wakeup fd
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches ingest, which stops us in order
     children: set[int] = set()
-    _send(ctl, {"op": "ready", "pid": os.getpid(), "threads": thread_count()})
+    zygote_send(ctl, {"op": "ready", "pid": os.getpid(), "threads": thread_count()})
     try:
         while True:
             readable, _, _ = select.select([ctl, rpipe], [], [])
             if rpipe in readable:
                 with contextlib.suppress(BlockingIOError):
                     os.read(rpipe, 4096)
-                _reap(ctl, children)
+                reap_exited(ctl, children)
             if ctl not in readable:
                 continue
             try:
@@ -115,7 +110,7 @@ def serve(ctl: socket.socket, parent: int, preload: Sequence[str], job: Callable
                 for fd in fds:
                     os.close(fd)
                 if ident is not None:
-                    _send(ctl, {"op": "spawned", "id": ident, "pid": 0})
+                    zygote_send(ctl, {"op": "spawned", "id": ident, "pid": 0})
                 continue
             try:
                 pid = os.fork()
@@ -127,7 +122,7 @@ def serve(ctl: socket.socket, parent: int, preload: Sequence[str], job: Callable
                 os.close(fd)  # the child's copies only: ingest sees EOF when the child exits
             if pid > 0:
                 children.add(pid)
-            _send(ctl, {"op": "spawned", "id": ident, "pid": max(pid, 0)})
+            zygote_send(ctl, {"op": "spawned", "id": ident, "pid": max(pid, 0)})
     finally:
         kill_and_reap(children)
 
@@ -160,20 +155,6 @@ def _child(ctl: socket.socket, wakeup: tuple[int, int], fds: list[int], cwd: str
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
-
-
-def _reap(ctl: socket.socket, children: set[int]) -> None:
-    while children:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        children.discard(pid)
-        with contextlib.suppress(OSError):  # what the model spawned dies with it (its process group)
-            os.killpg(pid, signal.SIGKILL)
-        _send(ctl, {"op": "exit", "pid": pid, "status": status})
 
 
 # --- in ingest -----------------------------------------------------------------------------------------

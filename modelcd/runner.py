@@ -9,7 +9,8 @@ Also the process-tree helpers every part that starts a child uses (`modelcd up`'
 ingest's sandbox, serving's model workers): `die_with_parent()` / `preexec_die_with_parent()`
 ask the kernel to SIGKILL a child when its parent dies, however the parent dies (SIGKILL,
 segfault), so no child outlives the process that started it; `proc_start_time()` tells a live
-process from a recycled pid.
+process from a recycled pid; the two zygotes (serving's model workers, ingest's sandboxes) share
+`zygote_send`, `reap_exited` and `kill_and_reap`. `wait_for` replaces asyncio's (see there).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import asyncio
 import concurrent.futures
 import contextlib
 import ctypes
+import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -190,6 +193,28 @@ def preexec_die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None]:
         die_with_parent(sig, parent=parent)
 
     return preexec
+
+
+def zygote_send(ctl: socket.socket, doc: dict[str, Any]) -> None:
+    """A zygote's message to the process it serves (one JSON object per SOCK_SEQPACKET message); gone: dropped."""
+    with contextlib.suppress(OSError):
+        ctl.send(json.dumps(doc).encode())
+
+
+def reap_exited(ctl: socket.socket, children: set[int]) -> None:
+    """In a zygote: reap every child that ended, kill what it spawned (its process group) and report its raw
+    wait status (`{"op": "exit", "pid", "status"}`), which is how the front tells a signal from an exit."""
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        children.discard(pid)
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)
+        zygote_send(ctl, {"op": "exit", "pid": pid, "status": status})
 
 
 def kill_and_reap(pids: Iterable[int]) -> None:

@@ -33,9 +33,8 @@ import select
 import signal
 import socket
 import sys
-from typing import Any
 
-from modelcd.runner import kill_and_reap
+from modelcd.runner import kill_and_reap, reap_exited, zygote_send
 
 # Preloaded before the first fork: what every worker imports (scikit-learn is most of a load's time).
 PRELOAD = ("numpy", "modelcd.store.package", "modelcd.runtimes.flavors", "sklearn.tree", "skops.io")
@@ -57,10 +56,6 @@ def clean_env(threads: int) -> dict[str, str]:
     env["PYTHONNOUSERSITE"] = "1"
     return env
 
-
-def _send(ctl: socket.socket, doc: dict[str, Any]) -> None:
-    with contextlib.suppress(OSError):
-        ctl.send(json.dumps(doc).encode())
 
 
 def main(argv: list[str]) -> int:
@@ -90,14 +85,14 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the front, which stops us in order
     children: set[int] = set()
-    _send(ctl, {"op": "ready", "pid": os.getpid()})
+    zygote_send(ctl, {"op": "ready", "pid": os.getpid()})
     try:
         while True:
             readable, _, _ = select.select([ctl, rpipe], [], [])
             if rpipe in readable:
                 with contextlib.suppress(BlockingIOError):
                     os.read(rpipe, 4096)
-                _reap(ctl, children)
+                reap_exited(ctl, children)
             if ctl in readable:
                 try:
                     msg, fds, _flags, _addr = socket.recv_fds(ctl, 1 << 16, 4)
@@ -125,7 +120,7 @@ def main(argv: list[str]) -> int:
                     child(socket.socket(fileno=fds[0]), doc["spec"])
                 os.close(fds[0])
                 children.add(pid)
-                _send(ctl, {"op": "spawned", "id": doc["id"], "pid": pid})
+                zygote_send(ctl, {"op": "spawned", "id": doc["id"], "pid": pid})
     finally:
         kill_and_reap(children)
 
@@ -149,21 +144,6 @@ def _warm_up() -> None:
     runtime = create_runtime("sklearn", sio.dumps(model), model_file="warm-up.skops",
                              inputs=[TensorSpec(name="input", datatype="FP32", shape=[-1, 2])])
     outputs_match(runtime.predict({"input": x}), runtime.predict({"input": x}), 0.0)
-
-
-def _reap(ctl: socket.socket, children: set[int]) -> None:
-    while children:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        children.discard(pid)
-        # What the worker spawned dies with it (its session/process group).
-        with contextlib.suppress(OSError):
-            os.killpg(pid, signal.SIGKILL)
-        _send(ctl, {"op": "exit", "pid": pid, "status": status})
 
 
 if __name__ == "__main__":

@@ -192,7 +192,6 @@ class ServingNode:
             sock.close()
             raise OSError(f"serving node cannot listen on {self.settings.serving_host}:{self.port}: {exc} "
                           "(MODELCD_SERVING_PORT / --port)") from exc
-        sock.set_inheritable(True)
         self.port = sock.getsockname()[1]
         return sock
 

@@ -13,6 +13,8 @@ share those pages copy-on-write. Invariants:
   worker's collector never walks the inherited objects, which would write into each one's GC
   header and copy every page of the shared heap into the worker (measured: 62 MiB private per
   worker without the freeze, 7 with it); the worker turns its own collector on;
+- it keeps no descriptor of the front's but its control socket (0-2 aside): not the node's
+  listening socket, whatever the event loop that spawned it let through;
 - it dies with its front (parent-death signal), and when the front closes the control
   socket it kills every worker's process group and exits: no worker outlives its node;
 - it reaps its children and reports each one's exit status (`{"op": "exit", "pid", "status"}`),
@@ -58,10 +60,22 @@ def clean_env(threads: int) -> dict[str, str]:
 
 
 
+def _max_fd() -> int:
+    try:
+        return max(int(fd) for fd in os.listdir("/proc/self/fd")) + 1
+    except (OSError, ValueError):
+        return os.sysconf("SC_OPEN_MAX")
+
+
 def main(argv: list[str]) -> int:
     config = json.loads(argv[0])
     sys.path[:0] = [p for p in config["path"] if p not in sys.path]
     ctl = socket.socket(fileno=int(config["fd"]))
+    # Nothing of the front's but the control socket: an event loop that does not close inherited descriptors
+    # at spawn (uvloop's) handed the node's listening socket down to every worker, where a model could accept
+    # the node's connections.
+    os.closerange(3, ctl.fileno())
+    os.closerange(ctl.fileno() + 1, _max_fd())
     from .worker_main import _prctl, child
 
     _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the front

@@ -63,3 +63,39 @@ async def test_a_load_takes_the_spare_worker_and_a_new_spare_replaces_it(tmp_pat
     assert zygote.idle == 0
     await eventually(lambda: not Path(f"/proc/{replacement.pid}").exists()
                      or "Z" in Path(f"/proc/{replacement.pid}/stat").read_text().split()[2], what="the spare gone")
+
+
+def test_a_worker_holds_no_descriptor_of_the_front_but_its_channel(tmp_path: Path) -> None:
+    """The node's listening socket reached every model worker (uvloop, the node's loop, does not close inherited
+    descriptors at spawn), so a model could accept the node's connections. Under uvloop, with a listening socket
+    the front may pass down: the worker holds one socket, its channel."""
+    import subprocess
+    import sys
+
+    script = f"""
+import os, socket, uvloop
+from pathlib import Path
+from modelcd.serving.workers import Zygote
+
+async def main():
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    listening.set_inheritable(True)
+    zygote = Zygote(Path({str(tmp_path / "workers")!r}))
+    try:
+        worker = await zygote.worker("m:1")
+        try:  # answered: the worker runs (past what it closes after the fork)
+            await worker.call("predict", "m:1", None, {{}})
+        except Exception:
+            pass
+        links = [os.readlink(f"/proc/{{worker.pid}}/fd/{{fd}}") for fd in os.listdir(f"/proc/{{worker.pid}}/fd")]
+        print(sum(link.startswith("socket:") for link in links))
+    finally:
+        await zygote.close()
+
+uvloop.run(main())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "1", out.stdout

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import json
+import os
 import signal
 import subprocess
 import sys

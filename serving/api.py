@@ -39,10 +39,10 @@ successful requests are counted in metrics and usage, and sampled into predictio
 from __future__ import annotations
 
 import asyncio
-import math
-import random
 import itertools
+import math
 import os
+import random
 import time
 import zlib
 from collections.abc import Awaitable, Callable, MutableMapping

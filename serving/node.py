@@ -43,8 +43,8 @@ from modelcd.settings import Settings
 from modelcd.store.blobs import Store, open_store
 from modelcd.store.targets import TargetState
 
-from .api import NodeState, ServingApp
 from . import recent
+from .api import NodeState, ServingApp
 from .budget import ESTIMATE_FACTOR, Candidate, estimate_size, hot_set
 from .cache import PackageCache
 from .hooks import NodeHooks, ShadowFactory, ShadowHook

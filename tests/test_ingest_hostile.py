@@ -29,9 +29,9 @@ from modelcd.events.schemas import DeploymentCompleted, DeploymentFailed, Deploy
 
 from ._hostile import (
     deep_json,
+    edit_skops_nodes,
     edited_lightgbm,
     edited_tree,
-    edit_skops_nodes,
     edited_xgboost,
     healthy,
     memory_blowup_onnx,

@@ -14,6 +14,7 @@ from modelcd.store.package import assemble_package, read_package
 from ._models import MAGIC, faulty_loader
 from ._serving import MB, deploy, eventually, infer_body, iris_package, node_settings, running_node
 
+
 async def test_budget_for_three_serves_ten_and_never_exceeds_it(broker: EmbeddedBroker, tmp_path: Path) -> None:
     """With a budget for 3 models and 10 deployed, all 10 answer and resident bytes never exceed the budget.
 
